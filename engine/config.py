@@ -1,0 +1,316 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by `dotted.key=value` strings.
+
+Every key is checked: an unknown key or a value of the wrong type or outside its choices raises a
+ConfigError that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from engine.errors import ConfigError
+
+Modality = Literal["image", "audio", "text"]
+Norm = Literal["instance", "layer", "none"]
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = ""  # empty: runs/<name>
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    layer_norm_first: bool = False  # pre-LN blocks (BEiT / image) instead of post-LN (audio, text)
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    encoder_dropout_input: float = 0.0  # dropout on the features entering the context encoder
+    layerdrop: float = 0.0
+    drop_path: float = 0.0
+    layer_scale_init: float = 0.0  # 0 disables layer scale (BEiT's gamma_1 / gamma_2)
+    head_layers: int = 1  # regression head depth (text v1 uses 2)
+    # image
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    rel_pos_bias: bool = True  # BEiT's relative position bias shared by all blocks
+    # audio
+    conv_layers: list = field(
+        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    )  # (channels, kernel, stride) per conv of the wav2vec 2.0 feature extractor
+    conv_bias: bool = False
+    feature_grad_mult: float = 1.0
+    conv_pos: int = 95  # total width of the convolutional positional embedding
+    conv_pos_groups: int = 16
+    conv_pos_depth: int = 5
+    # text
+    vocab_size: int = 50265
+    max_positions: int = 512
+    pad_id: int = 1
+
+
+@dataclass
+class MaskingConfig:
+    mask_prob: float = 0.65
+    mask_length: int = 10  # span length (audio), span of whole tokens (text)
+    min_masks: int = 0
+    require_same_masks: bool = True  # same masked count in every sample of a batch
+    min_block: int = 16  # image: smallest BEiT block, in patches
+    inverse: bool = False  # image: data2vec 2.0 inverse block masking
+    replace: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # text: [mask, random, keep]
+
+
+@dataclass
+class ObjectiveConfig:
+    mode: Literal["v1"] = "v1"
+    top_k: int = 8
+    layer_norm: Norm = "instance"  # per target layer
+    final_norm: Norm = "none"  # on the average of the K layers
+    instance_norm_padding: Literal["exclude", "include"] = "exclude"  # "include" = fairseq exactly
+    loss_beta: float = 0.0  # 0: L2; > 0: smooth L1 with this beta
+    loss_scale: Optional[float] = None  # None: 1/sqrt(C)
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.9999
+    ema_anneal_end_step: int = 30000
+    ema_scope: Literal["transformer", "all"] = "transformer"  # what the teacher averages
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    num_workers: int = 0
+    augment: bool = True
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    # image
+    img_size: int = 224
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+    # audio
+    sample_rate: int = 16000
+    max_sample_size: int = 320000
+    min_sample_size: int = 0
+    normalize: bool = True  # zero mean, unit variance per utterance
+    pad_audio: bool = False  # False: crop a batch to its shortest sample (the reference)
+    # text
+    max_tokens: int = 512  # tokens per sample, <s> and </s> included
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    lr_reference_batch: int = 0  # global batch at which `lr` holds; 0: no scaling
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 0.0  # 0 disables clipping
+    schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
+    warmup_steps: int = 0
+    tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
+    final_lr_scale: float = 0.0  # cosine floor / tri-stage end, as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch: int = 8
+    micro_batch: int = 0  # per rank and forward; 0: global_batch / world_size
+    checkpoint_every: int = 0  # 0: only at the end
+    stop_at: int = 0  # checkpoint and exit at this step, as a preemption would
+    resume: bool = False
+    log_every: int = 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    keep_last: int = 2
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    modality: Modality = "image"
+    seed: int = 1
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or Path("runs") / self.run.name)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Returns `value` as type `tp`, or raises ConfigError naming `key` and the allowed values."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        raise ConfigError(f"config key '{key}': unsupported type {tp}")
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+
+
+def _merge(obj, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}': expected a mapping, got {values!r}")
+    types_ = _field_types(type(obj))
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            choices = ", ".join(sorted(types_))
+            raise ConfigError(f"unknown config key '{full}'; choices at this level: {choices}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, types_[key]))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Loads a YAML config, applies `key=value` overrides and validates the result."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"bad YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+        _merge(cfg, values, "")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(cfg, _nest(keys, value), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that single types cannot express."""
+    m, t, o = cfg.model, cfg.train, cfg.objective
+
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    need(m.embed_dim % m.num_heads == 0, "model.num_heads", f"must divide model.embed_dim={m.embed_dim}")
+    need(1 <= o.top_k <= m.depth, "objective.top_k", f"must be in 1..model.depth={m.depth}")
+    need(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(t.global_batch >= 1, "train.global_batch", "must be >= 1")
+    need(t.micro_batch >= 0, "train.micro_batch", "must be >= 0")
+    need(t.stop_at >= 0, "train.stop_at", "must be >= 0")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(0.0 < cfg.masking.mask_prob < 1.0, "masking.mask_prob", "must be in (0, 1)")
+    need(cfg.masking.mask_length >= 1, "masking.mask_length", "must be >= 1")
+    need(len(cfg.masking.replace) == 3 and abs(sum(cfg.masking.replace) - 1) < 1e-6
+         and min(cfg.masking.replace) >= 0, "masking.replace",
+         "must be 3 non-negative fractions [mask, random, keep] summing to 1")
+    need(0.0 <= o.ema_decay <= o.ema_end_decay <= 1.0, "objective.ema_end_decay",
+         "need 0 <= objective.ema_decay <= objective.ema_end_decay <= 1")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    need(len(cfg.optim.tri_stage) == 3 and abs(sum(cfg.optim.tri_stage) - 1) < 1e-6,
+         "optim.tri_stage", "must be 3 fractions [warmup, hold, decay] summing to 1")
+    need(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
+    if cfg.modality == "image":
+        need(m.img_size % m.patch_size == 0, "model.patch_size",
+             f"must divide model.img_size={m.img_size}")
+    for i, layer in enumerate(m.conv_layers):
+        need(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) for v in layer),
+             f"model.conv_layers[{i}]", "must be [channels, kernel, stride]")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -77,6 +77,10 @@ class MaskingConfig:
 class ObjectiveConfig:
     mode: Literal["v1"] = "v1"
     top_k: int = 8
+    # which output of each teacher block is a target: "ffn" = the FFN branch before the last
+    # residual (fairseq layer_results "fc": audio, text v1); "block" = the block's output
+    # (end_of_block_targets: vision v1)
+    layer_output: Literal["ffn", "block"] = "ffn"
     layer_norm: Norm = "instance"  # per target layer
     final_norm: Norm = "none"  # on the average of the K layers
     instance_norm_padding: Literal["exclude", "include"] = "exclude"  # "include" = fairseq exactly
@@ -200,6 +204,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is str:

@@ -1,0 +1,126 @@
+"""The data2vec 1.0 objective, modality-agnostic.
+
+The teacher (EMA of the student, eval mode, no grad) encodes the unmasked input and returns its
+top-K block outputs; they are normalized and averaged into targets (kernels.targets). The student
+encodes the masked input; a regression head predicts the targets at masked positions only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import Config
+from kernels.masking import block_mask, span_mask, token_mask
+from kernels.targets import teacher_targets
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor  # scaled loss summed over masked positions (normalized by the trainer)
+    masked: torch.Tensor  # number of masked positions in this micro-batch (float)
+    pred: torch.Tensor  # M x C student predictions at masked positions (detached)
+    target: torch.Tensor  # M x C teacher targets at masked positions
+
+
+def regression_head(dim: int, layers: int) -> nn.Module:
+    """fairseq's final_proj (one Linear) or, for text v1, Linear-GELU-...-Linear with width 2C."""
+    if layers <= 1:
+        return nn.Linear(dim, dim)
+    mods, width = [], dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(width, dim * 2), nn.GELU()]
+        width = dim * 2
+    mods.append(nn.Linear(width, dim))
+    return nn.Sequential(*mods)
+
+
+def channel_std(x: torch.Tensor) -> torch.Tensor:
+    """fairseq's compute_var: std over positions per channel, averaged over channels (M x C)."""
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    return torch.sqrt(x.float().var(dim=0) + 1e-6).mean()
+
+
+class Data2Vec(nn.Module):
+    """Student encoder + regression head; the forward computes one micro-batch's loss."""
+
+    def __init__(self, cfg: Config, encoder: nn.Module, special_ids: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.head = regression_head(encoder.embed_dim, cfg.model.head_layers)
+        self.special_ids = special_ids or {}
+
+    def make_mask(self, source, padding_mask, x_padding_mask, seeds, num_tokens):
+        """B x T bool mask (True = masked) over the feature tokens, seeded per sample."""
+        m = self.cfg.masking
+        batch = seeds.shape[0]
+        if self.cfg.modality == "audio":
+            if x_padding_mask is None:
+                lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=seeds.device)
+            else:
+                lengths = (~x_padding_mask).sum(1)
+            return span_mask(lengths, num_tokens, m.mask_prob, m.mask_length, min_masks=m.min_masks,
+                             seed=seeds, require_same_masks=m.require_same_masks)
+        side = self.cfg.model.img_size // self.cfg.model.patch_size
+        return block_mask(batch, (side, side), m.mask_prob, seed=seeds, min_block=m.min_block,
+                          inverse=m.inverse, device=seeds.device)
+
+    def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor) -> StepOutput:
+        cfg, m, o = self.cfg, self.cfg.masking, self.cfg.objective
+        source, padding_mask = batch["source"], batch.get("padding_mask")
+        n_extra = self.encoder.num_extra_tokens
+        shared_features = o.ema_scope == "transformer"
+
+        if cfg.modality == "text":
+            ids = self.special_ids
+            special = torch.zeros_like(source, dtype=torch.bool)
+            for key in ("bos", "pad", "eos"):
+                special |= source == ids[key]
+            masked_source, selected = token_mask(
+                source, m.mask_prob, special, ids["mask"], cfg.model.vocab_size, seed=seeds,
+                span=m.mask_length, replace=tuple(m.replace),
+            )
+            # As fairseq data2vec_text: the loss is on positions whose input became <mask>; tokens
+            # kept or randomly replaced only add noise to the student's input.
+            mask = selected & (masked_source == ids["mask"])
+            x, x_pad = self.encoder.embed(masked_source, padding_mask)
+            student = self.encoder.encode(x, x_pad)
+            with torch.no_grad():
+                t_x, t_pad = teacher.embed(source, padding_mask)
+        else:
+            x, x_pad = self.encoder.embed(source, padding_mask)
+            mask = self.make_mask(source, padding_mask, x_pad, seeds, x.shape[1])
+            student = self.encoder.encode(x, x_pad, mask=mask)
+            with torch.no_grad():
+                if shared_features:
+                    t_x, t_pad = x.detach(), x_pad
+                else:
+                    t_x, t_pad = teacher.embed(source, padding_mask)
+
+        with torch.no_grad():
+            t_out = teacher.encode(t_x, t_pad, return_layers=True)
+            layers = [y[:, n_extra:] for y in t_out.layer_results[-o.top_k:]]
+            targets = teacher_targets(
+                layers, t_pad, layer_norm=o.layer_norm, final_norm=o.final_norm,
+                instance_norm_padding=o.instance_norm_padding,
+            )
+
+        hidden = student.x[:, n_extra:]
+        pred = self.head(hidden[mask]).float()
+        target = targets[mask]
+        if o.loss_beta == 0:
+            per_pos = F.mse_loss(pred, target, reduction="none").sum(-1)
+        else:
+            per_pos = F.smooth_l1_loss(pred, target, reduction="none", beta=o.loss_beta).sum(-1)
+        scale = o.loss_scale if o.loss_scale is not None else 1.0 / math.sqrt(pred.shape[-1])
+        return StepOutput(
+            loss_sum=per_pos.sum() * scale,
+            masked=mask.sum().float(),
+            pred=pred.detach(),
+            target=target,
+        )

@@ -1,0 +1,56 @@
+"""EMA teacher: a no-grad copy of the student whose weights trail the student's.
+
+The decay anneals linearly from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates,
+then stays (fairseq's get_annealed_rate). With scope "transformer" only the context encoder is
+averaged and the feature encoder is shared with the student (data2vec's ema_transformer_only /
+ema_transformer_layers_only): its weights are copied, not averaged, at every update.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_decay_at(step: int, start: float, end: float, anneal_end_step: int) -> float:
+    """Decay to use for the update that completes `step` (counted from 0)."""
+    if anneal_end_step <= 0 or step >= anneal_end_step:
+        return end
+    return end - (end - start) * (1.0 - step / anneal_end_step)
+
+
+class EMATeacher:
+    """Holds the teacher model (eval mode, fp32, no grad) and updates it from the student."""
+
+    def __init__(self, student: nn.Module, shared_prefixes: tuple[str, ...] = ()):
+        self.model = copy.deepcopy(student).float().eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.shared_prefixes = tuple(shared_prefixes)
+        names = [n for n, _ in self.model.named_parameters()]
+        self.averaged = [n for n in names if not n.startswith(self.shared_prefixes)]
+        self.shared = [n for n in names if n.startswith(self.shared_prefixes)]
+        self._teacher_avg = [self.model.get_parameter(n) for n in self.averaged]
+        self._teacher_shared = [self.model.get_parameter(n) for n in self.shared]
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, decay: float) -> None:
+        """teacher = decay * teacher + (1 - decay) * student, as one multi-tensor launch."""
+        student_avg = [student.get_parameter(n).detach() for n in self.averaged]
+        if self._teacher_avg:
+            if student_avg[0].dtype != self._teacher_avg[0].dtype:
+                student_avg = [s.to(t.dtype) for s, t in zip(student_avg, self._teacher_avg)]
+            torch._foreach_lerp_(self._teacher_avg, student_avg, 1.0 - decay)
+        if self._teacher_shared:
+            torch._foreach_copy_(
+                self._teacher_shared, [student.get_parameter(n).detach() for n in self.shared]
+            )
+        for name, buf in student.named_buffers():
+            self.model.get_buffer(name).copy_(buf)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)

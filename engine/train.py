@@ -1,0 +1,32 @@
+"""Entry point: python -m engine.train CONFIG [dotted.key=value ...]  (torchrun aware)."""
+from __future__ import annotations
+
+import sys
+
+from engine.errors import D2VError
+
+USAGE = "usage: python -m engine.train CONFIG.yaml [dotted.key=value ...]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr)
+        return 0 if argv else 2
+    from engine.config import load_config
+    from engine.distributed import shutdown
+    from engine.trainer import train
+
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        train(cfg)
+    except D2VError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

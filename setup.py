@@ -40,7 +40,9 @@ setup(
     description="Fast data2vec self-supervised pretraining for speech, vision and text",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "benchmarks"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy", "pyyaml"],
+    install_requires=[
+        "torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy", "pyyaml", "pillow",
+    ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "dali": ["nvidia-dali-cuda130"],

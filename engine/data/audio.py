@@ -1,0 +1,179 @@
+"""Raw-waveform dataset from a fairseq manifest (CPU, no audio library needed).
+
+Manifest (`<name>.tsv`): the first line is the root folder of the audio files (absolute, or relative
+to the manifest's own folder); every other line is `relative/path.wav<TAB>num_samples`. An optional
+`<name>.label` beside it holds one integer label per manifest entry, in the same order.
+
+Semantics follow fairseq's RawAudioDataset: entries shorter than data.min_sample_size are dropped
+using the manifest sizes; each waveform is normalized over the whole utterance (layer norm without
+affine) before it is cropped to data.max_sample_size; a batch is cropped to its shortest sample, or
+zero-padded to its longest with a padding mask when data.pad_audio.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.config import DataConfig
+from engine.data.common import bad_file, collate_labels, read_labels
+from engine.errors import DataError
+
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+
+
+def read_wav(path: Path | str) -> tuple[np.ndarray, int, int]:
+    """(samples as float32 in [-1, 1] of shape L x channels, sample rate, channels) of a RIFF/WAVE
+    file holding 16-bit PCM or 32-bit float; ValueError for anything else or a damaged file."""
+    data = Path(path).read_bytes()
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a RIFF/WAVE file")
+    fmt, payload, pos = None, None, 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = data[pos + 8:pos + 8 + size]
+        if len(body) < size:
+            raise ValueError(f"'{chunk.decode('latin-1')}' chunk truncated")
+        if chunk == b"fmt ":
+            fmt = body
+        elif chunk == b"data":
+            payload = body
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    if fmt is None or len(fmt) < 16 or payload is None:
+        raise ValueError("missing fmt or data chunk")
+    code = int.from_bytes(fmt[0:2], "little")
+    channels = int.from_bytes(fmt[2:4], "little")
+    rate = int.from_bytes(fmt[4:8], "little")
+    bits = int.from_bytes(fmt[14:16], "little")
+    if code == _EXTENSIBLE and len(fmt) >= 26:
+        code = int.from_bytes(fmt[24:26], "little")  # first bytes of the sub-format GUID
+    if channels < 1:
+        raise ValueError("no channels")
+    if code == _PCM and bits == 16:
+        samples = np.frombuffer(payload, dtype="<i2", count=len(payload) // 2)
+        samples = samples.astype(np.float32) / 32768.0
+    elif code == _FLOAT and bits == 32:
+        samples = np.frombuffer(payload, dtype="<f4", count=len(payload) // 4).astype(np.float32)
+    else:
+        raise ValueError(f"unsupported encoding (format {code}, {bits} bits); "
+                         "use 16-bit PCM or 32-bit float")
+    frames = len(samples) // channels
+    return samples[:frames * channels].reshape(frames, channels), rate, channels
+
+
+def read_manifest(manifest: Path) -> tuple[Path, list[tuple[str, int]]]:
+    """(root folder, [(relative path, num_samples)]) of a fairseq .tsv manifest."""
+    if not manifest.is_file():
+        raise DataError(f"audio manifest not found: {manifest}")
+    lines = manifest.read_text().splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{manifest}: first line must be the root folder of the audio files")
+    root = Path(lines[0].strip())
+    root = root if root.is_absolute() else manifest.parent / root
+    entries = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[1].strip().isdigit():
+            raise DataError(
+                f"{manifest} line {number}: expected 'path<TAB>num_samples', got {line!r}")
+        entries.append((parts[0], int(parts[1])))
+    if not entries:
+        raise DataError(f"{manifest} lists no audio files (only the root line)")
+    if not root.is_dir():
+        raise DataError(f"{manifest}: root folder {root} not found")
+    return root, entries
+
+
+class AudioManifestDataset:
+    """Waveforms of a manifest; load() -> {"source": L float32 (+ "label" int)}."""
+
+    def __init__(self, data_cfg: DataConfig, manifest: Path):
+        self.cfg = data_cfg
+        self.manifest = Path(manifest)
+        self.root, entries = read_manifest(self.manifest)
+        label_file = self.manifest.with_suffix(".label")
+        labels = None
+        if label_file.is_file():
+            labels = read_labels(label_file, len(entries), self.manifest)
+        keep = [i for i, (_, n) in enumerate(entries) if n >= data_cfg.min_sample_size]
+        self.skipped = len(entries) - len(keep)
+        if not keep:
+            raise DataError(f"{self.manifest}: all {len(entries)} entries are shorter than "
+                            f"data.min_sample_size={data_cfg.min_sample_size}")
+        self.files = [entries[i][0] for i in keep]
+        self.sizes = np.array([entries[i][1] for i in keep], dtype=np.int64)
+        self.labels = [labels[i] for i in keep] if labels is not None else None
+        self.num_labels = max(labels) + 1 if labels else 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, path: Path) -> np.ndarray:
+        """Mono float32 waveform in [-1, 1]; DataError on a wrong rate or channel count."""
+        try:
+            samples, rate, channels = read_wav(path)
+        except FileNotFoundError:
+            raise bad_file(self.cfg.on_bad_file, path, "file not found") from None
+        except (OSError, ValueError) as e:
+            raise bad_file(self.cfg.on_bad_file, path, str(e)) from None
+        if rate != self.cfg.sample_rate or channels != 1:
+            # A corpus prepared for another setting: fail loudly even under on_bad_file=skip.
+            raise DataError(f"{path}: {rate} Hz, {channels} channel(s); expected "
+                            f"data.sample_rate={self.cfg.sample_rate} Hz mono")
+        if samples.shape[0] == 0:
+            raise bad_file(self.cfg.on_bad_file, path, "no audio samples")
+        return samples[:, 0]
+
+    def load(self, index: int, rng: np.random.Generator) -> dict:
+        """Sample `index`: "source" L float32 with L <= data.max_sample_size (+ "label" int)."""
+        wav = torch.from_numpy(np.ascontiguousarray(self.read(self.root / self.files[index])))
+        if self.cfg.normalize:
+            wav = F.layer_norm(wav, wav.shape)
+        excess = wav.numel() - self.cfg.max_sample_size
+        if excess > 0:
+            start = int(rng.integers(0, excess + 1)) if self.cfg.augment else 0
+            wav = wav[start:start + self.cfg.max_sample_size]
+        sample = {"source": wav.contiguous()}
+        if self.labels is not None:
+            sample["label"] = self.labels[index]
+        return sample
+
+    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+        """"source" B x L float32. data.pad_audio: L = longest, "padding_mask" B x L bool (True =
+        pad); else L = shortest (longer ones cropped, random offset when data.augment), mask None.
+        """
+        assert samples, "collate needs at least one sample"
+        sizes = [s["source"].numel() for s in samples]
+        if self.cfg.pad_audio:
+            length = max(sizes)
+            source = torch.zeros(len(samples), length, dtype=torch.float32)
+            padding_mask = torch.ones(len(samples), length, dtype=torch.bool)
+            for i, (s, n) in enumerate(zip(samples, sizes)):
+                source[i, :n] = s["source"]
+                padding_mask[i, :n] = False
+        else:
+            length = min(sizes)
+            rows = []
+            for s, n in zip(samples, sizes):
+                crop_randomly = self.cfg.augment and n > length
+                start = int(rng.integers(0, n - length + 1)) if crop_randomly else 0
+                rows.append(s["source"][start:start + length])
+            source, padding_mask = torch.stack(rows), None
+        batch = {"source": source, "padding_mask": padding_mask}
+        labels = collate_labels(samples)
+        if labels is not None:
+            batch["label"] = labels
+        return batch
+
+    def describe(self) -> str:
+        """One line: manifest, counts, hours, crop/normalize settings."""
+        hours = self.sizes.sum() / self.cfg.sample_rate / 3600
+        labels = f", {self.num_labels} labels" if self.labels is not None else ""
+        return (f"audio {self.manifest}: {len(self)} files ({hours:.2f} h){labels}, "
+                f"{self.skipped} shorter than {self.cfg.min_sample_size} skipped, "
+                f"crop {self.cfg.max_sample_size}, normalize={self.cfg.normalize}, "
+                f"{'pad' if self.cfg.pad_audio else 'crop'} batches")

@@ -1,0 +1,45 @@
+"""What the three datasets share: the skippable bad-sample error and label batching."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.errors import DataError
+
+
+class BadSample(DataError):
+    """One file could not be decoded and data.on_bad_file is "skip": the loader counts it and
+    draws another sample instead of stopping the run. `path` names the file."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        super().__init__(f"bad sample {self.path}: {reason}")
+
+
+def bad_file(on_bad_file: str, path: Path | str, reason: str) -> DataError:
+    """The error to raise for an undecodable file: BadSample under "skip", else a DataError."""
+    if on_bad_file == "skip":
+        return BadSample(path, reason)
+    return DataError(f"cannot read {path}: {reason} (data.on_bad_file=skip skips such files)")
+
+
+def read_labels(path: Path, count: int, what: Path) -> list[int]:
+    """One integer label per line of `path`; exactly `count` of them, matching `what`'s entries."""
+    lines = path.read_text().split()
+    if len(lines) != count:
+        raise DataError(f"{path} has {len(lines)} labels but {what} has {count} entries")
+    try:
+        labels = [int(line) for line in lines]
+    except ValueError:
+        raise DataError(f"{path}: every line must be one integer label") from None
+    if labels and min(labels) < 0:
+        raise DataError(f"{path}: labels must be >= 0")
+    return labels
+
+
+def collate_labels(samples: list[dict]) -> torch.Tensor | None:
+    """B int64 labels when every sample has one, else None."""
+    if samples and all("label" in s for s in samples):
+        return torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+    return None

@@ -1,0 +1,152 @@
+"""Image folder dataset (CPU, PIL): class sub-folders give labels; a flat folder is unlabelled.
+
+Augmentation is BEiT / data2vec's: torchvision's RandomResizedCrop (same sampling, including the
+fall-back to a center crop after 10 failed draws) and a horizontal flip, drawn only from the
+`rng` passed to load(); evaluation resizes the short side and center-crops.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config import DataConfig
+from engine.data.common import bad_file, collate_labels
+from engine.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def _images_in(folder: str, recursive: bool) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return found
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[int] | None, list[str]]:
+    """(files, labels or None, class names): sub-folders with images are classes, sorted by name."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    flat = _images_in(str(root), recursive=False)
+    classes, files, labels = [], [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            inside = _images_in(entry.path, recursive=True)
+            if inside:
+                labels += [len(classes)] * len(inside)
+                classes.append(entry.name)
+                files += inside
+    if flat and classes:
+        raise DataError(f"{root} mixes images and class folders; use one or the other")
+    if flat:
+        return flat, None, []
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+    return files, labels, classes
+
+
+def random_resized_crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
+    """(left, top, w, h) of a crop as torchvision's RandomResizedCrop.get_params draws it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Short side to `size` (torchvision Resize(int)), then the central size x size square."""
+    width, height = img.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> 3 x H x W float32, ImageNet mean/std normalized."""
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (pixels.float().div_(255.0) - mean).div_(std).contiguous()
+
+
+class ImageFolderDataset:
+    """Images under one folder; load() -> {"source": 3 x S x S float32 (+ "label" int)}."""
+
+    def __init__(self, data_cfg: DataConfig, root: Path):
+        self.cfg = data_cfg
+        self.root = Path(root)
+        self.files, self.labels, self.classes = scan_image_folder(self.root)
+        self.num_labels = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def decode(self, path: str) -> Image.Image:
+        """The file as an RGB PIL image; BadSample or DataError (data.on_bad_file) if it fails."""
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise bad_file(self.cfg.on_bad_file, path, str(e).splitlines()[0]) from None
+
+    def transform(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        """Random resized crop + flip from `rng` when data.augment, else resize + center crop."""
+        size = self.cfg.img_size
+        if not self.cfg.augment:
+            return to_normalized_tensor(resize_center_crop(img, size))
+        left, top, w, h = random_resized_crop_box(*img.size, self.cfg.crop_scale, CROP_RATIO, rng)
+        img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        if self.cfg.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img)
+
+    def load(self, index: int, rng: np.random.Generator) -> dict:
+        """Sample `index`: "source" 3 x img_size x img_size float32 (+ "label" int)."""
+        sample = {"source": self.transform(self.decode(self.files[index]), rng)}
+        if self.labels is not None:
+            sample["label"] = self.labels[index]
+        return sample
+
+    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+        """Stacks samples: "source" B x 3 x S x S float32, "padding_mask" None, "label" B int64."""
+        batch = {"source": torch.stack([s["source"] for s in samples]), "padding_mask": None}
+        labels = collate_labels(samples)
+        if labels is not None:
+            batch["label"] = labels
+        return batch
+
+    def describe(self) -> str:
+        """One line: folder, image count, classes, transform."""
+        kind = f"{self.num_labels} classes" if self.num_labels else "unlabelled"
+        aug = (f"random resized crop {self.cfg.crop_scale}" + (" + hflip" if self.cfg.hflip else "")
+               if self.cfg.augment else "center crop")
+        return (f"images {self.root}: {len(self)} files, {kind}, {self.cfg.img_size}px, {aug}")

@@ -1,0 +1,130 @@
+"""Pre-tokenized text dataset: a memory-mapped token stream cut into fixed-length blocks.
+
+A text folder holds `meta.json` (vocab_size and the special ids bos, pad, eos, unk, mask) and, per
+split, `<split>.bin` (uint16 little-endian tokens, every document followed by </s>) with
+`<split>.idx` (int64 document offsets into .bin, n_docs + 1 of them). Without labels a sample is a
+block of the stream, as fairseq's `sample_break_mode: none`:
+<s> + (data.max_tokens - 2) tokens + </s>, every sample full length except the last.
+With `<split>.label` (one integer per document) each document is one sample, truncated to
+data.max_tokens, with its label (the linear-probe set).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import DataConfig
+from engine.data.common import collate_labels, read_labels
+from engine.errors import ConfigError, DataError
+
+SPECIAL_KEYS = ("bos", "pad", "eos", "unk", "mask")
+
+
+def read_meta(folder: Path) -> dict:
+    """meta.json of a text folder, with vocab_size and every special id checked to be an int."""
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise DataError(f"text folder {folder} has no meta.json (vocab_size and special ids)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or vocab < 1:
+        raise DataError(f"{path}: 'vocab_size' must be a positive integer")
+    for key in SPECIAL_KEYS:
+        if not isinstance(meta.get(key), int) or not 0 <= meta[key] < vocab:
+            raise DataError(f"{path}: '{key}' must be an integer id below vocab_size={vocab}")
+    return meta
+
+
+def read_token_stream(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens: N uint16 memory map, offsets: n_docs + 1 int64) of one split, checked to agree."""
+    bin_path, idx_path = folder / f"{split}.bin", folder / f"{split}.idx"
+    for path in (bin_path, idx_path):
+        if not path.is_file():
+            raise DataError(f"text split '{split}' missing: {path} not found")
+    if bin_path.stat().st_size == 0 or bin_path.stat().st_size % 2:
+        raise DataError(f"{bin_path}: expected a non-empty stream of uint16 tokens")
+    tokens = np.memmap(bin_path, dtype="<u2", mode="r")
+    offsets = np.fromfile(idx_path, dtype="<i8")
+    if (len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(tokens)
+            or np.any(np.diff(offsets) < 0)):
+        raise DataError(f"{idx_path}: expected increasing int64 offsets from 0 to {len(tokens)}")
+    return tokens, offsets
+
+
+class TokenDataset:
+    """Token blocks (or labelled documents) of one split; load() -> {"source": T int64}."""
+
+    def __init__(self, data_cfg: DataConfig, folder: Path, split: str):
+        if data_cfg.max_tokens < 3:
+            raise ConfigError("config key 'data.max_tokens': must be >= 3 (<s>, a token, </s>)")
+        self.cfg = data_cfg
+        self.folder, self.split = Path(folder), split
+        if not self.folder.is_dir():
+            raise DataError(f"text folder not found: {self.folder}")
+        meta = read_meta(self.folder)
+        self.vocab_size = meta["vocab_size"]
+        self.special_ids = {key: meta[key] for key in SPECIAL_KEYS}
+        self.tokens, self.offsets = read_token_stream(self.folder, split)
+        label_file = self.folder / f"{split}.label"
+        self.labels = None
+        self.num_labels = 0
+        if label_file.is_file():
+            num_docs = len(self.offsets) - 1
+            self.labels = read_labels(label_file, num_docs, self.folder / f"{split}.idx")
+            self.num_labels = max(self.labels) + 1
+        self.block = data_cfg.max_tokens - 2
+
+    def __len__(self) -> int:
+        if self.labels is not None:
+            return len(self.offsets) - 1
+        return -(-len(self.tokens) // self.block)
+
+    def body(self, index: int) -> np.ndarray:
+        """Tokens of sample `index` between <s> and </s> (at most max_tokens - 2)."""
+        if self.labels is None:
+            return self.tokens[index * self.block:(index + 1) * self.block]
+        doc = self.tokens[self.offsets[index]:self.offsets[index + 1]]
+        if len(doc) and doc[-1] == self.special_ids["eos"]:
+            doc = doc[:-1]
+        return doc[:self.block]
+
+    def load(self, index: int, rng: np.random.Generator) -> dict:
+        """Sample `index`: "source" T int64 = <s> ... </s>, T <= data.max_tokens (+ "label" int)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range 0..{len(self) - 1}")
+        body = self.body(index)
+        ids = np.empty(len(body) + 2, dtype=np.int64)
+        ids[0], ids[1:-1], ids[-1] = self.special_ids["bos"], body, self.special_ids["eos"]
+        sample = {"source": torch.from_numpy(ids)}
+        if self.labels is not None:
+            sample["label"] = self.labels[index]
+        return sample
+
+    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+        """Pads with the pad id: "source" B x T int64, "padding_mask" B x T bool (True = pad)."""
+        assert samples, "collate needs at least one sample"
+        length = max(s["source"].numel() for s in samples)
+        source = torch.full((len(samples), length), self.special_ids["pad"], dtype=torch.int64)
+        padding_mask = torch.ones(len(samples), length, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            n = s["source"].numel()
+            source[i, :n] = s["source"]
+            padding_mask[i, :n] = False
+        batch = {"source": source, "padding_mask": padding_mask}
+        labels = collate_labels(samples)
+        if labels is not None:
+            batch["label"] = labels
+        return batch
+
+    def describe(self) -> str:
+        """One line: folder, split, token and sample counts."""
+        kind = (f"{len(self)} labelled documents ({self.num_labels} labels)"
+                if self.labels is not None else f"{len(self)} blocks")
+        return (f"text {self.folder} [{self.split}]: {len(self.tokens)} tokens, {kind} of <= "
+                f"{self.cfg.max_tokens} tokens, vocab {self.vocab_size}")

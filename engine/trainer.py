@@ -9,6 +9,7 @@ scaled by world_size / (masked positions in the global batch), undoing DDP's ave
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine.backends import describe, detect
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -87,6 +89,8 @@ def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan,
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "command.txt").write_text(" ".join([sys.executable, "-m", "engine.train"]
                                                   + sys.argv[1:]) + "\n")
+    (run_dir / "env.json").write_text(json.dumps(detect(), indent=1) + "\n")
+    print(f"d2v-engine: {describe(dist.device)}", file=sys.stderr)
     print(f"d2v-engine: {cfg.modality} run '{cfg.run.name}' in {run_dir}: world {dist.world_size} "
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
           f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}",

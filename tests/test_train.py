@@ -1,0 +1,93 @@
+"""End to end on CPU: the tiny configs train, resume exactly, and bad input is one clear line."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_config
+from engine.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+MODALITIES = ["image", "audio", "text"]
+
+
+def _cfg(modality, run_dir, *overrides):
+    return load_config(ROOT / f"configs/tiny_{modality}.yaml",
+                       [f"run.dir={run_dir}", "train.progress=false", "train.log_every=1", *overrides])
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_tiny_config_trains_with_finite_falling_loss(modality, tmp_path):
+    out = train(_cfg(modality, tmp_path, "train.max_steps=30", "train.checkpoint_every=0"))
+    losses = out["losses"]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses), losses
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, f"loss did not fall: first5 {first:.4f} last5 {last:.4f} ({losses})"
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("loss", "lr", "ema_decay", "samples_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert (tmp_path / "checkpoint_00000030.pt").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(modality, tmp_path):
+    common = ["train.max_steps=6", "train.checkpoint_every=0", "train.global_batch=8"]
+    full = train(_cfg(modality, tmp_path / "full", *common))["losses"]
+    first = train(_cfg(modality, tmp_path / "cut", *common, "train.stop_at=3"))["losses"]
+    assert len(first) == 3 and first == full[:3]
+    second = train(_cfg(modality, tmp_path / "cut", *common, "train.resume=true"))["losses"]
+    assert second == full[3:], f"resumed {second} vs uninterrupted {full[3:]}"
+    rows = _rows(tmp_path / "cut")
+    assert {"event": "resume", "step": 3} in [{k: r[k] for k in ("event", "step")} for r in rows if "event" in r]
+    assert [r["step"] for r in rows if "event" not in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_checkpoint_is_one_line_error(tmp_path):
+    r = _cli("configs/tiny_image.yaml", f"run.dir={tmp_path}", "train.resume=true")
+    assert r.returncode == 2
+    assert "no complete checkpoint" in r.stderr and str(tmp_path) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_fresh_run_refuses_to_overwrite_a_run_with_checkpoints(tmp_path):
+    train(_cfg("image", tmp_path, "train.max_steps=1"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = _cli("configs/tiny_image.yaml", f"run.dir={tmp_path}")
+    assert r.returncode == 2 and "train.resume=true" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["configs/tiny_image.yaml", "model.dept=3"], "model.dept"),
+    (["configs/tiny_image.yaml", "train.precision=fp8"], "train.precision"),
+    (["configs/does_not_exist.yaml"], "does_not_exist.yaml"),
+    (["configs/tiny_image.yaml", "data.path=/nonexistent/images"], "/nonexistent/images"),
+    (["configs/tiny_audio.yaml", "data.path=/nonexistent/train.tsv"], "/nonexistent/train.tsv"),
+    (["configs/tiny_text.yaml", "data.path=/nonexistent/text"], "/nonexistent/text"),
+])
+def test_bad_input_is_one_line_naming_the_culprit(args, expect, tmp_path):
+    r = _cli(*args, f"run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and expect in lines[0] and lines[0].startswith("error:"), r.stderr
+
+
+def test_bad_yaml_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modality: image\nmodel: [unclosed\n")
+    r = _cli(str(bad), f"run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,194 @@
+"""Teacher-targets benchmark: the Triton kernels vs the eager reference vs torch.compile(reference).
+
+    python -m benchmarks.bench_targets [--tiny] [--json PATH] [--impls ours,eager,compiled]
+    python -m pytest benchmarks/bench_targets.py          (pytest-benchmark; never collected by
+                                                           default: the file name is not test_*)
+
+Each row reports milliseconds, GB/s against the minimal bytes (K bf16 layers read once + the fp32
+target written once) and that as a fraction of the device-to-device copy bandwidth measured in the
+same run (bytes read + written). Without CUDA, ours runs under TRITON_INTERPRET=1, so --tiny shapes
+check the plumbing; only GPU timings mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: the interpreter runs ours on CPU
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from kernels import targets  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    B: int
+    T: int
+    C: int
+    K: int
+    layer_norm: str
+    final_norm: str
+
+    def minimal_bytes(self, in_bytes: int = 2) -> int:
+        return self.B * self.T * self.C * (self.K * in_bytes + 4)
+
+
+# Norms as in the data2vec configs: image v1 (none/layer), image v2 (instance/layer), audio
+# (instance/none), text v1 (layer/none).
+CASES = [
+    Case("image_v1", 256, 197, 768, 6, "none", "layer"),
+    Case("image_v2", 256, 197, 768, 8, "instance", "layer"),
+    Case("audio", 16, 1000, 768, 8, "instance", "none"),
+    Case("text", 64, 512, 768, 8, "layer", "none"),
+]
+TINY = [Case(c.name, 2, 33, 64, min(c.K, 3), c.layer_norm, c.final_norm) for c in CASES]
+IMPLS = ("ours", "eager", "compiled")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _time_ms(fn, cuda: bool) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, a wall-clock loop on CPU."""
+    if cuda:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Measured device copy bandwidth, counting bytes read + written, in GB/s."""
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device.type == "cuda")
+    return 2 * nbytes / ms / 1e6
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0):
+    """K separate bf16 layers B x T x C (as the teacher returns them), non-zero mean and scale."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (case.B, case.T, case.C)
+    return [(torch.randn(shape, generator=g, device=device) * (1 + l) + l).bfloat16()
+            for l in range(case.K)]
+
+
+def implementation(impl: str, case: Case):
+    """A callable layers -> targets for one of IMPLS, with the case's norms bound."""
+    kwargs = dict(layer_norm=case.layer_norm, final_norm=case.final_norm)
+    if impl == "ours":
+        return lambda layers: targets.teacher_targets(layers, None, **kwargs)
+    if impl == "eager":
+        return lambda layers: targets.teacher_targets_reference(layers, None, **kwargs)
+    torch.compiler.reset()  # each case compiles for its own static shapes
+    compiled = torch.compile(targets.teacher_targets_reference)
+    return lambda layers: compiled(layers, None, **kwargs)
+
+
+def run_case(case: Case, impls, device: torch.device, copy_gbps: float):
+    layers = make_inputs(case, device)
+    want = targets.teacher_targets_reference(layers, None, case.layer_norm, case.final_norm)
+    rows = []
+    for impl in impls:
+        fn = implementation(impl, case)
+        got = fn(layers)
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        ms = _time_ms(lambda: fn(layers), device.type == "cuda")
+        gbps = case.minimal_bytes() / ms / 1e6
+        rows.append(dict(asdict(case), impl=impl, dtype="bfloat16", ms=ms, gbps=gbps,
+                         copy_fraction=gbps / copy_gbps, minimal_bytes=case.minimal_bytes(),
+                         max_rel_err=err))
+    return rows
+
+
+def environment(device: torch.device, copy_gbps: float) -> dict:
+    import importlib.util
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+        triton_version = triton.__version__
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "copy_gbps": copy_gbps,
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.bench_targets"]
+                            + sys.argv[1:]),
+    }
+
+
+def print_table(env: dict, rows) -> None:
+    print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  "
+          f"copy {env['copy_gbps']:.0f} GB/s (read + write)")
+    print(f"{'case':<10}{'B':>5}{'T':>6}{'C':>6}{'K':>4}  {'norms':<16}{'impl':<10}"
+          f"{'ms':>9}{'GB/s':>9}{'%copy':>7}{'rel err':>10}")
+    for r in rows:
+        norms = f"{r['layer_norm']}/{r['final_norm']}"
+        print(f"{r['name']:<10}{r['B']:>5}{r['T']:>6}{r['C']:>6}{r['K']:>4}  {norms:<16}"
+              f"{r['impl']:<10}{r['ms']:>9.3f}{r['gbps']:>9.1f}{100 * r['copy_fraction']:>6.1f}%"
+              f"{r['max_rel_err']:>10.1e}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes (CPU check)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of IMPLS")
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        parser.error(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
+    cases = TINY if args.tiny else CASES
+    if args.cases:
+        cases = [c for c in cases if c.name in args.cases.split(",")]
+    device = _device()
+    copy_gbps = copy_bandwidth_gbps(device)
+    env = environment(device, copy_gbps)
+    rows = [row for case in cases for row in run_case(case, impls, device, copy_gbps)]
+    print_table(env, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**env, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+@pytest.mark.benchmark(group="targets")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES if torch.cuda.is_available() else TINY, ids=lambda c: c.name)
+def test_bench_targets(benchmark, case, impl):
+    device = _device()
+    layers = make_inputs(case, device)
+    fn = implementation(impl, case)
+    fn(layers)
+
+    def step():
+        fn(layers)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.extra_info.update(asdict(case), minimal_bytes=case.minimal_bytes())
+    benchmark.pedantic(step, rounds=20 if device.type == "cuda" else 3, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -104,7 +104,8 @@ class Data2Vec(nn.Module):
 
         with torch.no_grad():
             t_out = teacher.encode(t_x, t_pad, return_layers=True)
-            layers = [y[:, n_extra:] for y in t_out.layer_results[-o.top_k:]]
+            per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
+            layers = [y[:, n_extra:] for y in per_block[-o.top_k:]]
             targets = teacher_targets(
                 layers, t_pad, layer_norm=o.layer_norm, final_norm=o.final_norm,
                 instance_norm_padding=o.instance_norm_padding,

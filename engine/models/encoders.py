@@ -1,0 +1,295 @@
+"""Feature encoders and the per-modality data2vec encoders (student and teacher share the class).
+
+audio: wav2vec 2.0 conv stack on raw 16 kHz waveform, layer norm, projection, convolutional
+       positional embedding, post-LN blocks (fairseq data2vec_audio / HF Data2VecAudio).
+image: 16x16 patch embedding, CLS token, BEiT pre-LN blocks with layer scale and one relative
+       position bias shared by all blocks, final layer norm (fairseq data2vec_vision).
+text:  token + learned positions (RoBERTa), embedding layer norm, post-LN blocks (data2vec_text).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.models.transformer import BlockStack
+
+
+@dataclass
+class EncoderOutput:
+    x: torch.Tensor  # B x T' x C final output (T' = T + num_extra_tokens)
+    padding_mask: torch.Tensor | None  # B x T' bool, True = padded
+    layer_results: list = field(default_factory=list)  # per block: FFN branch before residual
+    block_results: list = field(default_factory=list)  # per block: the block's output
+
+
+def _bert_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+
+class _GradMult(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class ConvFeatureExtractor(nn.Module):
+    """wav2vec 2.0 feature extractor in layer-norm mode: conv -> LayerNorm(channels) -> GELU."""
+
+    def __init__(self, layers: list, bias: bool):
+        super().__init__()
+        self.layers = layers
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        in_ch = 1
+        for ch, k, s in layers:
+            conv = nn.Conv1d(in_ch, ch, k, stride=s, bias=bias)
+            nn.init.kaiming_normal_(conv.weight)
+            self.convs.append(conv)
+            self.norms.append(nn.LayerNorm(ch))
+            in_ch = ch
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for _, k, s in self.layers:
+            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+        return lengths
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = wave.unsqueeze(1)  # B x 1 x L
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.gelu(norm(conv(x).transpose(1, 2)).transpose(1, 2))
+        return x.transpose(1, 2)  # B x T x C
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """data2vec audio's positional conv: depth x (grouped conv, same length, LayerNorm, GELU)."""
+
+    def __init__(self, dim: int, width: int, groups: int, depth: int):
+        super().__init__()
+        self.kernel = max(3, width // depth)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, dim, self.kernel, padding=self.kernel // 2, groups=groups)
+            for _ in range(depth)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.transpose(1, 2)
+        for conv, norm in zip(self.convs, self.norms):
+            y = conv(y)
+            if self.kernel % 2 == 0:  # even kernels make one extra frame
+                y = y[:, :, :-1]
+            y = F.gelu(norm(y.transpose(1, 2)).transpose(1, 2))
+        return y.transpose(1, 2)
+
+
+class AudioEncoder(nn.Module):
+    modality = "audio"
+    num_extra_tokens = 0
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_dim = cfg.embed_dim
+        self.feature_grad_mult = cfg.feature_grad_mult
+        self.feature_extractor = ConvFeatureExtractor(cfg.conv_layers, cfg.conv_bias)
+        conv_dim = cfg.conv_layers[-1][0]
+        self.feature_norm = nn.LayerNorm(conv_dim)
+        self.feature_proj = nn.Linear(conv_dim, cfg.embed_dim)
+        self.dropout_input = nn.Dropout(cfg.encoder_dropout_input)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.embed_dim).uniform_())
+        self.pos_conv = ConvPositionalEmbedding(cfg.embed_dim, cfg.conv_pos, cfg.conv_pos_groups,
+                                                cfg.conv_pos_depth)
+        self.layer_norm_first = cfg.layer_norm_first
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = BlockStack(cfg, pre_ln=cfg.layer_norm_first)
+        _bert_init(self.blocks)
+
+    def feature_encoder_prefixes(self) -> tuple[str, ...]:
+        return ("feature_extractor.", "feature_norm.", "feature_proj.", "mask_emb")
+
+    def feature_padding_mask(self, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
+        """B x L sample padding mask -> B x frames frame padding mask."""
+        lengths = self.feature_extractor.output_lengths((~padding_mask).sum(1))
+        return torch.arange(frames, device=padding_mask.device)[None, :] >= lengths[:, None]
+
+    def embed(self, source, padding_mask=None):
+        """B x L waveform -> B x T x C frame features (before masking), B x T frame padding."""
+        feats = self.feature_extractor(source)
+        if self.feature_grad_mult != 1.0 and feats.requires_grad:
+            feats = _GradMult.apply(feats, self.feature_grad_mult)
+        x = self.feature_proj(self.feature_norm(feats))
+        frame_pad = None
+        if padding_mask is not None:
+            frame_pad = self.feature_padding_mask(padding_mask, x.shape[1])
+        return x, frame_pad
+
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        x = self.dropout_input(x)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        x = x + self.pos_conv(x)
+        if not self.layer_norm_first:
+            x = self.norm(x)
+        x = self.dropout(x)
+        x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers)
+        if self.layer_norm_first:
+            x = self.norm(x)
+        return EncoderOutput(x, padding_mask, ffn, blocks)
+
+    def forward(self, source, padding_mask=None, mask=None, return_layers=False):
+        return self.encode(*self.embed(source, padding_mask), mask=mask, return_layers=return_layers)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's learned relative position bias over a h x w grid plus a CLS token: H x T' x T'."""
+
+    def __init__(self, grid: tuple[int, int], heads: int):
+        super().__init__()
+        h, w = grid
+        self.num_distances = (2 * h - 1) * (2 * w - 1) + 3
+        self.table = nn.Parameter(torch.zeros(self.num_distances, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+        rel[:, :, 0] += h - 1
+        rel[:, :, 1] += w - 1
+        rel[:, :, 0] *= 2 * w - 1
+        index = torch.zeros((h * w + 1,) * 2, dtype=torch.long)
+        index[1:, 1:] = rel.sum(-1)
+        index[0, 0:] = self.num_distances - 3  # cls -> token
+        index[0:, 0] = self.num_distances - 2  # token -> cls
+        index[0, 0] = self.num_distances - 1  # cls -> cls
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.index.shape[0]
+        return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+
+class ImageEncoder(nn.Module):
+    modality = "image"
+    num_extra_tokens = 1
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_dim = cfg.embed_dim
+        self.grid = (cfg.img_size // cfg.patch_size,) * 2
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.mask_emb = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.rel_pos_bias = RelativePositionBias(self.grid, cfg.num_heads) if cfg.rel_pos_bias else None
+        if cfg.rel_pos_bias:
+            self.pos_embed = None
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, cfg.embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # BEiT's attention has q and v biases but no k bias.
+        self.blocks = BlockStack(cfg, pre_ln=True, k_bias=False)
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self._init(cfg)
+
+    def _init(self, cfg):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_emb, std=0.02)
+        with torch.no_grad():
+            for i, block in enumerate(self.blocks.blocks):
+                block.attn.out_proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+                block.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+    def feature_encoder_prefixes(self) -> tuple[str, ...]:
+        # data2vec vision's EMA covers the transformer only; patches and CLS are the student's.
+        return ("patch_embed.", "cls_token", "mask_emb")
+
+    def embed(self, source, padding_mask=None):
+        """B x 3 x H x W -> B x N x C patch embeddings (row-major grid), no padding."""
+        return self.patch_embed(source).flatten(2).transpose(1, 2), None
+
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        x, ffn, blocks = self.blocks(x, None, bias, return_layers)
+        return EncoderOutput(self.norm(x), None, ffn, blocks)
+
+    def forward(self, source, padding_mask=None, mask=None, return_layers=False):
+        return self.encode(*self.embed(source), mask=mask, return_layers=return_layers)
+
+
+class TextEncoder(nn.Module):
+    modality = "text"
+    num_extra_tokens = 0
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_dim = cfg.embed_dim
+        self.pad_id = cfg.pad_id
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
+        self.embed_positions = nn.Embedding(cfg.max_positions + cfg.pad_id + 1, cfg.embed_dim,
+                                            padding_idx=cfg.pad_id)
+        self.embed_norm = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = BlockStack(cfg, pre_ln=cfg.layer_norm_first)
+        self.final_norm = nn.LayerNorm(cfg.embed_dim) if cfg.layer_norm_first else None
+        _bert_init(self)
+
+    def feature_encoder_prefixes(self) -> tuple[str, ...]:
+        return ("embed_tokens.", "embed_positions.", "embed_norm.")
+
+    def embed(self, source, padding_mask=None):
+        """B x T token ids -> B x T x C (tokens + RoBERTa positions, layer norm, dropout)."""
+        if padding_mask is None:
+            padding_mask = source.eq(self.pad_id)
+        keep = (~padding_mask).long()
+        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
+        max_positions = self.embed_positions.num_embeddings - self.pad_id - 1
+        if source.shape[1] > max_positions:
+            raise ValueError(f"text of {source.shape[1]} tokens exceeds model.max_positions={max_positions}")
+        x = self.embed_tokens(source) + self.embed_positions(positions)
+        return self.dropout(self.embed_norm(x)), padding_mask
+
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        if mask is not None:
+            raise ValueError("text masks token ids before embed(); encode() takes mask=None")
+        x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return EncoderOutput(x, padding_mask, ffn, blocks)
+
+    def forward(self, source, padding_mask=None, mask=None, return_layers=False):
+        return self.encode(*self.embed(source, padding_mask), mask=mask, return_layers=return_layers)
+
+
+ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}
+
+
+def build_model(cfg: ModelConfig, modality: str) -> nn.Module:
+    """The data2vec encoder of `modality` (student architecture; the teacher is its EMA copy)."""
+    return ENCODERS[modality](cfg)

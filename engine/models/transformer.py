@@ -1,0 +1,110 @@
+"""The shared context encoder block: self-attention + MLP, post-LN (wav2vec 2.0 / RoBERTa) or
+pre-LN with layer scale and drop path (BEiT)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import attention
+
+
+class SelfAttention(nn.Module):
+    """Separate q, k, v, out projections (they map 1:1 onto Hugging Face's Data2Vec layers)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, k_bias: bool = True):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=k_bias)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, key_padding_mask=None, attn_bias=None):
+        b, t, c = x.shape
+
+        def split(y):
+            return y.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                        key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                        dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drops the whole branch per sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class Block(nn.Module):
+    """One transformer block; forward returns (output, ffn branch before the last residual)."""
+
+    def __init__(self, dim, heads, ffn_dim, pre_ln, dropout=0.0, attention_dropout=0.0,
+                 activation_dropout=0.0, drop_path=0.0, layer_scale_init=0.0, k_bias=True):
+        super().__init__()
+        self.pre_ln, self.drop_path = pre_ln, drop_path
+        self.attn = SelfAttention(dim, heads, attention_dropout, k_bias=k_bias)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        if layer_scale_init > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), layer_scale_init))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), layer_scale_init))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def _mlp(self, x):
+        return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+
+    def forward(self, x, key_padding_mask=None, attn_bias=None):
+        if self.pre_ln:
+            a = self.dropout(self.attn(self.attn_norm(x), key_padding_mask, attn_bias))
+            if self.gamma_1 is not None:
+                a = self.gamma_1 * a
+            x = x + drop_path(a, self.drop_path, self.training)
+            fc = self.dropout(self._mlp(self.ffn_norm(x)))
+            if self.gamma_2 is not None:
+                fc = self.gamma_2 * fc
+            fc = drop_path(fc, self.drop_path, self.training)
+            return x + fc, fc
+        a = self.dropout(self.attn(x, key_padding_mask, attn_bias))
+        x = self.attn_norm(x + a)
+        fc = self._mlp(x)
+        x = self.ffn_norm(x + self.dropout(fc))
+        return x, fc
+
+
+class BlockStack(nn.Module):
+    """depth blocks; returns the final output and, on request, every block's outputs."""
+
+    def __init__(self, cfg, pre_ln: bool, k_bias: bool = True):
+        super().__init__()
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [0.0]
+        self.layerdrop = cfg.layerdrop
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, pre_ln, cfg.dropout,
+                  cfg.attention_dropout, cfg.activation_dropout, rates[i], cfg.layer_scale_init,
+                  k_bias=k_bias)
+            for i in range(cfg.depth)
+        )
+
+    def forward(self, x, key_padding_mask=None, attn_bias=None, return_layers=False):
+        ffn_out, block_out = [], []
+        for block in self.blocks:
+            # Layerdrop skips whole blocks in training; the teacher (return_layers) never does,
+            # so every target layer exists.
+            if self.training and not return_layers and self.layerdrop > 0:
+                if torch.rand(()) < self.layerdrop:
+                    continue
+            x, fc = block(x, key_padding_mask, attn_bias)
+            if return_layers:
+                ffn_out.append(fc)
+                block_out.append(x)
+        return x, ffn_out, block_out

@@ -16,7 +16,7 @@ def _losses(run_dir):
 
 
 def _run(launcher, run_dir, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     cmd = [*launcher, "-m", "engine.train", "configs/tiny_image.yaml", f"run.dir={run_dir}",
            "train.progress=false", "train.log_every=1", "train.max_steps=4", "train.global_batch=8",
            "model.drop_path=0.0", "data.augment=false", *overrides]

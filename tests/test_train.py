@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
 
 
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # The interpreter costs seconds per step; the kernels are checked against their references in
+    # their own tests, and test_triton_path_trains_like_the_reference covers them in the loop.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def _cfg(modality, run_dir, *overrides):
     return load_config(ROOT / f"configs/tiny_{modality}.yaml",
                        [f"run.dir={run_dir}", "train.progress=false", "train.log_every=1", *overrides])
@@ -91,3 +98,11 @@ def test_bad_yaml_is_one_line_error(tmp_path):
     bad.write_text("modality: image\nmodel: [unclosed\n")
     r = _cli(str(bad), f"run.dir={tmp_path / 'run'}")
     assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_triton_path_trains_like_the_reference(monkeypatch, tmp_path):
+    common = ["train.max_steps=2", "train.global_batch=4", "train.checkpoint_every=0"]
+    reference = train(_cfg("audio", tmp_path / "ref", *common))["losses"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = train(_cfg("audio", tmp_path / "triton", *common))["losses"]
+    assert interpreted == pytest.approx(reference, rel=1e-4), (interpreted, reference)

@@ -34,7 +34,8 @@ def attention_reference(q, k, v, key_padding_mask=None, attn_bias=None, scale=No
         scores = scores + attn_bias
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(scores.to(acc), dim=-1).nan_to_num(0.0).to(q.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v)

@@ -94,7 +94,7 @@ def _per_sample_seeds(seed, batch: int, device) -> torch.Tensor:
         if seed.dtype != torch.int64 or seed.shape != (batch,):
             raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} "
                              f"{tuple(seed.shape)}")
-        return seed.to(device)
+        return seed.to(device).contiguous()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int or an int64 tensor of shape B, got "
                          f"{type(seed).__name__}")
@@ -505,12 +505,28 @@ if triton is not None:
         return tl.maximum(a, b)
 
     @triton.jit
-    def _select_tl(bits, index, eligible, count, BLOCK: tl.constexpr):
-        """Bool BLOCK: the `count` eligible positions with the smallest (bits << 31) | index."""
-        keys = tl.where(eligible, (bits << 31) | index, 0x7FFFFFFFFFFFFFFF)
-        ordered = tl.sort(keys)
-        last = tl.sum(tl.where(tl.arange(0, BLOCK) == count - 1, ordered, 0))
-        return eligible & (keys <= last) & (count > 0)
+    def _select_tl(bits, index, eligible, count):
+        """The `count` eligible positions with the smallest keys (bits << 31) | index.
+
+        No sort (the interpreter's is a Python loop): the count-th smallest bits value is built
+        from the top bit down (a bit is set while fewer than `count` values lie below the prefix
+        with it); ties at that value, rare, are resolved by index the same way.
+        """
+        b = tl.where(eligible, bits, 0x100000000)
+        kth = tl.zeros([], dtype=tl.int64)
+        for i in range(32):
+            trial = kth | (tl.full([], 1, tl.int64) << (31 - i))
+            kth = tl.where(tl.sum((b < trial).to(tl.int32)) < count, trial, kth)
+        ties = b == kth
+        need = count - tl.sum((b < kth).to(tl.int32))
+        last = tl.full([], 0x7FFFFFFF, tl.int64)
+        if tl.sum(ties.to(tl.int32)) > need:
+            last = tl.zeros([], dtype=tl.int64)
+            for i in range(31):
+                trial = last | (tl.full([], 1, tl.int64) << (30 - i))
+                below = tl.sum((ties & (index < trial)).to(tl.int32))
+                last = tl.where(below < need, trial, last)
+        return ((b < kth) | (ties & (index <= last))) & (count > 0)
 
     @triton.jit
     def _spread_tl(starts, index, LENGTH: tl.constexpr):
@@ -531,7 +547,7 @@ if triton is not None:
         candidates = tl.where(room > num, room, num + 1)
         c = tl.arange(0, BLOCK).to(tl.int64)
         base, key = _stream_tl(seed, salt_start)
-        starts = _select_tl(_bits_tl(base, key, c), c, c < candidates, num, BLOCK)
+        starts = _select_tl(_bits_tl(base, key, c), c, c < candidates, num)
         mask = _spread_tl(starts, c, MASK_LENGTH) & (c < length)
         tl.store(out + b.to(tl.int64) * max_len + c, mask.to(tl.uint8), mask=c < max_len)
         tl.store(counts + b, tl.sum(mask.to(tl.int64)))
@@ -543,7 +559,7 @@ if triton is not None:
         row = out + b.to(tl.int64) * max_len + t
         mask = tl.load(row, mask=t < max_len, other=0) != 0
         base, key = _stream_tl(tl.load(seeds + b), salt)
-        keep = _select_tl(_bits_tl(base, key, t), t, mask, tl.load(target), BLOCK)
+        keep = _select_tl(_bits_tl(base, key, t), t, mask, tl.load(target))
         tl.store(row, keep.to(tl.uint8), mask=t < max_len)
 
     @triton.jit
@@ -560,7 +576,7 @@ if triton is not None:
         u = _bits_tl(base, key, tl.zeros([1], dtype=tl.int64))
         num = (rate * tl.sum(normal.to(tl.int64)) + tl.sum(u)) >> 32
         base, key = _stream_tl(seed, salt_start)
-        starts = _select_tl(_bits_tl(base, key, t), t, normal, num, BLOCK)
+        starts = _select_tl(_bits_tl(base, key, t), t, normal, num)
         chosen = _spread_tl(starts, t, SPAN) & normal
         base, key = _stream_tl(seed, salt_replace)
         draw = _bits_tl(base, key, t) >> 8

@@ -84,6 +84,7 @@ class Data2Vec(nn.Module):
             masked_source, selected = token_mask(
                 source, m.mask_prob, special, ids["mask"], cfg.model.vocab_size, seed=seeds,
                 span=m.mask_length, replace=tuple(m.replace),
+                random_exclude=tuple(ids[k] for k in ("bos", "pad", "eos", "unk", "mask")),
             )
             # As fairseq data2vec_text: the loss is on positions whose input became <mask>; tokens
             # kept or randomly replaced only add noise to the student's input.

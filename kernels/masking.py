@@ -16,10 +16,22 @@ with every product split so that nothing overflows int64:
     bits(counter) = mix(mix(base ^ counter * 0x85EBCA6B) ^ key)          (all mod 2^32)
 `seed` is an int (one per batch: row b gets a seed hashed from (seed, b)) or an int64 tensor of
 shape B (one per sample; the trainer derives it from run seed, step and global sample index).
-Uniform draws use the bits as integers: a draw of k out of n items is (bits * n) >> 32, a
+Uniform draws use the bits as integers: a draw among n items is (bits * n) >> 32, a
 probabilistic rounding int(p * n + U) is (round(p * 2^32) * n + bits) >> 32, a Bernoulli with
 probability p compares bits >> 8 with round(p * 2^24). Draws without replacement give each
-candidate the unique key (bits << 31) | index and take the `num` smallest: a uniformly random subset.
+candidate the unique key (bits << 31) | index and take the `num` smallest: a uniform subset.
+Only the BEiT geometry (area, aspect, sqrt, round) uses float64, in block_mask, which has no kernel.
+
+Exact counts and other rules:
+  span_mask   no count rule of its own: require_same_masks keeps, in every row, a uniform subset
+              of its masked steps of the batch's smallest count (fairseq's rule). Unlike fairseq,
+              a sample short enough to be masked whole is allowed (fairseq raises ValueError).
+  block_mask  BEiT never overshoots its target; when its generator gives up short, the missing
+              patches are added among the unmasked 4-neighbours of the mask (smallest keys first,
+              ring by ring), so the fill only enlarges existing blocks. Inverse: fairseq's
+              require_same_masks rule, a uniform random set of kept (or masked) patches flips.
+  token_mask  none: the selected count is the probabilistic rounding above, as fairseq's
+              MaskTokensDataset; each selected token is replaced independently.
 
 Paths: span_mask and token_mask run Triton kernels for CUDA tensors (and CPU tensors under
 TRITON_INTERPRET=1), else span_mask_reference / token_mask_reference, plain PyTorch and the ground
@@ -150,7 +162,13 @@ def span_mask(lengths, max_len, mask_prob, mask_length, min_masks=0, seed=0,
 
 def span_mask_reference(lengths, max_len, mask_prob, mask_length, min_masks=0, seed=0,
                         require_same_masks=False):
-    """Plain-PyTorch ground truth of span_mask: same arguments, B x max_len bool."""
+    """Plain-PyTorch ground truth of span_mask: same arguments, B x max_len bool.
+
+    A sample of length L masks num = max(min_masks, int(mask_prob * L / mask_length + U)) spans
+    of mask_length steps (they may overlap), their starts drawn without replacement from
+    [0, L - mask_length), or from [0, num] when that range holds num or fewer; steps at or past
+    L are never masked.
+    """
     lengths, seeds = _check_span(lengths, max_len, mask_prob, mask_length, min_masks, seed)
     return _span_reference(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
                            require_same_masks)
@@ -418,7 +436,7 @@ def _token_reference(tokens, special, seeds, rate, span, mask_id, keep_below, ra
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels: one program per sample holds its whole row (keys, sort, spans) in registers.
+# Triton kernels: one program per sample holds its whole row (keys, selection, spans).
 
 _MAX_TRITON_WIDTH = 8192  # longer rows take the reference path (still on the device)
 
@@ -439,10 +457,12 @@ def _span_mask_triton(lengths, max_len, mask_prob, mask_length, min_masks, seeds
         seeds, lengths.contiguous(), out.view(torch.uint8), counts, max_len, min_masks,
         _fixed32(mask_prob / mask_length), _salt(_SPAN_COUNT), _salt(_SPAN_START),
         MASK_LENGTH=mask_length, BLOCK=triton.next_power_of_2(width),
+        num_warps=_warps(width),
     )
     if require_same_masks and max_len:
         _trim_kernel[(batch,)](seeds, out.view(torch.uint8), counts.min().reshape(1), max_len,
-                               _salt(_SPAN_TRIM), BLOCK=triton.next_power_of_2(max_len))
+                               _salt(_SPAN_TRIM), BLOCK=triton.next_power_of_2(max_len),
+                               num_warps=_warps(max_len))
     return out
 
 
@@ -467,8 +487,14 @@ def _token_mask_triton(tokens, special, seeds, rate, span, mask_id, keep_below, 
         selected.view(torch.uint8), table, len(exclude), length, rate, mask_id, keep_below,
         random_below, choices, _salt(_TOKEN_COUNT), _salt(_TOKEN_START), _salt(_TOKEN_REPLACE),
         _salt(_TOKEN_RANDOM), SPAN=span, BLOCK=triton.next_power_of_2(length),
+        num_warps=_warps(length),
     )
     return out, selected
+
+
+def _warps(width: int) -> int:
+    """Warps for a program holding `width` int64 keys: more for long rows, fewer registers each."""
+    return 4 if width <= 1024 else 8
 
 
 def _salt(stream: int) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.errors import ConfigError
 from engine.models.transformer import BlockStack
 
 
@@ -25,6 +26,40 @@ class EncoderOutput:
     padding_mask: torch.Tensor | None  # B x T' bool, True = padded
     layer_results: list = field(default_factory=list)  # per block: FFN branch before residual
     block_results: list = field(default_factory=list)  # per block: the block's output
+
+
+class Data2VecEncoder(nn.Module):
+    """Common interface of the modality encoders (the objective and the EMA teacher rely on it)."""
+
+    modality: str
+    num_extra_tokens: int  # leading tokens (image CLS) that are neither masked nor targets
+    embed_dim: int
+
+    def feature_encoder_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes the teacher copies from the student instead of averaging."""
+        raise NotImplementedError
+
+    def embed(self, source, padding_mask=None):
+        """Feature encoder: source -> (B x T x C features, B x T bool padding mask or None)."""
+        raise NotImplementedError
+
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        """Context encoder over B x T x C features; mask B x T bool (True = masked)."""
+        raise NotImplementedError
+
+    def forward(self, source, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        """embed then encode."""
+        x, x_pad = self.embed(source, padding_mask)
+        return self.encode(x, x_pad, mask=mask, return_layers=return_layers)
+
+    def _check_encode(self, x, padding_mask, mask):
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{self.modality} encode: x must be B x T x {self.embed_dim}, "
+                             f"got {tuple(x.shape)}")
+        for name, m in (("padding_mask", padding_mask), ("mask", mask)):
+            if m is not None and (m.dtype != torch.bool or m.shape != x.shape[:2]):
+                raise ValueError(f"{self.modality} encode: {name} must be bool "
+                                 f"{tuple(x.shape[:2])}, got {m.dtype} {tuple(m.shape)}")
 
 
 def _bert_init(module: nn.Module) -> None:
@@ -101,7 +136,9 @@ class ConvPositionalEmbedding(nn.Module):
         return y.transpose(1, 2)
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(Data2VecEncoder):
+    """data2vec audio (wav2vec 2.0 layout): conv features, conv positions, post-LN blocks."""
+
     modality = "audio"
     num_extra_tokens = 0
 
@@ -132,7 +169,14 @@ class AudioEncoder(nn.Module):
         return torch.arange(frames, device=padding_mask.device)[None, :] >= lengths[:, None]
 
     def embed(self, source, padding_mask=None):
-        """B x L waveform -> B x T x C frame features (before masking), B x T frame padding."""
+        """B x L float waveform (B x L padding) -> B x T x C frame features, B x T frame padding."""
+        if source.ndim != 2 or not source.is_floating_point():
+            raise ValueError(f"audio embed: source must be a float B x L waveform, got "
+                             f"{source.dtype} {tuple(source.shape)}")
+        if padding_mask is not None and (padding_mask.shape != source.shape
+                                         or padding_mask.dtype != torch.bool):
+            raise ValueError(f"audio embed: padding_mask must be bool {tuple(source.shape)}, got "
+                             f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
         feats = self.feature_extractor(source)
         if self.feature_grad_mult != 1.0 and feats.requires_grad:
             feats = _GradMult.apply(feats, self.feature_grad_mult)
@@ -143,6 +187,8 @@ class AudioEncoder(nn.Module):
         return x, frame_pad
 
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        """dropout_input, mask embedding, conv positions, blocks: B x T x C -> EncoderOutput."""
+        self._check_encode(x, padding_mask, mask)
         x = self.dropout_input(x)
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
@@ -156,9 +202,6 @@ class AudioEncoder(nn.Module):
         if self.layer_norm_first:
             x = self.norm(x)
         return EncoderOutput(x, padding_mask, ffn, blocks)
-
-    def forward(self, source, padding_mask=None, mask=None, return_layers=False):
-        return self.encode(*self.embed(source, padding_mask), mask=mask, return_layers=return_layers)
 
 
 class RelativePositionBias(nn.Module):
@@ -186,7 +229,9 @@ class RelativePositionBias(nn.Module):
         return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(Data2VecEncoder):
+    """data2vec vision (BEiT layout): patches, CLS, pre-LN blocks, shared relative bias."""
+
     modality = "image"
     num_extra_tokens = 1
 
@@ -194,6 +239,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.embed_dim = cfg.embed_dim
         self.grid = (cfg.img_size // cfg.patch_size,) * 2
+        self.image_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.mask_emb = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -227,9 +273,16 @@ class ImageEncoder(nn.Module):
 
     def embed(self, source, padding_mask=None):
         """B x 3 x H x W -> B x N x C patch embeddings (row-major grid), no padding."""
+        if source.ndim != 4 or source.shape[1:] != self.image_shape:
+            raise ValueError(f"image embed: source must be B x {' x '.join(map(str, self.image_shape))}"
+                             f", got {tuple(source.shape)}")
         return self.patch_embed(source).flatten(2).transpose(1, 2), None
 
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        """Mask embedding over patches, CLS, blocks with the shared bias, final LN: T' = T + 1."""
+        self._check_encode(x, padding_mask, mask)
+        if padding_mask is not None:
+            raise ValueError("image encode: patches have no padding; padding_mask must be None")
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -239,11 +292,10 @@ class ImageEncoder(nn.Module):
         x, ffn, blocks = self.blocks(x, None, bias, return_layers)
         return EncoderOutput(self.norm(x), None, ffn, blocks)
 
-    def forward(self, source, padding_mask=None, mask=None, return_layers=False):
-        return self.encode(*self.embed(source), mask=mask, return_layers=return_layers)
 
+class TextEncoder(Data2VecEncoder):
+    """data2vec text (RoBERTa layout): token + learned positions, post-LN blocks."""
 
-class TextEncoder(nn.Module):
     modality = "text"
     num_extra_tokens = 0
 
@@ -264,18 +316,27 @@ class TextEncoder(nn.Module):
         return ("embed_tokens.", "embed_positions.", "embed_norm.")
 
     def embed(self, source, padding_mask=None):
-        """B x T token ids -> B x T x C (tokens + RoBERTa positions, layer norm, dropout)."""
+        """B x T int64 ids -> B x T x C (tokens + RoBERTa positions, LN, dropout), B x T padding."""
+        if source.ndim != 2 or source.dtype != torch.long:
+            raise ValueError(f"text embed: source must be int64 B x T ids, got {source.dtype} "
+                             f"{tuple(source.shape)}")
         if padding_mask is None:
             padding_mask = source.eq(self.pad_id)
+        elif padding_mask.shape != source.shape or padding_mask.dtype != torch.bool:
+            raise ValueError(f"text embed: padding_mask must be bool {tuple(source.shape)}, got "
+                             f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
         keep = (~padding_mask).long()
         positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
         max_positions = self.embed_positions.num_embeddings - self.pad_id - 1
         if source.shape[1] > max_positions:
-            raise ValueError(f"text of {source.shape[1]} tokens exceeds model.max_positions={max_positions}")
+            raise ConfigError(f"config key 'model.max_positions': {max_positions} is less than a "
+                              f"batch of {source.shape[1]} tokens (data.max_tokens)")
         x = self.embed_tokens(source) + self.embed_positions(positions)
         return self.dropout(self.embed_norm(x)), padding_mask
 
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+        """Post-LN blocks over embedded tokens (masking happened on the ids)."""
+        self._check_encode(x, padding_mask, mask)
         if mask is not None:
             raise ValueError("text masks token ids before embed(); encode() takes mask=None")
         x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers)
@@ -283,13 +344,13 @@ class TextEncoder(nn.Module):
             x = self.final_norm(x)
         return EncoderOutput(x, padding_mask, ffn, blocks)
 
-    def forward(self, source, padding_mask=None, mask=None, return_layers=False):
-        return self.encode(*self.embed(source, padding_mask), mask=mask, return_layers=return_layers)
+
+ENCODERS: dict[str, type[Data2VecEncoder]] = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}
 
 
-ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}
-
-
-def build_model(cfg: ModelConfig, modality: str) -> nn.Module:
+def build_model(cfg: ModelConfig, modality: str) -> Data2VecEncoder:
     """The data2vec encoder of `modality` (student architecture; the teacher is its EMA copy)."""
+    if modality not in ENCODERS:
+        raise ConfigError(f"config key 'modality': got {modality!r}, expected one of "
+                          f"{', '.join(ENCODERS)}")
     return ENCODERS[modality](cfg)

@@ -1,0 +1,279 @@
+"""engine.models: the data2vec 1.0 encoders (audio / image / text) on tiny configs."""
+import pytest
+import torch
+
+from engine.config import ModelConfig, load_config
+from engine.errors import ConfigError
+from engine.models import Data2VecEncoder, EncoderOutput, build_model
+
+MODALITIES = ["image", "audio", "text"]
+# Parameters the teacher copies from the student that `embed` itself does not use: the mask
+# embedding (the teacher never masks) and the image CLS token (fairseq keeps it out of the EMA).
+COPIED_NOT_EMBEDDED = {"audio": {"mask_emb"}, "image": {"cls_token", "mask_emb"}, "text": set()}
+
+
+def _model(modality, *overrides):
+    cfg = load_config(f"configs/tiny_{modality}.yaml", list(overrides))
+    torch.manual_seed(0)
+    return build_model(cfg.model, modality), cfg
+
+
+def _source(modality, cfg, batch=3, length=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if modality == "image":
+        size = cfg.model.img_size
+        return torch.randn(batch, 3, size, size, generator=g), None
+    if modality == "audio":
+        length = length or 4001
+        return torch.randn(batch, length, generator=g), torch.zeros(batch, length, dtype=torch.bool)
+    length = length or 23
+    return torch.randint(5, 4000, (batch, length), generator=g), None
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_build_model_exposes_the_encoder_interface(modality):
+    model, cfg = _model(modality)
+    assert isinstance(model, Data2VecEncoder)
+    assert model.modality == modality
+    assert model.embed_dim == cfg.model.embed_dim
+    assert model.num_extra_tokens == (1 if modality == "image" else 0)
+
+
+def test_build_model_rejects_an_unknown_modality():
+    with pytest.raises(ConfigError, match="modality"):
+        build_model(ModelConfig(), "video")
+
+
+@pytest.mark.parametrize("modality,length", [("image", None), ("audio", 3333), ("audio", 4001),
+                                             ("text", 17), ("text", 23)])
+def test_output_shapes_and_one_result_per_block(modality, length):
+    model, cfg = _model(modality)
+    src, pad = _source(modality, cfg, length=length)
+    x, x_pad = model.embed(src, pad)
+    assert x.ndim == 3 and x.shape[0] == 3 and x.shape[2] == cfg.model.embed_dim
+    if modality == "image":
+        assert x.shape[1] == (cfg.model.img_size // cfg.model.patch_size) ** 2 and x_pad is None
+    out = model.encode(x, x_pad, return_layers=True)
+    assert isinstance(out, EncoderOutput)
+    t = x.shape[1] + model.num_extra_tokens
+    assert out.x.shape == (3, t, cfg.model.embed_dim), tuple(out.x.shape)
+    assert len(out.layer_results) == len(out.block_results) == cfg.model.depth
+    assert all(y.shape == out.x.shape for y in out.layer_results + out.block_results)
+    if out.padding_mask is not None:
+        assert out.padding_mask.shape == (3, t)
+    plain = model.encode(x, x_pad)
+    assert plain.layer_results == [] and plain.block_results == []
+
+
+def test_audio_frame_padding_follows_the_conv_length_formula():
+    model, cfg = _model("audio")
+    lengths = torch.tensor([4001, 2999, 1234])
+    pad = torch.arange(4001)[None, :] >= lengths[:, None]
+    x, x_pad = model.embed(torch.randn(3, 4001), pad)
+    expect = lengths.clone()
+    for _, k, s in cfg.model.conv_layers:
+        expect = torch.div(expect - k, s, rounding_mode="floor") + 1
+    assert torch.equal((~x_pad).sum(1), expect), f"{(~x_pad).sum(1).tolist()} vs {expect.tolist()}"
+    assert x.shape[1] == expect[0], f"{x.shape[1]} frames for {expect[0]}"
+    assert not x_pad[torch.arange(3), expect - 1].any() and x_pad[1:, -1].all()
+    assert model.embed(torch.randn(3, 4001))[1] is None
+
+
+def test_text_padding_mask_and_positions_follow_pad_id():
+    model, cfg = _model("text")
+    ids = torch.randint(5, 4000, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids[1, 6:] = cfg.model.pad_id
+    _, pad = model.embed(ids)
+    assert torch.equal(pad, ids == cfg.model.pad_id)
+    assert model.embed_positions.num_embeddings == cfg.model.max_positions + cfg.model.pad_id + 1
+    assert model.embed_tokens.weight[cfg.model.pad_id].abs().max() == 0
+    with pytest.raises(ConfigError, match="max_positions"):
+        model.embed(torch.full((1, cfg.model.max_positions + 1), 7))
+
+
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_padded_positions_do_not_change_real_outputs(modality):
+    model, cfg = _model(modality)
+    model.eval()
+    src, _ = _source(modality, cfg, batch=2)
+    pad = torch.zeros_like(src, dtype=torch.bool)
+    other = src.clone()
+    if modality == "audio":
+        pad[1, 2500:] = True
+        other[1, 2500:] = torch.randn(src.shape[1] - 2500, generator=torch.Generator().manual_seed(9))
+    else:
+        pad[1, 15:] = True
+        src[1, 15:] = cfg.model.pad_id
+        other[1, 15:] = 4  # a real token id under the padding mask
+    a = model(src, pad, return_layers=True)
+    b = model(other, pad, return_layers=True)
+    real = ~a.padding_mask
+    assert real.sum() < real.numel(), "the test needs padded positions"
+    for name, ya, yb in [("x", a.x, b.x)] + [(f"layer {i}", u, w) for i, (u, w) in
+                                            enumerate(zip(a.layer_results, b.layer_results))]:
+        err = _max_diff(ya[real], yb[real])
+        assert err < 1e-5, f"{modality} {name}: padded content moved real outputs by {err:.3e}"
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_mask_embedding_replaces_masked_positions(modality):
+    model, cfg = _model(modality)
+    model.eval()
+    src, pad = _source(modality, cfg, batch=2)
+    x, x_pad = model.embed(src, pad)
+    none = model.encode(x, x_pad).x
+    empty = model.encode(x, x_pad, mask=torch.zeros(x.shape[:2], dtype=torch.bool)).x
+    assert _max_diff(none, empty) == 0, "an all-False mask changed the output"
+    mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+    mask[:, ::3] = True
+    masked = model.encode(x, x_pad, mask=mask).x
+    assert _max_diff(masked, none) > 1e-3, "masking did not change the output"
+    x2 = x.clone()
+    x2[mask] = torch.randn(int(mask.sum()), x.shape[-1], generator=torch.Generator().manual_seed(5))
+    err = _max_diff(model.encode(x2, x_pad, mask=mask).x, masked)
+    assert err < 1e-5, f"content under the mask still matters: {err:.3e}"
+
+
+def test_text_encode_refuses_a_mask():
+    model, cfg = _model("text")
+    x, pad = model.embed(_source("text", cfg)[0])
+    with pytest.raises(ValueError, match="mask"):
+        model.encode(x, pad, mask=torch.zeros(pad.shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_post_ln_output_is_the_last_block_and_ffn_branch_precedes_the_residual(modality):
+    model, cfg = _model(modality)
+    model.eval()
+    src, pad = _source(modality, cfg, batch=2)
+    out = model(src, pad, return_layers=True)
+    assert _max_diff(out.x, out.block_results[-1]) == 0
+    block = model.blocks.blocks[-1]
+    h_in = out.block_results[-2]
+    h = block.attn_norm(h_in + block.attn(h_in, out.padding_mask))
+    err = _max_diff(block.ffn_norm(h + out.layer_results[-1]), out.x)
+    assert err < 1e-5, f"x != LN(h + fc): {err:.3e}"
+    err = _max_diff(out.layer_results[-1], block.fc2(torch.nn.functional.gelu(block.fc1(h))))
+    assert err < 1e-5, f"fc != fc2(gelu(fc1(h))): {err:.3e}"
+
+
+def test_audio_pre_ln_variant_ends_with_the_final_layer_norm():
+    model, cfg = _model("audio", "model.layer_norm_first=true")
+    model.eval()
+    src, pad = _source("audio", cfg, batch=2)
+    out = model(src, pad, return_layers=True)
+    err = _max_diff(out.x, model.norm(out.block_results[-1]))
+    assert err < 1e-6, f"x != LN(last block): {err:.3e}"
+    block = model.blocks.blocks[-1]
+    h_in = out.block_results[-2]
+    h = h_in + block.attn(block.attn_norm(h_in), out.padding_mask)
+    fc = block.fc2(torch.nn.functional.gelu(block.fc1(block.ffn_norm(h))))
+    assert _max_diff(out.layer_results[-1], fc) < 1e-6, "pre-LN fc != fc2(gelu(fc1(LN(h))))"
+    assert _max_diff(out.block_results[-1], h + fc) < 1e-6, "pre-LN block != h + fc"
+
+
+def test_image_output_is_the_final_norm_and_blocks_are_residual_sums():
+    model, cfg = _model("image")
+    model.eval()
+    src, _ = _source("image", cfg, batch=2)
+    out = model(src, return_layers=True)
+    err = _max_diff(out.x, model.norm(out.block_results[-1]))
+    assert err < 1e-6, f"x != LN(last block): {err:.3e}"
+    block = model.blocks.blocks[-1]
+    h_in = out.block_results[-2]
+    h = h_in + block.gamma_1 * block.attn(block.attn_norm(h_in), None, model.rel_pos_bias())
+    fc = block.gamma_2 * block.fc2(torch.nn.functional.gelu(block.fc1(block.ffn_norm(h))))
+    assert _max_diff(out.layer_results[-1], fc) < 1e-6
+    assert _max_diff(out.block_results[-1], h + fc) < 1e-6
+
+
+def test_image_relative_position_bias_index_follows_beit():
+    model, cfg = _model("image")
+    side = cfg.model.img_size // cfg.model.patch_size
+    rpb = model.rel_pos_bias
+    n = (2 * side - 1) ** 2 + 3
+    assert rpb.table.shape == (n, cfg.model.num_heads) and rpb.table.abs().max() == 0
+    idx = rpb.index
+    assert idx.shape == (side * side + 1,) * 2
+    assert idx[0, 0] == n - 1 and (idx[0, 1:] == n - 3).all() and (idx[1:, 0] == n - 2).all()
+    # patch (r, c) -> (r', c'): ((r - r') + side - 1) * (2 side - 1) + (c - c') + side - 1
+    r, c, r2, c2 = 1, 2, 3, 0
+    a, b = 1 + r * side + c, 1 + r2 * side + c2
+    assert idx[a, b] == (r - r2 + side - 1) * (2 * side - 1) + (c - c2 + side - 1)
+    assert (idx.diagonal()[1:] == (side - 1) * (2 * side - 1) + side - 1).all()
+    assert model.rel_pos_bias().shape == (cfg.model.num_heads, side * side + 1, side * side + 1)
+
+
+def test_image_attention_has_no_key_bias_and_init_is_rescaled_per_depth():
+    model, cfg = _model("image")
+    for i, block in enumerate(model.blocks.blocks):
+        attn = block.attn
+        assert attn.k_proj.bias is None and attn.q_proj.bias is not None
+        assert attn.v_proj.bias is not None
+        assert torch.allclose(block.gamma_1, torch.full_like(block.gamma_1, 0.1))
+    stds = [b.fc2.weight.std().item() for b in model.blocks.blocks]
+    assert stds[0] > stds[-1] * 1.8, f"fc2 std per depth {stds} not rescaled by 1/sqrt(2 layer)"
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_gradients_reach_every_student_parameter(modality):
+    model, cfg = _model(modality, "model.dropout=0.1", "model.attention_dropout=0.1")
+    src, pad = _source(modality, cfg, batch=2)
+    x, x_pad = model.embed(src, pad)
+    mask = None
+    if modality != "text":
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+        mask[:, 1::2] = True
+    model.encode(x, x_pad, mask=mask).x.pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == [], f"no gradient reached {missing}"
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_feature_encoder_prefixes_cover_exactly_what_embed_uses(modality):
+    model, cfg = _model(modality)
+    src, pad = _source(modality, cfg, batch=2)
+    x, _ = model.embed(src, pad)
+    x.pow(2).sum().backward()
+    used = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    named = {n for n, _ in model.named_parameters() if n.startswith(model.feature_encoder_prefixes())}
+    assert used <= named, f"embed uses {sorted(used - named)} outside feature_encoder_prefixes"
+    assert named - used == COPIED_NOT_EMBEDDED[modality], f"extra: {sorted(named - used)}"
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_eval_mode_is_deterministic_and_train_mode_drops(modality):
+    model, cfg = _model(modality, "model.dropout=0.3", "model.encoder_dropout_input=0.2")
+    src, pad = _source(modality, cfg)
+    model.eval()
+    a, b = model(src, pad, return_layers=True), model(src, pad, return_layers=True)
+    assert _max_diff(a.x, b.x) == 0
+    model.train()
+    assert _max_diff(model(src, pad).x, a.x) > 1e-3, "dropout 0.3 did nothing in train mode"
+
+
+def test_layerdrop_skips_blocks_in_training_but_never_with_return_layers():
+    model, cfg = _model("text", "model.layerdrop=1.0")
+    src, _ = _source("text", cfg)
+    model.train()
+    x, pad = model.embed(src)
+    skipped = model.encode(x, pad)
+    assert _max_diff(skipped.x, x) == 0, "layerdrop=1 should skip every block"
+    full = model.encode(x, pad, return_layers=True)
+    assert len(full.layer_results) == cfg.model.depth and _max_diff(full.x, x) > 1e-3
+
+
+def test_encode_rejects_bad_shapes():
+    model, cfg = _model("audio")
+    x, pad = model.embed(*_source("audio", cfg))
+    with pytest.raises(ValueError, match="mask"):
+        model.encode(x, pad, mask=torch.zeros(3, x.shape[1] + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x must be"):
+        model.encode(x[..., :-1], pad)
+    image, icfg = _model("image")
+    with pytest.raises(ValueError, match="image embed"):
+        image.embed(torch.randn(1, 3, icfg.model.img_size + 4, icfg.model.img_size))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import DataConfig
-from engine.data.common import bad_file, collate_labels, read_labels
+from engine.data.common import bad_file, with_labels, read_labels
 from engine.errors import DataError
 
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
@@ -164,10 +164,7 @@ class AudioManifestDataset:
                 rows.append(s["source"][start:start + length])
             source, padding_mask = torch.stack(rows), None
         batch = {"source": source, "padding_mask": padding_mask}
-        labels = collate_labels(samples)
-        if labels is not None:
-            batch["label"] = labels
-        return batch
+        return with_labels(batch, samples)
 
     def describe(self) -> str:
         """One line: manifest, counts, hours, crop/normalize settings."""

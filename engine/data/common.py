@@ -38,8 +38,8 @@ def read_labels(path: Path, count: int, what: Path) -> list[int]:
     return labels
 
 
-def collate_labels(samples: list[dict]) -> torch.Tensor | None:
-    """B int64 labels when every sample has one, else None."""
+def with_labels(batch: dict, samples: list[dict]) -> dict:
+    """Adds "label" (B int64) to the batch when every sample has one."""
     if samples and all("label" in s for s in samples):
-        return torch.tensor([s["label"] for s in samples], dtype=torch.int64)
-    return None
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+    return batch

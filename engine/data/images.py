@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data.common import bad_file, collate_labels
+from engine.data.common import bad_file, with_labels
 from engine.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -139,10 +139,7 @@ class ImageFolderDataset:
     def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
         """Stacks samples: "source" B x 3 x S x S float32, "padding_mask" None, "label" B int64."""
         batch = {"source": torch.stack([s["source"] for s in samples]), "padding_mask": None}
-        labels = collate_labels(samples)
-        if labels is not None:
-            batch["label"] = labels
-        return batch
+        return with_labels(batch, samples)
 
     def describe(self) -> str:
         """One line: folder, image count, classes, transform."""

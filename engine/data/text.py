@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig
-from engine.data.common import collate_labels, read_labels
+from engine.data.common import with_labels, read_labels
 from engine.errors import ConfigError, DataError
 
 SPECIAL_KEYS = ("bos", "pad", "eos", "unk", "mask")
@@ -117,10 +117,7 @@ class TokenDataset:
             source[i, :n] = s["source"]
             padding_mask[i, :n] = False
         batch = {"source": source, "padding_mask": padding_mask}
-        labels = collate_labels(samples)
-        if labels is not None:
-            batch["label"] = labels
-        return batch
+        return with_labels(batch, samples)
 
     def describe(self) -> str:
         """One line: folder, split, token and sample counts."""

@@ -8,6 +8,16 @@ from engine.errors import D2VError
 USAGE = "usage: python -m engine.train CONFIG.yaml [dotted.key=value ...]"
 
 
+def one_line(error: Exception) -> str:
+    """The error's own message; a DataLoader worker wraps it in its traceback, which is dropped."""
+    text = str(error).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -21,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv[0], argv[1:])
         train(cfg)
     except D2VError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         shutdown()

@@ -106,3 +106,30 @@ def test_triton_path_trains_like_the_reference(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     interpreted = train(_cfg("audio", tmp_path / "triton", *common))["losses"]
     assert interpreted == pytest.approx(reference, rel=1e-4), (interpreted, reference)
+
+
+def _folder_with_a_corrupt_image(tmp_path):
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for src in sorted((ROOT / "data/images/digits/3").glob("*.jpg"))[:40]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    bad = folder / "corrupt.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    return tmp_path / "images", bad
+
+
+def test_corrupt_image_fails_with_its_path_even_from_loader_workers(tmp_path):
+    data, bad = _folder_with_a_corrupt_image(tmp_path)
+    r = _cli("configs/tiny_image.yaml", f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+             "train.max_steps=3", "train.global_batch=41", "data.num_workers=2", "train.progress=false")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(bad) in last and "Traceback" not in r.stderr, r.stderr
+
+
+def test_corrupt_image_is_skipped_and_counted_when_skipping(tmp_path):
+    data, bad = _folder_with_a_corrupt_image(tmp_path)
+    out = train(_cfg("image", tmp_path / "run", f"data.path={data}", "data.on_bad_file=skip",
+                     "train.max_steps=2", "train.global_batch=41"))
+    rows = _rows(tmp_path / "run")
+    assert out["step"] == 2 and rows[-1]["bad_files"] == 2, rows[-1]

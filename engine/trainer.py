@@ -161,8 +161,8 @@ def train(cfg: Config) -> dict:
                     print(f"d2v-engine: skipped bad files: {batch['bad_files']}", file=sys.stderr)
             if "source" not in batch:
                 raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
+            seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
             batch = _to_device(batch, device)
-            seeds = sample_seeds(cfg.seed, step, batch["position"].cpu(), STREAM_MASK).to(device)
             torch.manual_seed(mix_seed(cfg.seed, step, dist.rank, micro, STREAM_DROPOUT))
             last = micro == plan.accumulation - 1
             sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()

@@ -143,6 +143,7 @@ class TrainConfig:
     compile: bool = False
     keep_last: int = 2
     progress: bool = True
+    probe: bool = False  # after the run, rank 0 prints a linear probe of the final checkpoint
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Entry point: python -m engine.train CONFIG [dotted.key=value ...]  (torchrun aware)."""
 from __future__ import annotations
 
+import os
 import sys
 
 from engine.errors import D2VError
@@ -29,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv[0], argv[1:])
-        train(cfg)
+        result = train(cfg)
+        if cfg.train.probe and int(os.environ.get("RANK", "0")) == 0 \
+                and result["step"] == cfg.train.max_steps:
+            from engine.probe import print_probe, run_probe
+
+            print_probe(run_probe(result["run_dir"]))
     except D2VError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

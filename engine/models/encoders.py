@@ -36,7 +36,8 @@ class Data2VecEncoder(nn.Module):
     embed_dim: int
 
     def feature_encoder_prefixes(self) -> tuple[str, ...]:
-        """Parameter-name prefixes the teacher copies from the student instead of averaging."""
+        """Parameter-name prefixes the EMA teacher copies from the student instead of averaging
+        (fairseq's ema_transformer_only / ema_layers_only skip keys)."""
         raise NotImplementedError
 
     def embed(self, source, padding_mask=None):
@@ -161,7 +162,9 @@ class AudioEncoder(Data2VecEncoder):
         _bert_init(self.blocks)
 
     def feature_encoder_prefixes(self) -> tuple[str, ...]:
-        return ("feature_extractor.", "feature_norm.", "feature_proj.", "mask_emb")
+        # data2vec audio (ema_transformer_only + ema_layers_only): everything outside the
+        # encoder, and the encoder's positional conv, is the student's.
+        return ("feature_extractor.", "feature_norm.", "feature_proj.", "mask_emb", "pos_conv.")
 
     def feature_padding_mask(self, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
         """B x L sample padding mask -> B x frames frame padding mask."""
@@ -177,9 +180,13 @@ class AudioEncoder(Data2VecEncoder):
                                          or padding_mask.dtype != torch.bool):
             raise ValueError(f"audio embed: padding_mask must be bool {tuple(source.shape)}, got "
                              f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
-        feats = self.feature_extractor(source)
-        if self.feature_grad_mult != 1.0 and feats.requires_grad:
-            feats = _GradMult.apply(feats, self.feature_grad_mult)
+        if self.feature_grad_mult == 0.0:  # fairseq: a frozen extractor runs without autograd
+            with torch.no_grad():
+                feats = self.feature_extractor(source)
+        else:
+            feats = self.feature_extractor(source)
+            if self.feature_grad_mult != 1.0 and feats.requires_grad:
+                feats = _GradMult.apply(feats, self.feature_grad_mult)
         x = self.feature_proj(self.feature_norm(feats))
         frame_pad = None
         if padding_mask is not None:
@@ -230,7 +237,11 @@ class RelativePositionBias(nn.Module):
 
 
 class ImageEncoder(Data2VecEncoder):
-    """data2vec vision (BEiT layout): patches, CLS, pre-LN blocks, shared relative bias."""
+    """data2vec vision (BEiT layout): patches, CLS, pre-LN blocks, shared relative bias.
+
+    The blocks are always pre-LN (model.layer_norm_first does not apply); without rel_pos_bias a
+    learned absolute position embedding (BEiT's use_abs_pos_emb) takes its place.
+    """
 
     modality = "image"
     num_extra_tokens = 1
@@ -255,8 +266,10 @@ class ImageEncoder(Data2VecEncoder):
         self._init(cfg)
 
     def _init(self, cfg):
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+        # BEiT / data2vec vision: trunc-normal Linear layers in the transformer, each block's two
+        # output projections divided by sqrt(2 * depth index); the patch conv keeps torch's init.
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -339,6 +352,8 @@ class TextEncoder(Data2VecEncoder):
         self._check_encode(x, padding_mask, mask)
         if mask is not None:
             raise ValueError("text masks token ids before embed(); encode() takes mask=None")
+        if padding_mask is not None:  # fairseq TransformerEncoder zeroes padded embeddings
+            x = x.masked_fill(padding_mask[..., None], 0.0)
         x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -353,4 +368,10 @@ def build_model(cfg: ModelConfig, modality: str) -> Data2VecEncoder:
     if modality not in ENCODERS:
         raise ConfigError(f"config key 'modality': got {modality!r}, expected one of "
                           f"{', '.join(ENCODERS)}")
+    if modality != "image" and not cfg.layer_norm_first:
+        for key in ("drop_path", "layer_scale_init"):
+            if getattr(cfg, key) > 0:
+                raise ConfigError(f"config key 'model.{key}': post-LN blocks (model."
+                                  f"layer_norm_first=false) have no {key.replace('_', ' ')}; "
+                                  f"set it to 0")
     return ENCODERS[modality](cfg)

@@ -1,5 +1,6 @@
-"""The shared context encoder block: self-attention + MLP, post-LN (wav2vec 2.0 / RoBERTa) or
-pre-LN with layer scale and drop path (BEiT)."""
+"""The shared context encoder: self-attention + GELU MLP blocks, post-LN (wav2vec 2.0's
+TransformerSentenceEncoderLayer, fairseq's TransformerEncoderLayer) or pre-LN with layer scale and
+drop path (BEiT, data2vec vision)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ from kernels.attention import attention
 
 
 class SelfAttention(nn.Module):
-    """Separate q, k, v, out projections (they map 1:1 onto Hugging Face's Data2Vec layers)."""
+    """Multi-head self-attention with separate q, k, v, out projections (1:1 with HF Data2Vec)."""
 
     def __init__(self, dim: int, heads: int, dropout: float, k_bias: bool = True):
         super().__init__()
@@ -21,6 +22,7 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x, key_padding_mask=None, attn_bias=None):
+        """x: B x T x C; key_padding_mask: B x T bool; attn_bias: H x T x T -> B x T x C."""
         b, t, c = x.shape
 
         def split(y):
@@ -33,7 +35,7 @@ class SelfAttention(nn.Module):
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drops the whole branch per sample with probability p."""
+    """Stochastic depth: zeroes a sample's whole branch with probability p, rescales the rest."""
     if p == 0.0 or not training:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
@@ -41,11 +43,17 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """One transformer block; forward returns (output, ffn branch before the last residual)."""
+    """One transformer block; forward returns (block output, FFN branch before the last residual).
+
+    The FFN branch is fairseq's "fc" layer result: post-LN, fc2's output before dropout (wav2vec 2.0
+    and fairseq TransformerEncoderLayer); pre-LN, BEiT's fc_feature = drop_path(gamma_2 * mlp).
+    """
 
     def __init__(self, dim, heads, ffn_dim, pre_ln, dropout=0.0, attention_dropout=0.0,
                  activation_dropout=0.0, drop_path=0.0, layer_scale_init=0.0, k_bias=True):
         super().__init__()
+        if not pre_ln and (drop_path > 0 or layer_scale_init > 0):
+            raise ValueError("drop path and layer scale exist only in pre-LN (BEiT) blocks")
         self.pre_ln, self.drop_path = pre_ln, drop_path
         self.attn = SelfAttention(dim, heads, attention_dropout, k_bias=k_bias)
         self.attn_norm = nn.LayerNorm(dim)
@@ -64,6 +72,7 @@ class Block(nn.Module):
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
 
     def forward(self, x, key_padding_mask=None, attn_bias=None):
+        """x: B x T x C -> (B x T x C output, B x T x C FFN branch)."""
         if self.pre_ln:
             a = self.dropout(self.attn(self.attn_norm(x), key_padding_mask, attn_bias))
             if self.gamma_1 is not None:
@@ -74,19 +83,17 @@ class Block(nn.Module):
                 fc = self.gamma_2 * fc
             fc = drop_path(fc, self.drop_path, self.training)
             return x + fc, fc
-        a = self.dropout(self.attn(x, key_padding_mask, attn_bias))
-        x = self.attn_norm(x + a)
+        x = self.attn_norm(x + self.dropout(self.attn(x, key_padding_mask, attn_bias)))
         fc = self._mlp(x)
-        x = self.ffn_norm(x + self.dropout(fc))
-        return x, fc
+        return self.ffn_norm(x + self.dropout(fc)), fc
 
 
 class BlockStack(nn.Module):
-    """depth blocks; returns the final output and, on request, every block's outputs."""
+    """cfg.depth blocks; drop path rises linearly from 0 to cfg.drop_path with depth (BEiT)."""
 
     def __init__(self, cfg, pre_ln: bool, k_bias: bool = True):
         super().__init__()
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [0.0]
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.layerdrop = cfg.layerdrop
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, pre_ln, cfg.dropout,
@@ -96,10 +103,13 @@ class BlockStack(nn.Module):
         )
 
     def forward(self, x, key_padding_mask=None, attn_bias=None, return_layers=False):
+        """x: B x T x C -> (output, per-block FFN branches, per-block outputs); lists only when
+        return_layers, else empty."""
         ffn_out, block_out = [], []
         for block in self.blocks:
-            # Layerdrop skips whole blocks in training; the teacher (return_layers) never does,
-            # so every target layer exists.
+            # fairseq skips a layerdropped block and records no result for it; its teacher runs in
+            # eval mode, so every target layer exists. return_layers (the teacher's call) likewise
+            # runs every block, so layer_results always has one entry per block.
             if self.training and not return_layers and self.layerdrop > 0:
                 if torch.rand(()) < self.layerdrop:
                     continue

@@ -100,6 +100,7 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
     on_bad_file: Literal["fail", "skip"] = "fail"
+    loader: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI for images/audio when installed
     # image
     img_size: int = 224
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
@@ -109,6 +110,7 @@ class DataConfig:
     max_sample_size: int = 320000
     min_sample_size: int = 0
     normalize: bool = True  # zero mean, unit variance per utterance
+    resample: bool = False  # other rates are resampled to sample_rate; False: they are bad files
     pad_audio: bool = False  # False: crop a batch to its shortest sample (the reference)
     # text
     max_tokens: int = 512  # tokens per sample, <s> and </s> included

@@ -24,22 +24,20 @@ from engine.errors import DataError
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 
 
-def read_wav(path: Path | str) -> tuple[np.ndarray, int, int]:
-    """(samples as float32 in [-1, 1] of shape L x channels, sample rate, channels) of a RIFF/WAVE
-    file holding 16-bit PCM or 32-bit float; ValueError for anything else or a damaged file."""
-    data = Path(path).read_bytes()
+def _wav_format(data: bytes) -> tuple[int, int, int, int, memoryview]:
+    """(format code, channels, rate, bits, payload) of a RIFF/WAVE file; ValueError if damaged."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise ValueError("not a RIFF/WAVE file")
+    view = memoryview(data)
     fmt, payload, pos = None, None, 12
     while pos + 8 <= len(data):
         chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        body = data[pos + 8:pos + 8 + size]
-        if len(body) < size:
+        if pos + 8 + size > len(data):
             raise ValueError(f"'{chunk.decode('latin-1')}' chunk truncated")
         if chunk == b"fmt ":
-            fmt = body
+            fmt = data[pos + 8:pos + 8 + size]
         elif chunk == b"data":
-            payload = body
+            payload = view[pos + 8:pos + 8 + size]
         pos += 8 + size + (size & 1)  # chunks are word-aligned
     if fmt is None or len(fmt) < 16 or payload is None:
         raise ValueError("missing fmt or data chunk")
@@ -51,16 +49,67 @@ def read_wav(path: Path | str) -> tuple[np.ndarray, int, int]:
         code = int.from_bytes(fmt[24:26], "little")  # first bytes of the sub-format GUID
     if channels < 1:
         raise ValueError("no channels")
-    if code == _PCM and bits == 16:
-        samples = np.frombuffer(payload, dtype="<i2", count=len(payload) // 2)
-        samples = samples.astype(np.float32) / 32768.0
-    elif code == _FLOAT and bits == 32:
-        samples = np.frombuffer(payload, dtype="<f4", count=len(payload) // 4).astype(np.float32)
-    else:
+    if (code, bits) not in ((_PCM, 16), (_FLOAT, 32)):
         raise ValueError(f"unsupported encoding (format {code}, {bits} bits); "
                          "use 16-bit PCM or 32-bit float")
+    return code, channels, rate, bits, payload
+
+
+def _flac_info(data: bytes) -> tuple[int, int, int]:
+    """(rate, channels, frames) from a FLAC file's STREAMINFO block; ValueError if damaged."""
+    if len(data) < 42 or data[:4] != b"fLaC" or data[4] & 0x7F != 0:
+        raise ValueError("not a FLAC file (no fLaC marker and STREAMINFO block)")
+    bits = int.from_bytes(data[18:26], "big")  # rate 20 | channels-1 3 | bps-1 5 | frames 36
+    rate, channels, frames = bits >> 44, ((bits >> 41) & 7) + 1, bits & ((1 << 36) - 1)
+    if rate == 0 or frames == 0:
+        raise ValueError("FLAC STREAMINFO has no sample rate or no total sample count")
+    if len(data) <= 42:
+        raise ValueError("FLAC file has no audio frames")
+    return rate, channels, frames
+
+
+def audio_info(data: bytes) -> tuple[int, int, int]:
+    """(sample rate, channels, frames) of a WAV or FLAC file from its header alone (no decoding);
+    ValueError for anything else, a truncated WAV or an empty file."""
+    if data[:4] == b"fLaC":
+        return _flac_info(data)
+    code, channels, rate, bits, payload = _wav_format(data)
+    return rate, channels, len(payload) // (bits // 8) // channels
+
+
+def read_wav(path: Path | str) -> tuple[np.ndarray, int, int]:
+    """(samples as float32 in [-1, 1] of shape L x channels, sample rate, channels) of a RIFF/WAVE
+    file holding 16-bit PCM or 32-bit float; ValueError for anything else or a damaged file."""
+    code, channels, rate, bits, payload = _wav_format(Path(path).read_bytes())
+    if code == _PCM:
+        samples = np.frombuffer(payload, dtype="<i2", count=len(payload) // 2)
+        samples = samples.astype(np.float32) / 32768.0
+    else:
+        samples = np.frombuffer(payload, dtype="<f4", count=len(payload) // 4).astype(np.float32)
     frames = len(samples) // channels
     return samples[:frames * channels].reshape(frames, channels), rate, channels
+
+
+def resample(wav: np.ndarray, rate: int, target: int, taps: int = 32) -> np.ndarray:
+    """Band-limited resampling of a 1-D float32 signal (Hann-windowed sinc, `taps` zero crossings
+    each side, cut-off at the lower Nyquist); ceil(len * target / rate) output samples, as DALI."""
+    if rate == target:
+        return wav
+    out_len = -(-len(wav) * target // rate)
+    cutoff = min(1.0, target / rate)  # fraction of the input Nyquist that survives
+    half = int(np.ceil(taps / cutoff))
+    t = np.arange(out_len, dtype=np.float64) * (rate / target)
+    base = np.floor(t).astype(np.int64)
+    k = base[:, None] + np.arange(-half + 1, half + 1)[None, :]
+    dist = t[:, None] - k
+    window = 0.5 + 0.5 * np.cos(np.pi * np.clip(dist / half, -1.0, 1.0))
+    weights = cutoff * np.sinc(cutoff * dist) * window
+    padded = np.concatenate([np.zeros(half, np.float32), wav, np.zeros(half + 1, np.float32)])
+    out = np.empty(out_len, dtype=np.float32)
+    for start in range(0, out_len, 8192):  # in chunks: the gather is out_len x 2*half
+        rows = slice(start, start + 8192)
+        out[rows] = (padded[k[rows] + half] * weights[rows]).sum(axis=1)
+    return out
 
 
 def read_manifest(manifest: Path) -> tuple[Path, list[tuple[str, int]]]:
@@ -88,6 +137,18 @@ def read_manifest(manifest: Path) -> tuple[Path, list[tuple[str, int]]]:
     return root, entries
 
 
+def check_format(cfg: DataConfig, path: Path, rate: int, channels: int, frames: int) -> None:
+    """Raises bad_file for no samples, several channels, or a rate other than data.sample_rate
+    unless data.resample: the sample is never altered silently (no down-mix)."""
+    if frames == 0:
+        raise bad_file(cfg.on_bad_file, path, "no audio samples")
+    if channels != 1:
+        raise bad_file(cfg.on_bad_file, path, f"{channels} channels; expected mono")
+    if rate != cfg.sample_rate and not cfg.resample:
+        raise bad_file(cfg.on_bad_file, path, f"{rate} Hz; expected data.sample_rate="
+                       f"{cfg.sample_rate} Hz (data.resample=true resamples)")
+
+
 class AudioManifestDataset:
     """Waveforms of a manifest; load() -> {"source": L float32 (+ "label" int)}."""
 
@@ -113,20 +174,20 @@ class AudioManifestDataset:
         return len(self.files)
 
     def read(self, path: Path) -> np.ndarray:
-        """Mono float32 waveform in [-1, 1]; DataError on a wrong rate or channel count."""
+        """Mono float32 waveform in [-1, 1] at data.sample_rate (resampled when data.resample);
+        BadSample or DataError (data.on_bad_file) for a damaged file or a wrong rate/channels."""
         try:
+            data = path.read_bytes()
+            if data[:4] == b"fLaC":
+                raise DataError(f"{path}: FLAC needs the DALI loader (pip install "
+                                "nvidia-dali-cuda130, data.loader=auto or dali)")
             samples, rate, channels = read_wav(path)
         except FileNotFoundError:
             raise bad_file(self.cfg.on_bad_file, path, "file not found") from None
         except (OSError, ValueError) as e:
             raise bad_file(self.cfg.on_bad_file, path, str(e)) from None
-        if rate != self.cfg.sample_rate or channels != 1:
-            # A corpus prepared for another setting: fail loudly even under on_bad_file=skip.
-            raise DataError(f"{path}: {rate} Hz, {channels} channel(s); expected "
-                            f"data.sample_rate={self.cfg.sample_rate} Hz mono")
-        if samples.shape[0] == 0:
-            raise bad_file(self.cfg.on_bad_file, path, "no audio samples")
-        return samples[:, 0]
+        check_format(self.cfg, path, rate, channels, samples.shape[0])
+        return resample(samples[:, 0], rate, self.cfg.sample_rate)
 
     def load(self, index: int, rng: np.random.Generator) -> dict:
         """Sample `index`: "source" L float32 with L <= data.max_sample_size (+ "label" int)."""

@@ -45,8 +45,9 @@ def detect() -> dict:
     }
 
 
-def describe(device: torch.device) -> str:
-    """One line saying which path each kind of op takes on `device`."""
+def describe(device: torch.device, loader: str | None = None) -> str:
+    """One line saying which path each kind of op takes on `device`; `loader` is the data
+    loader's own line (engine.data.select.describe_loader)."""
     info = detect()
     gpu = device.type == "cuda"
     triton = info["triton"] is not None and (gpu or info["triton_interpret"])
@@ -57,6 +58,7 @@ def describe(device: torch.device) -> str:
         "attention: torch sdpa" + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
+        f"loader: {loader}" if loader else
         "loader: torch DataLoader" + (f" (DALI {info['dali']} present)" if info["dali"] else ""),
     ]
     return "; ".join(parts)

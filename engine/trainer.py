@@ -24,7 +24,8 @@ from engine.checkpoint import (
 )
 from engine.config import Config, dump_yaml, to_dict
 from engine.data import build_dataset
-from engine.data.loader import BatchPlan, make_loader
+from engine.data.loader import BatchPlan
+from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import Data2Vec, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
@@ -84,13 +85,14 @@ def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
     return None
 
 
-def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan, lr: float) -> None:
+def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan, lr: float,
+                    loader: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "command.txt").write_text(" ".join([sys.executable, "-m", "engine.train"]
                                                   + sys.argv[1:]) + "\n")
     (run_dir / "env.json").write_text(json.dumps(detect(), indent=1) + "\n")
-    print(f"d2v-engine: {describe(dist.device)}", file=sys.stderr)
+    print(f"d2v-engine: {describe(dist.device, loader)}", file=sys.stderr)
     print(f"d2v-engine: {cfg.modality} run '{cfg.run.name}' in {run_dir}: world {dist.world_size} "
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
           f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}",
@@ -104,6 +106,7 @@ def train(cfg: Config) -> dict:
     resume_from = _prepare_run_dir(cfg, dist)
 
     dataset = build_dataset(cfg.data, cfg.modality, "train")
+    loader_kind = choose_loader(cfg.data, cfg.modality)
     plan = BatchPlan.make(cfg.train.global_batch, cfg.train.micro_batch, dist.world_size)
     vocab = getattr(dataset, "vocab_size", 0)
     if cfg.modality == "text" and vocab > cfg.model.vocab_size:
@@ -132,7 +135,8 @@ def train(cfg: Config) -> dict:
 
     log = MetricsLog(run_dir, enabled=dist.is_main)
     if dist.is_main:
-        _write_run_info(cfg, run_dir, dist, plan, peak_lr)
+        _write_run_info(cfg, run_dir, dist, plan, peak_lr,
+                        describe_loader(loader_kind, cfg.data, device))
         if resume_from is not None:
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name})
             print(f"d2v-engine: resumed from {resume_from} at step {start_step}", file=sys.stderr)
@@ -140,12 +144,12 @@ def train(cfg: Config) -> dict:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.world_size > 1 else model
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
-    loader = make_loader(dataset, plan, dist.rank, cfg.seed, start_step, stop,
-                         num_workers=cfg.data.num_workers, skip_bad=cfg.data.on_bad_file == "skip")
+    loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
+                          stop, device=device, kind=loader_kind)
     batches = iter(loader)
     progress = Progress(cfg.train.max_steps, enabled=dist.is_main and cfg.train.progress)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, bad_files = [], 0
+    losses, bad_files, first_bad = [], 0, []
     last_log_time, last_log_step = time.time(), start_step
 
     model.train()
@@ -157,8 +161,9 @@ def train(cfg: Config) -> dict:
             batch = next(batches)
             if batch["bad_files"]:
                 bad_files += len(batch["bad_files"])
-                if dist.is_main:
-                    print(f"d2v-engine: skipped bad files: {batch['bad_files']}", file=sys.stderr)
+                first_bad += batch["bad_files"][:max(0, 10 - len(first_bad))]
+                print(f"d2v-engine: rank {dist.rank} skipped bad files: {batch['bad_files']}",
+                      file=sys.stderr)
             if "source" not in batch:
                 raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
@@ -197,6 +202,7 @@ def train(cfg: Config) -> dict:
                 "pred_var": channel_std(out.pred).item(),
                 "masked_per_step": totals[1].item(),
                 "bad_files": bad_files,
+                "bad_files_first": first_bad,
             }
             last_log_time, last_log_step = now, done
             losses.append(loss)

@@ -54,12 +54,20 @@ def collate_rng(seed: int, step: int, first_position: int) -> np.random.Generato
 class Prepared:
     """One micro-batch made ready for DALI: per-sample inputs of the good samples, the bad ones."""
 
-    step: int
+    micro: list  # the sampler's (index, step, position) of every sample, bad ones included
     keys: list  # (index, step, position) of the good samples
     inputs: list  # per external_source output: one numpy array per good sample
     bad: list = field(default_factory=list)  # paths of skipped files, as strings
     extra: dict = field(default_factory=dict)  # what the batch dict gets besides "source"
     error: Exception | None = None  # a DataError to raise when this batch is consumed
+
+    @property
+    def step(self) -> int:
+        return self.micro[0][1]
+
+    @property
+    def first_position(self) -> int:
+        return self.micro[0][2]
 
     @property
     def empty(self) -> bool:
@@ -118,7 +126,7 @@ class DaliLoader:
 
     # ------------------------------------------------------------ feeding
     def _prepare(self, micro: list) -> Prepared:
-        prepared = Prepared(micro[0][1], [], [[] for _ in range(self.num_inputs)])
+        prepared = Prepared(list(micro), [], [[] for _ in range(self.num_inputs)])
         facts = []
         for index, sample_step, position in micro:
             path = self.path_of(index)
@@ -205,14 +213,8 @@ class DaliLoader:
             raise DataError(f"cannot read {path}: {reason} (data.on_bad_file=skip skips such "
                             "files)")
         self.known_bad.update(found)
-        # Prepared again from the same keys: the random draws depend only on (seed, step, position).
-        redo = []
-        for prepared in self._in_flight:
-            again = self._prepare(prepared.keys) if prepared.keys and prepared.error is None \
-                else prepared
-            if again is not prepared:
-                again.step, again.bad = prepared.step, prepared.bad + again.bad
-            redo.append(again)
+        # Prepared again from the same sampler keys, so the random draws are the same ones.
+        redo = [self._prepare(prepared.micro) for prepared in self._in_flight]
         self._replay.extendleft(reversed(redo))
         self._in_flight.clear()
 

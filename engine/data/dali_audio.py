@@ -1,0 +1,103 @@
+"""DALI audio loader: the manifest's WAV and FLAC files decoded, normalized, cropped and batched by DALI.
+
+Same files, labels and random draws as audio.AudioManifestDataset + its collate: the per-utterance
+crop offset (data.max_sample_size) and the batch crop to the shortest sample come from the same
+numpy generators, computed from the lengths in the file headers (after resampling: ceil(frames x
+sample_rate / rate), what DALI produces). DALI then decodes (fn.decoders.audio, resampling to
+data.sample_rate only when data.resample), normalizes over the whole utterance (fn.normalize with
+layer norm's epsilon), slices each sample's window once, and zero-pads to the longest
+(data.pad_audio) with the padding mask built from the known lengths: "source" B x L float32 on the
+loader's device, "padding_mask" B x L bool (True = pad) or None.
+
+Checked before DALI sees a file (bad files per data.on_bad_file): missing, empty, not WAV/FLAC,
+truncated WAV, no samples, several channels, a rate other than data.sample_rate without
+data.resample. A file only the decoder rejects (a damaged FLAC) is found by dali_common's recovery.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.data.audio import AudioManifestDataset, audio_info, check_format
+from engine.data.common import bad_file
+from engine.data.dali_common import DaliLoader, collate_rng
+
+_LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the torch path
+
+
+class DaliAudioLoader(DaliLoader):
+    """Micro-batches {"source": B x L, "padding_mask": B x L bool or None, "label"?, ...}."""
+
+    num_inputs = 3  # encoded bytes, start and length of the window kept
+
+    def __init__(self, dataset: AudioManifestDataset, *args, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        from nvidia.dali import types
+
+        self.input_dtypes = (types.UINT8, types.INT64, types.INT64)
+        self.cfg = dataset.cfg
+
+    def path_of(self, index: int) -> str:
+        return str(self.dataset.root / self.dataset.files[index])
+
+    def prepare_sample(self, index: int, rng: np.random.Generator):
+        path = self.path_of(index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            rate, channels, frames = audio_info(data)
+        except FileNotFoundError:
+            raise bad_file(self.cfg.on_bad_file, path, "file not found") from None
+        except (OSError, ValueError) as e:
+            raise bad_file(self.cfg.on_bad_file, path, str(e) or "empty file") from None
+        check_format(self.cfg, path, rate, channels, frames)
+        length = -(-frames * self.cfg.sample_rate // rate)
+        start, excess = 0, length - self.cfg.max_sample_size
+        if excess > 0:  # the same draw as AudioManifestDataset.load
+            start = int(rng.integers(0, excess + 1)) if self.cfg.augment else 0
+            length = self.cfg.max_sample_size
+        arrays = [np.frombuffer(data, dtype=np.uint8), np.array([start], dtype=np.int64),
+                  np.array([length], dtype=np.int64)]
+        label = self.dataset.labels[index] if self.dataset.labels is not None else None
+        return arrays, {"label": label, "length": length}
+
+    def plan_batch(self, prepared, facts) -> None:
+        """The batch crop of AudioManifestDataset.collate, folded into each sample's window."""
+        sizes = [f["length"] for f in facts]
+        if self.cfg.pad_audio:
+            prepared.extra["lengths"] = sizes
+        else:
+            rng = collate_rng(self.seed, prepared.step, prepared.first_position)
+            shortest = min(sizes)
+            for start, length, n in zip(prepared.inputs[1], prepared.inputs[2], sizes):
+                crop_randomly = self.cfg.augment and n > shortest
+                start += int(rng.integers(0, n - shortest + 1)) if crop_randomly else 0
+                length[0] = shortest
+        if self.dataset.labels is not None:
+            prepared.extra["label"] = [f["label"] for f in facts]
+
+    def graph(self, inputs, gpu: bool):
+        from nvidia.dali import fn, types
+
+        encoded, start, length = inputs
+        rate = {"sample_rate": float(self.cfg.sample_rate)} if self.cfg.resample else {}
+        # Mono was checked from the header, so down-mixing changes nothing but the layout (L,).
+        wav, _ = fn.decoders.audio(encoded, dtype=types.FLOAT, downmix=True, **rate)
+        if self.cfg.normalize:
+            wav = fn.normalize(wav, axes=[0], epsilon=_LAYER_NORM_EPS)
+        wav = fn.slice(wav, start, length, axes=[0], out_of_bounds_policy="error")
+        if self.cfg.pad_audio:
+            wav = fn.pad(wav, axes=[0], fill_value=0.0)
+        return wav.gpu() if gpu else wav
+
+    def finish(self, prepared, outputs) -> dict:
+        source = self.to_torch(outputs[0], torch.float32)
+        mask = None
+        if self.cfg.pad_audio:
+            lengths = torch.tensor(prepared.extra["lengths"])
+            mask = torch.arange(source.shape[1])[None, :] >= lengths[:, None]
+            mask = mask.to(source.device)
+        batch = {"source": source, "padding_mask": mask}
+        if "label" in prepared.extra:
+            batch["label"] = torch.tensor(prepared.extra["label"], dtype=torch.int64)
+        return batch

@@ -30,6 +30,22 @@ from pathlib import Path
 
 import numpy as np
 
+
+def _load_tokenize():
+    """engine/data/tokenize.py by file, not through engine.data (whose __init__ needs torch)."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))  # for engine.errors
+    spec = importlib.util.spec_from_file_location("d2v_tokenize", repo / "engine/data/tokenize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_tokenize = _load_tokenize()
+train_bpe, write_split = _tokenize.train_bpe, _tokenize.write_split  # what engine.data.tokenize uses
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # espeak-ng voices (accent + optional "+variant"); the last one is held out as the valid split,
 # so valid measures generalisation to an unseen speaker.
@@ -48,7 +64,6 @@ PROBE_MIN_CHARS = 80
 # Whole pydoc topics held out as the text valid split (about 5% of the characters).
 TEXT_VALID_TOPICS = ["execmodel", "import", "lambda", "while", "with"]
 BPE_VOCAB = 4096
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as RoBERTa; "<mask>" is the last id
 
 
 def reset_dir(path: Path) -> Path:
@@ -185,33 +200,6 @@ def probe_docstrings(seed: int = 0) -> list[tuple[str, int]]:
     return [out[i] for i in order]
 
 
-def train_tokenizer(docs: list[str]):
-    from tokenizers import AddedToken, ByteLevelBPETokenizer
-    from tokenizers.processors import RobertaProcessing
-
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(docs, vocab_size=BPE_VOCAB - 1, min_frequency=2,
-                            special_tokens=SPECIALS)
-    tok.add_special_tokens([AddedToken("<mask>", lstrip=True)])
-    ids = [tok.token_to_id(t) for t in SPECIALS + ["<mask>"]]
-    if ids != [0, 1, 2, 3, BPE_VOCAB - 1] or tok.get_vocab_size() != BPE_VOCAB:
-        raise SystemExit(f"unexpected special ids {ids} / vocab {tok.get_vocab_size()}")
-    # Only for people loading tokenizer.json elsewhere: our .bin files are encoded without it.
-    tok.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return tok
-
-
-def write_tokens(root: Path, split: str, tok, docs: list[str]) -> tuple[int, int]:
-    """<split>.bin: uint16 tokens, every document followed by </s>; <split>.idx: int64 offsets."""
-    encoded = [e.ids + [2] for e in tok.encode_batch(docs, add_special_tokens=False)]
-    offsets = np.zeros(len(encoded) + 1, dtype="<i8")
-    offsets[1:] = np.cumsum([len(e) for e in encoded])
-    flat = np.fromiter((t for e in encoded for t in e), dtype="<u2", count=int(offsets[-1]))
-    flat.tofile(root / f"{split}.bin")
-    offsets.tofile(root / f"{split}.idx")
-    return int(offsets[-1]), len(encoded)
-
-
 def make_text(out: Path) -> dict:
     """BPE-4096 on pydoc topics; train/valid token streams; labelled docstring probe set."""
     from pydoc_data.topics import topics
@@ -219,14 +207,14 @@ def make_text(out: Path) -> dict:
     root = reset_dir(out / "text")
     train_topics = sorted(set(topics) - set(TEXT_VALID_TOPICS))
     splits = {"train": topic_paragraphs(train_topics), "valid": topic_paragraphs(TEXT_VALID_TOPICS)}
-    tok = train_tokenizer(splits["train"])
-    tok._tokenizer.save(str(root / "tokenizer.json"))
+    tok = train_bpe(splits["train"], BPE_VOCAB)  # the same BPE `python -m engine.data.tokenize` trains
+    tok.save(str(root / "tokenizer.json"))
     probe = probe_docstrings()
     splits["probe"] = [doc for doc, _ in probe]
     (root / "probe.label").write_text("".join(f"{label}\n" for _, label in probe))
     num_tokens, num_docs = {}, {}
     for split, docs in splits.items():
-        num_tokens[split], num_docs[split] = write_tokens(root, split, tok, docs)
+        num_tokens[split], num_docs[split] = write_split(root, split, tok, docs, eos=2)
     meta = {
         "vocab_size": BPE_VOCAB, "bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": BPE_VOCAB - 1,
         "num_tokens": num_tokens, "num_docs": num_docs,

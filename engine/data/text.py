@@ -38,18 +38,27 @@ def read_meta(folder: Path) -> dict:
     for key in SPECIAL_KEYS:
         if not isinstance(meta.get(key), int) or not 0 <= meta[key] < vocab:
             raise DataError(f"{path}: '{key}' must be an integer id below vocab_size={vocab}")
+    dtype = meta.setdefault("dtype", "uint16")
+    if dtype not in TOKEN_DTYPES or vocab > np.iinfo(dtype).max + 1:
+        raise DataError(f"{path}: 'dtype' {dtype!r} must be 'uint16' or 'uint32' and hold "
+                        f"vocab_size={vocab}")
     return meta
 
 
-def read_token_stream(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens: N uint16 memory map, offsets: n_docs + 1 int64) of one split, checked to agree."""
+TOKEN_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
+
+
+def read_token_stream(folder: Path, split: str, dtype: str = "uint16"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens: N memory-mapped ids, offsets: n_docs + 1 int64) of one split, checked to agree."""
     bin_path, idx_path = folder / f"{split}.bin", folder / f"{split}.idx"
     for path in (bin_path, idx_path):
         if not path.is_file():
             raise DataError(f"text split '{split}' missing: {path} not found")
-    if bin_path.stat().st_size == 0 or bin_path.stat().st_size % 2:
-        raise DataError(f"{bin_path}: expected a non-empty stream of uint16 tokens")
-    tokens = np.memmap(bin_path, dtype="<u2", mode="r")
+    width = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    if bin_path.stat().st_size == 0 or bin_path.stat().st_size % width:
+        raise DataError(f"{bin_path}: expected a non-empty stream of {dtype} tokens")
+    tokens = np.memmap(bin_path, dtype=TOKEN_DTYPES[dtype], mode="r")
     offsets = np.fromfile(idx_path, dtype="<i8")
     if (len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(tokens)
             or np.any(np.diff(offsets) < 0)):
@@ -70,7 +79,7 @@ class TokenDataset:
         meta = read_meta(self.folder)
         self.vocab_size = meta["vocab_size"]
         self.special_ids = {key: meta[key] for key in SPECIAL_KEYS}
-        self.tokens, self.offsets = read_token_stream(self.folder, split)
+        self.tokens, self.offsets = read_token_stream(self.folder, split, meta["dtype"])
         label_file = self.folder / f"{split}.label"
         self.labels = None
         self.num_labels = 0

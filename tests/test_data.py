@@ -371,18 +371,25 @@ def test_corrupt_wav_fails_or_is_a_skippable_bad_sample(tmp_path):
             ds.load(index, rng())
 
 
-def test_wrong_sample_rate_or_channels_is_an_error_even_when_skipping(tmp_path):
-    write_wav(tmp_path / "a.wav", np.zeros(800), rate=8000)
+def test_wrong_sample_rate_or_channels_fail_or_skip_or_resample(tmp_path):
+    write_wav(tmp_path / "a.wav", np.sin(np.arange(800) * 0.1) * 0.5, rate=8000)
     write_wav(tmp_path / "st.wav", np.zeros(800), channels=2)
     (tmp_path / "m.tsv").write_text(".\na.wav\t800\nst.wav\t400\n")
-    ds = build_dataset(cfg(tmp_path / "m.tsv", on_bad_file="skip"), "audio")
-    with pytest.raises(DataError) as err:
-        ds.load(0, rng())
-    assert not isinstance(err.value, BadSample)
-    one_line(err, tmp_path / "a.wav", "8000")
-    with pytest.raises(DataError) as err:
+    ds = build_dataset(cfg(tmp_path / "m.tsv"), "audio")
+    for index, name, what in ((0, "a.wav", "8000"), (1, "st.wav", "2 channels")):
+        with pytest.raises(DataError) as err:
+            ds.load(index, rng())
+        assert not isinstance(err.value, BadSample)
+        one_line(err, tmp_path / name, what)
+    ds.cfg.on_bad_file = "skip"
+    for index in (0, 1):
+        with pytest.raises(BadSample):
+            ds.load(index, rng())
+    ds.cfg.resample = True  # a rate is converted when allowed; channels never are
+    wav = ds.load(0, rng())["source"]
+    assert wav.shape == (1600,), wav.shape
+    with pytest.raises(BadSample):
         ds.load(1, rng())
-    one_line(err, tmp_path / "st.wav", "2 channel")
 
 
 def test_label_file_with_wrong_count_is_an_error(tmp_path):

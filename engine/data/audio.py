@@ -7,7 +7,8 @@ to the manifest's own folder); every other line is `relative/path.wav<TAB>num_sa
 Semantics follow fairseq's RawAudioDataset: entries shorter than data.min_sample_size are dropped
 using the manifest sizes; each waveform is normalized over the whole utterance (layer norm without
 affine) before it is cropped to data.max_sample_size; a batch is cropped to its shortest sample, or
-zero-padded to its longest with a padding mask when data.pad_audio.
+zero-padded to its longest with a padding mask when data.pad_audio. A file at another sample rate
+is resampled when data.resample, else a bad file; several channels are always a bad file.
 """
 from __future__ import annotations
 

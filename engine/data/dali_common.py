@@ -238,6 +238,9 @@ class DaliLoader:
             while self._in_flight and not self._fed(self._in_flight[0]):
                 yield self._without_source(self._in_flight.popleft())
             if done:
+                # Freed now, not at some later collection: a DALI pipeline still alive when a
+                # torch DataLoader forks its workers would be shut down again in each worker.
+                self._pipe = None
                 return
             if self._pipe is None:
                 self._pipe = self._build(self._feed, self.plan.micro_batch, self.gpu,

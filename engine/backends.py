@@ -62,3 +62,45 @@ def describe(device: torch.device, loader: str | None = None) -> str:
         "loader: torch DataLoader" + (f" (DALI {info['dali']} present)" if info["dali"] else ""),
     ]
     return "; ".join(parts)
+
+
+def _kernel_path(module: str, device: torch.device) -> str:
+    """What a kernels/ dispatcher picks for tensors on `device` (its own `_use_triton` predicate)."""
+    try:
+        use_triton = importlib.import_module(module)._use_triton
+        try:  # predicates take a device or a tensor (a tensor has .type(), a device no .device)
+            triton = use_triton(device)
+        except (AttributeError, TypeError):
+            triton = use_triton(torch.empty(0, device=device))
+    except Exception as e:  # a renamed dispatcher must not stop a run: say so in the report
+        return f"unknown ({type(e).__name__})"
+    if not triton:
+        return "torch reference"
+    return "triton (interpreter)" if device.type == "cpu" else "triton"
+
+
+def dispatch_report(device: torch.device, optimizer=None, loader=None) -> dict:
+    """Which implementation each op of the step takes in this process on `device`."""
+    report = {
+        "teacher_targets": _kernel_path("kernels.targets", device),
+        "masking": _kernel_path("kernels.masking", device),
+        "attention": "torch scaled_dot_product_attention",
+    }
+    if device.type == "cuda":
+        sdpa = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                "math": torch.backends.cuda.math_sdp_enabled()}
+        report["attention"] += " (enabled: " + ", ".join(k for k, v in sdpa.items() if v) + ")"
+    if optimizer is not None:
+        d = optimizer.defaults
+        impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+        report["optimizer"] = f"{type(optimizer).__module__}.{type(optimizer).__name__} ({impl})"
+    report["ema"] = "torch._foreach_lerp_"
+    if loader is not None:
+        report["loader"] = f"{type(loader).__module__}.{type(loader).__name__}"
+    return report
+
+
+def env_report(device: torch.device, optimizer=None, loader=None) -> dict:
+    """detect() plus the device and the per-op dispatch: what env.json in the run directory holds."""
+    return {**detect(), "device": str(device), "dispatch": dispatch_report(device, optimizer, loader)}

@@ -3,6 +3,8 @@
 A checkpoint is written to a temporary name in the run directory, fsync'd, then renamed to
 `checkpoint_<step>.pt` and the directory fsync'd: a crash leaves either the old set or the new
 file whole, and a half-written file never carries a final name, so it is never picked up.
+Retention keeps the newest `keep_last` and every checkpoint whose step is a multiple of
+`keep_every`; older ones are deleted only after the new one is safely in place.
 """
 from __future__ import annotations
 
@@ -44,12 +46,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 2) -> Path:
-    """Writes state atomically as checkpoint_<step>.pt and keeps the newest `keep_last`."""
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 2,
+                    keep_every: int = 0) -> Path:
+    """Writes state atomically as checkpoint_<step>.pt; keeps the newest `keep_last` and every
+    `keep_every`-th step. On any error the previous checkpoints are untouched and it re-raises."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    # A writer killed mid-save (SIGKILL, node loss) leaves its temp file; only one process writes
+    # checkpoints, so any other temp file is such a leftover.
+    for stale in run_dir.glob(".checkpoint_*.pt.tmp-*"):
+        stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -60,8 +68,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int = 2) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    for old_step, old in list_checkpoints(run_dir)[:-keep_last]:
+        if not (keep_every and old_step % keep_every == 0):
+            old.unlink(missing_ok=True)
     return final
 
 

@@ -25,6 +25,9 @@ Norm = Literal["instance", "layer", "none"]
 class RunConfig:
     name: str = "run"
     dir: str = ""  # empty: runs/<name>
+    tensorboard: bool = True  # event files in <run dir>/tensorboard when tensorboard is installed
+    wandb: bool = False  # also log to Weights & Biases (when installed)
+    wandb_project: str = "d2v-engine"
 
 
 @dataclass
@@ -92,6 +95,7 @@ class ObjectiveConfig:
     ema_scope: Literal["transformer", "all"] = "transformer"  # what the teacher averages
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
+    collapse_check_after: int = 5000  # the variance guard applies after this many updates (fairseq)
 
 
 @dataclass
@@ -144,6 +148,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     keep_last: int = 2
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    max_bad_steps: int = 5  # stop after this many non-finite (skipped) updates in a row
+    max_failed_saves: int = 3  # stop after this many failed periodic checkpoint saves in a row
+    debug_nan_steps: list = field(default_factory=list)  # test hook: steps whose loss is made NaN
     progress: bool = True
     probe: bool = False  # after the run, rank 0 prints a linear probe of the final checkpoint
 
@@ -301,6 +309,12 @@ def validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(t.keep_every >= 0, "train.keep_every", "must be >= 0")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(t.max_failed_saves >= 1, "train.max_failed_saves", "must be >= 1")
+    need(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.debug_nan_steps),
+         "train.debug_nan_steps", "must be a list of steps >= 1")
+    need(o.collapse_check_after >= 0, "objective.collapse_check_after", "must be >= 0")
     need(0.0 < cfg.masking.mask_prob < 1.0, "masking.mask_prob", "must be in (0, 1)")
     need(cfg.masking.mask_length >= 1, "masking.mask_length", "must be >= 1")
     need(len(cfg.masking.replace) == 3 and abs(sum(cfg.masking.replace) - 1) < 1e-6

@@ -49,6 +49,19 @@ def _set_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(max(1, (cores or 1) // max(1, local_world_size)))
 
 
+def _attempt_store(rank: int, world_size: int):
+    """The rendezvous store under torchrun, with a key prefix of its own for this attempt.
+
+    torchrun keeps one TCPStore for every restart of a job (torch 2.13), so a restarted gloo
+    group reads the addresses the failed attempt left there and hangs connecting to a dead peer.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world_size,
+                          is_master=rank == 0 and not agent_store, multi_tenant=not agent_store,
+                          timeout=dist.default_pg_timeout)
+    return dist.PrefixStore(f"d2v/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init_distributed(device_preference: str = "auto") -> DistInfo:
     """Reads RANK / LOCAL_RANK / WORLD_SIZE (torchrun) and joins the process group if needed."""
     world_size = _env_int("WORLD_SIZE", 1)
@@ -62,7 +75,11 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend)
+            if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+                dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size),
+                                        rank=rank, world_size=world_size)
+            else:
+                dist.init_process_group(backend=backend)
     return DistInfo(rank, local_rank, world_size, local_world_size, device)
 
 

@@ -15,3 +15,7 @@ class DataError(D2VError):
 
 class CheckpointError(D2VError):
     """No usable checkpoint where one is required, or a checkpoint that does not fit the run."""
+
+
+class TrainingError(D2VError):
+    """The run cannot go on: updates non-finite too many times in a row, or collapsed targets."""

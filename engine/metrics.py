@@ -1,6 +1,9 @@
-"""Run logging on rank 0: metrics.jsonl (one JSON object per row) and a terminal progress line."""
+"""Run logging on rank 0: metrics.jsonl (one JSON object per row), a terminal progress line, and
+TensorBoard / Weights & Biases when installed and enabled (never required: missing, they are
+reported once and the run goes on)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -14,24 +17,73 @@ def _clean(value):
     return value
 
 
-class MetricsLog:
-    """Appends rows to run_dir/metrics.jsonl; a no-op object on ranks other than 0."""
+def _scalars(row: dict) -> dict:
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+
+def _tensorboard_writer(run_dir: Path):
+    if importlib.util.find_spec("tensorboard") is None:
+        print("d2v-engine: tensorboard not installed: metrics.jsonl only (pip install tensorboard)",
+              file=sys.stderr)
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+
+def _wandb_run(run_dir: Path, wandb: dict):
+    if importlib.util.find_spec("wandb") is None:
+        print("d2v-engine: run.wandb=true but wandb is not installed: metrics.jsonl only",
+              file=sys.stderr)
+        return None
+    import wandb as wb
+
+    return wb.init(project=wandb["project"], name=wandb["name"], config=wandb.get("config"),
+                   dir=str(run_dir), id=wandb.get("id"), resume="allow")
+
+
+class MetricsLog:
+    """Appends rows to run_dir/metrics.jsonl; a no-op object on ranks other than 0.
+
+    Rows with a `step` and no `event` also go, as scalars under train/, to TensorBoard
+    (run_dir/tensorboard) when `tensorboard` is true and installed, and to W&B when `wandb`
+    ({"project", "name", "config", "id"}) is given and wandb is installed.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False,
+                 wandb: dict | None = None):
         self.enabled = enabled
-        self._file = None
+        self._file = self._tb = self._wandb = None
         if enabled:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            self._tb = _tensorboard_writer(run_dir) if tensorboard else None
+            self._wandb = _wandb_run(run_dir, wandb) if wandb else None
 
     def write(self, row: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if self._file is None:
+            return
+        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if "event" in row or "step" not in row or not (self._tb or self._wandb):
+            return
+        scalars = _scalars(row)
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"train/{key}", value, row["step"])
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=row["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 class Progress:

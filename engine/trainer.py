@@ -5,10 +5,15 @@ Loss normalization follows the reference's sample-size convention: each micro-ba
 its loss summed over masked positions, and once the whole global batch is done the gradients are
 scaled by world_size / (masked positions in the global batch), undoing DDP's averaging. So
 1 rank x 2 micro-batches and 2 ranks x 1 follow the same trajectory.
+
+Operating for days: SIGTERM / SIGUSR1 checkpoint and exit 0, launcher restarts resume
+(engine.preemption); non-finite updates are skipped, collapse and failed saves stop the run
+(engine.guards).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -18,20 +23,24 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.backends import describe, detect
+from engine.backends import describe, env_report
 from engine.checkpoint import (
-    latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
 )
 from engine.config import Config, dump_yaml, to_dict
 from engine.data import build_dataset
 from engine.data.loader import BatchPlan
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import Data2Vec, channel_std
-from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError, DataError
+from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
 from engine.metrics import MetricsLog, Progress
 from engine.models import build_model
+from engine.preemption import (
+    StopSignals, injected_kill_step, kill_self, launch_id, restart_checkpoint, restart_count,
+)
 from engine.schedule import lr_factor, scaled_lr
 from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
 
@@ -64,6 +73,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
     """Checks resume/fresh against what run_dir holds; returns the checkpoint to resume from."""
     run_dir = cfg.run_dir
+    restarted = None if cfg.train.resume else restart_checkpoint(run_dir)
+    if restarted is not None:
+        return restarted
     if cfg.train.resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -91,7 +103,6 @@ def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan,
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "command.txt").write_text(" ".join([sys.executable, "-m", "engine.train"]
                                                   + sys.argv[1:]) + "\n")
-    (run_dir / "env.json").write_text(json.dumps(detect(), indent=1) + "\n")
     print(f"d2v-engine: {describe(dist.device, loader)}", file=sys.stderr)
     print(f"d2v-engine: {cfg.modality} run '{cfg.run.name}' in {run_dir}: world {dist.world_size} "
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
@@ -99,8 +110,24 @@ def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan,
           file=sys.stderr, flush=True)
 
 
+def _wandb(cfg: Config) -> dict | None:
+    if not cfg.run.wandb:
+        return None
+    run_id = hashlib.sha1(str(cfg.run_dir.resolve()).encode()).hexdigest()[:16]  # resumes append
+    return {"project": cfg.run.wandb_project, "name": cfg.run.name, "config": to_dict(cfg),
+            "id": run_id}
+
+
 def train(cfg: Config) -> dict:
-    """Runs (or resumes) pretraining; returns {'step': last completed step, 'losses': [...]}."""
+    """Runs (or resumes) pretraining; returns {'step': last completed step, 'losses': [...]}.
+
+    While it runs, SIGTERM / SIGUSR1 stop it cleanly after the current step (engine.preemption).
+    """
+    with StopSignals() as signals, contextlib.ExitStack() as cleanup:
+        return _train(cfg, signals, cleanup)
+
+
+def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> dict:
     dist = init_distributed(cfg.train.device)
     device, run_dir = dist.device, cfg.run_dir
     resume_from = _prepare_run_dir(cfg, dist)
@@ -123,6 +150,10 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.optim, s, cfg.train.max_steps))
 
+    log = cleanup.enter_context(contextlib.closing(MetricsLog(
+        run_dir, enabled=dist.is_main, tensorboard=cfg.run.tensorboard, wandb=_wandb(cfg))))
+    guard = UpdateGuard(cfg, log)
+    saver = CheckpointSaver(cfg, dist.is_main, device, log)
     start_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
@@ -131,14 +162,15 @@ def train(cfg: Config) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        guard.load_state_dict(state.get("guard", {}))
         start_step = state["step"]
 
-    log = MetricsLog(run_dir, enabled=dist.is_main)
     if dist.is_main:
         _write_run_info(cfg, run_dir, dist, plan, peak_lr,
                         describe_loader(loader_kind, cfg.data, device))
         if resume_from is not None:
-            log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name})
+            log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name,
+                       "restart": restart_count()})
             print(f"d2v-engine: resumed from {resume_from} at step {start_step}", file=sys.stderr)
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -147,13 +179,19 @@ def train(cfg: Config) -> dict:
     loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
                           stop, device=device, kind=loader_kind)
     batches = iter(loader)
+    if dist.is_main:
+        (run_dir / "env.json").write_text(
+            json.dumps(env_report(device, optimizer, loader), indent=1) + "\n")
+    kill_step = injected_kill_step(dist.rank)
     progress = Progress(cfg.train.max_steps, enabled=dist.is_main and cfg.train.progress)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, bad_files, first_bad = [], 0, []
+    losses, bad_files, first_bad, preempted = [], 0, [], False
     last_log_time, last_log_step = time.time(), start_step
 
     model.train()
     for step in range(start_step, stop):
+        if step == kill_step:
+            kill_self()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         masked = torch.zeros((), device=device)
@@ -174,53 +212,73 @@ def train(cfg: Config) -> dict:
             with sync:
                 with _autocast(device, cfg.train.precision):
                     out = ddp(batch, teacher.model, seeds)
-                out.loss_sum.backward()
-            loss_sum += out.loss_sum.detach().float()
+                micro_loss = inject_nan(out.loss_sum, step + 1, cfg.train.debug_nan_steps)
+                micro_loss.backward()
+            loss_sum += micro_loss.detach().float()
             masked += out.masked
 
-        totals = all_reduce_sum(torch.stack([loss_sum, masked]))
+        totals = all_reduce_sum(torch.stack([loss_sum, masked, signals.vote(device)]))
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # The step's one host read (engine.guards): skip decision, stop votes, logged numbers.
+        loss_total, masked_total, stop_votes, grad_norm = \
+            torch.cat([totals, grad_norm.float().reshape(1)]).tolist()
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        done = step + 1
+        apply = guard.update_ok(done, loss_total, grad_norm)
+        if apply:
+            optimizer.step()
         scheduler.step()
         decay = ema_decay_at(step, cfg.objective.ema_decay, cfg.objective.ema_end_decay,
                              cfg.objective.ema_anneal_end_step)
-        teacher.update(model.encoder, decay)
-        done = step + 1
+        if apply:
+            teacher.update(model.encoder, decay)
 
         if done % cfg.train.log_every == 0 or done == stop:
-            loss = (totals[0] / totals[1].clamp(min=1.0)).item()
+            loss = loss_total / max(masked_total, 1.0)
+            target_var, pred_var = (all_reduce_sum(torch.stack(
+                [channel_std(out.target), channel_std(out.pred)])) / dist.world_size).tolist()
             now = time.time()
             row = {
                 "step": done, "loss": loss, "lr": lr, "ema_decay": decay,
                 "samples_per_s": plan.global_batch * (done - last_log_step) / max(now - last_log_time, 1e-9),
-                "grad_norm": grad_norm.item(),
-                "target_var": channel_std(out.target).item(),
-                "pred_var": channel_std(out.pred).item(),
-                "masked_per_step": totals[1].item(),
+                "grad_norm": grad_norm,
+                "target_var": target_var,
+                "pred_var": pred_var,
+                "masked_per_step": masked_total,
                 "bad_files": bad_files,
                 "bad_files_first": first_bad,
+                "skipped_steps": guard.skipped_steps,
             }
             last_log_time, last_log_step = now, done
             losses.append(loss)
             log.write(row)
             progress.update(done, row)
+            guard.check_collapse(step, target_var, pred_var)
 
-        if done == stop or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-            if dist.is_main:
-                save_checkpoint(run_dir, done, {
-                    "step": done, "model": model.state_dict(), "teacher": teacher.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
-                }, keep_last=cfg.train.keep_last)
-            barrier()
+        preempted = stop_votes > 0
+        if done == stop or preempted or (cfg.train.checkpoint_every
+                                         and done % cfg.train.checkpoint_every == 0):
+            saver.save(done, lambda: {
+                "step": done, "model": model.state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
+                "guard": guard.state_dict(), "launch_id": launch_id(),
+            }, must_succeed=done == stop or preempted)
+        if preempted:
+            stop = done
+            break
 
     progress.close()
-    log.close()
-    if dist.is_main and stop < cfg.train.max_steps:
+    if dist.is_main and preempted:
+        log.write({"event": "preempted", "step": stop, "signal": signals.received})
+        print(f"d2v-engine: stop requested ({signals.received or 'signal on another rank'}): "
+              f"checkpoint at step {stop} written; resume with train.resume=true", file=sys.stderr)
+    elif dist.is_main and stop < cfg.train.max_steps:
         print(f"d2v-engine: stopped at step {stop} (train.stop_at); resume with train.resume=true",
               file=sys.stderr)
-    return {"step": stop, "losses": losses, "run_dir": str(run_dir), "pid": os.getpid()}
+    log.close()
+    return {"step": stop, "losses": losses, "run_dir": str(run_dir), "pid": os.getpid(),
+            "preempted": preempted}

@@ -25,7 +25,7 @@ from engine.checkpoint import (
 from engine.config import Config, dump_yaml, to_dict
 from engine.data import build_dataset
 from engine.data.loader import BatchPlan, make_loader
-from engine.data2vec import Data2Vec, channel_std
+from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError, DataError
@@ -113,7 +113,7 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     encoder = build_model(cfg.model, cfg.modality)
-    model = Data2Vec(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
+    model = build_objective(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
     teacher = EMATeacher(encoder, shared_prefixes=shared)
     optimizer = _optimizer(model, cfg, peak_lr, device)

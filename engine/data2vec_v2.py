@@ -32,7 +32,7 @@ from torch import nn
 from engine.config import Config
 from engine.data2vec import StepOutput
 from engine.models.decoder import ConvDecoder
-from engine.models.visible import encode_visible, keep_indices, scatter_tokens
+from engine.models.visible import encode_visible, gather_tokens, scatter_tokens, split_indices
 from kernels.masking import block_mask, clone_seeds, random_mask, span_mask
 from kernels.targets import teacher_targets
 
@@ -118,16 +118,17 @@ class Data2VecV2(nn.Module):
         x = x.repeat_interleave(clones, 0)
         pad = None if x_pad is None else x_pad.repeat_interleave(clones, 0)
         mask = self.make_masks(clone_seeds(seeds, clones), pad, x.shape[1])
-        keep = keep_indices(mask)
+        keep, masked_at = split_indices(mask)
         student = encode_visible(self.encoder, x, pad, mask, keep)
         dec = self.decoder(self.decoder_input(student.x[:, n_extra:], keep, x.shape[1], pad))
 
-        rows, cols = mask.nonzero(as_tuple=True)
-        pred = dec[rows, cols].float()
-        target = targets[torch.div(rows, clones, rounding_mode="floor"), cols]
+        # Masked positions row by row (no nonzero(): its shape would cost a host sync).
+        pred = gather_tokens(dec, masked_at).flatten(0, 1).float()
+        sample = torch.arange(mask.shape[0], device=mask.device) // clones
+        target = targets[sample[:, None], masked_at].flatten(0, 1)
         scale = o.loss_scale if o.loss_scale is not None else 1.0 / math.sqrt(pred.shape[-1])
         loss_sum = self._loss(pred, target).sum() * scale
-        masked = mask.sum().float()
+        masked = pred.new_tensor(float(masked_at.numel()))
         if o.cls_loss > 0:
             cls_target = targets.mean(dim=1).repeat_interleave(clones, 0)
             cls_pred = student.x[:, n_extra - 1].float()

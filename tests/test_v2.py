@@ -16,6 +16,7 @@ from engine.models.decoder import ConvDecoder
 from engine.models.visible import encode_visible, gather_tokens, keep_indices, scatter_tokens
 from engine.trainer import train
 from kernels.masking import block_mask, clone_seeds, random_mask
+from kernels.targets import teacher_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -146,9 +147,18 @@ def test_loss_is_the_reference_l2_over_masked_positions_of_all_clones():
     cfg, model = _model("text", "objective.decoder_input_dropout=0.0")
     model.eval()
     teacher = EMATeacher(model.encoder).model
-    out = model(_batch("text", cfg, pad=False), teacher, torch.tensor([1, 2, 3], dtype=torch.int64))
+    batch, seeds = _batch("text", cfg, pad=False), torch.tensor([1, 2, 3], dtype=torch.int64)
+    out = model(batch, teacher, seeds)
     # loss_scale 1 in the text config; L2 summed over channels and masked positions.
     assert torch.allclose(out.loss_sum, ((out.pred - out.target) ** 2).sum(), rtol=1e-5)
+    # the targets: one teacher pass per sample, shared by its clones, at each clone's masked steps
+    o, m = cfg.objective, cfg.objective.clone_batch
+    with torch.no_grad():
+        t_out = teacher(batch["source"], batch["padding_mask"], return_layers=True)
+        want = teacher_targets(t_out.layer_results[-o.top_k:], batch["padding_mask"],
+                               layer_norm="instance", final_norm="none")
+    mask = model.make_masks(clone_seeds(seeds, m), None, 40)
+    torch.testing.assert_close(out.target, want.repeat_interleave(m, 0)[mask])
     t = 40
     per_row = t - int(t * (1 - cfg.masking.mask_prob))
     assert int(out.masked) == 3 * cfg.objective.clone_batch * per_row

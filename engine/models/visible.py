@@ -24,17 +24,24 @@ import torch
 from engine.models.encoders import AudioEncoder, EncoderOutput, ImageEncoder, TextEncoder
 
 
-def keep_indices(mask: torch.Tensor) -> torch.Tensor:
-    """B x T bool mask (True = masked, the same count per row) -> B x V ascending visible indices.
+def split_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B x T bool mask (True = masked, the same count per row) -> (keep B x V, masked B x (T - V)),
+    each row's visible and masked positions in ascending order.
 
     One host synchronization: V sets the shape of everything after it.
     """
     counts = mask.sum(1)
     lo, hi = torch.stack([counts.min(), counts.max()]).tolist() if mask.shape[0] else (0, 0)
     if lo != hi:
-        raise ValueError(f"keep_indices: every row needs the same masked count, got {lo}..{hi}")
+        raise ValueError(f"split_indices: every row needs the same masked count, got {lo}..{hi}")
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-    return order[:, : mask.shape[1] - lo]
+    visible = mask.shape[1] - lo
+    return order[:, :visible], order[:, visible:]
+
+
+def keep_indices(mask: torch.Tensor) -> torch.Tensor:
+    """B x V ascending visible indices of a mask with the same masked count per row."""
+    return split_indices(mask)[0]
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

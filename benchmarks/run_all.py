@@ -1,6 +1,6 @@
 """Runs every benchmark in one process: python -m benchmarks.run_all [--tiny] [--out DIR].
 
-Writes DIR/<date>-<device>-targets.json and -loader.json (device, versions, shapes, command,
+Writes DIR/<date>-<device>-{targets,loader,v2}.json (device, versions, shapes, command,
 rows) and prints each table. On a machine without a GPU use --tiny: it checks the suite itself, not the speed.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_loader, bench_targets
+from benchmarks import bench_loader, bench_targets, bench_v2
 
 
 def main(argv=None) -> None:
@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     tiny = ["--tiny"] if args.tiny else []
     bench_targets.main([*tiny, "--json", str(out / f"{stem}-targets.json")])
     bench_loader.main([*tiny, "--json", str(out / f"{stem}-loader.json")])
+    bench_v2.main([*tiny, "--json", str(out / f"{stem}-v2.json")])
 
 
 if __name__ == "__main__":

@@ -74,11 +74,12 @@ class MaskingConfig:
     min_block: int = 16  # image: smallest BEiT block, in patches
     inverse: bool = False  # image: data2vec 2.0 inverse block masking
     replace: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # text: [mask, random, keep]
+    mask_prob_adjust: float = 0.0  # v2 image: extra kept-block centers (fairseq mask_prob_adjust)
 
 
 @dataclass
 class ObjectiveConfig:
-    mode: Literal["v1"] = "v1"
+    mode: Literal["v1", "v2"] = "v1"  # v2: data2vec 2.0 (engine/data2vec_v2.py)
     top_k: int = 8
     # which output of each teacher block is a target: "ffn" = the FFN branch before the last
     # residual (fairseq layer_results "fc": audio, text v1); "block" = the block's output
@@ -96,6 +97,19 @@ class ObjectiveConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     collapse_check_after: int = 5000  # the variance guard applies after this many updates (fairseq)
+    # data2vec 2.0 only (mode v2): M masks per sample share one teacher pass; a conv decoder
+    # (engine/models/decoder.py) predicts the targets from the visible tokens' encodings.
+    clone_batch: int = 1
+    decoder_dim: int = 384
+    decoder_kernel: int = 7
+    decoder_groups: int = 16
+    decoder_layers: int = 4
+    decoder_residual: bool = True
+    decoder_projection_layers: int = 1  # > 1: Linear-GELU stack, first hidden width dim * ratio
+    decoder_projection_ratio: float = 2.0
+    decoder_input_dropout: float = 0.1
+    mask_noise_std: float = 0.01  # decoder input at masked positions ~ N(0, std)
+    cls_loss: float = 0.0  # image: weight of the CLS output vs the mean target
 
 
 @dataclass
@@ -322,6 +336,8 @@ def validate(cfg: Config) -> None:
          "must be 3 non-negative fractions [mask, random, keep] summing to 1")
     need(0.0 <= o.ema_decay <= o.ema_end_decay <= 1.0, "objective.ema_end_decay",
          "need 0 <= objective.ema_decay <= objective.ema_end_decay <= 1")
+    if o.mode == "v2":
+        _validate_v2(cfg, need)
     need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
     need(len(cfg.optim.tri_stage) == 3 and abs(sum(cfg.optim.tri_stage) - 1) < 1e-6,
          "optim.tri_stage", "must be 3 fractions [warmup, hold, decay] summing to 1")
@@ -332,6 +348,25 @@ def validate(cfg: Config) -> None:
     for i, layer in enumerate(m.conv_layers):
         need(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) for v in layer),
              f"model.conv_layers[{i}]", "must be [channels, kernel, stride]")
+
+
+def _validate_v2(cfg: Config, need) -> None:
+    m, o = cfg.model, cfg.objective
+    need(o.clone_batch >= 1, "objective.clone_batch", "must be >= 1")
+    need(o.decoder_layers >= 1, "objective.decoder_layers", "must be >= 1")
+    need(o.decoder_kernel >= 1, "objective.decoder_kernel", "must be >= 1")
+    need(o.decoder_projection_layers >= 1, "objective.decoder_projection_layers", "must be >= 1")
+    need(o.decoder_groups >= 1 and o.decoder_dim % o.decoder_groups == 0
+         and m.embed_dim % o.decoder_groups == 0, "objective.decoder_groups",
+         f"must divide objective.decoder_dim={o.decoder_dim} and model.embed_dim={m.embed_dim}")
+    need(0.0 <= o.decoder_input_dropout < 1.0, "objective.decoder_input_dropout", "must be in [0, 1)")
+    need(o.mask_noise_std >= 0.0, "objective.mask_noise_std", "must be >= 0")
+    need(o.cls_loss >= 0.0, "objective.cls_loss", "must be >= 0")
+    need(o.cls_loss == 0.0 or cfg.modality == "image", "objective.cls_loss",
+         "needs a CLS token: only the image encoder has one; set it to 0")
+    need(cfg.masking.require_same_masks, "masking.require_same_masks",
+         "objective.mode=v2 batches the visible tokens densely and needs true")
+    need(cfg.masking.mask_prob_adjust >= 0.0, "masking.mask_prob_adjust", "must be >= 0")
 
 
 def to_dict(cfg) -> dict:

@@ -126,3 +126,11 @@ class Data2Vec(nn.Module):
             pred=pred.detach(),
             target=target,
         )
+
+
+def build_objective(cfg: Config, encoder: nn.Module, special_ids: dict | None = None) -> nn.Module:
+    """The module whose forward(batch, teacher, seeds) -> StepOutput: v1 or v2 (data2vec 2.0)."""
+    if cfg.objective.mode == "v2":
+        from engine.data2vec_v2 import Data2VecV2  # it imports this module
+        return Data2VecV2(cfg, encoder, special_ids)
+    return Data2Vec(cfg, encoder, special_ids)

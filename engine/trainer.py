@@ -31,7 +31,7 @@ from engine.config import Config, dump_yaml, to_dict
 from engine.data import build_dataset
 from engine.data.loader import BatchPlan
 from engine.data.select import build_loader, choose_loader, describe_loader
-from engine.data2vec import Data2Vec, channel_std
+from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError, DataError
@@ -143,7 +143,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
 
     torch.manual_seed(cfg.seed)
     encoder = build_model(cfg.model, cfg.modality)
-    model = Data2Vec(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
+    model = build_objective(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
     teacher = EMATeacher(encoder, shared_prefixes=shared)
     optimizer = _optimizer(model, cfg, peak_lr, device)

@@ -436,6 +436,50 @@ def _token_reference(tokens, special, seeds, rate, span, mask_id, keep_below, ra
 
 
 # ---------------------------------------------------------------------------------------------
+# data2vec 2.0 helpers: exact-count random masks and per-clone seeds
+
+_RANDOM_MASK, _CLONE = 11, 12
+
+
+def random_mask(eligible, mask_prob, seed=0, same_count=True):
+    """B x T bool eligible (True = may be masked) -> B x T bool mask, True = masked.
+
+    data2vec 2.0 with mask_length 1 (fairseq's MAE-style random_masking): a row with c eligible
+    positions masks c - int(c * (1 - mask_prob)) of them, a uniform subset; with same_count every
+    row masks the batch's smallest such count, so the visible tokens batch densely. Plain PyTorch
+    on the tensors' device (one argsort per row); no Triton kernel.
+    """
+    if (not isinstance(eligible, torch.Tensor) or eligible.dtype != torch.bool
+            or eligible.dim() != 2):
+        raise ValueError("random_mask: eligible must be a B x T bool tensor, got "
+                         f"{getattr(eligible, 'dtype', type(eligible).__name__)} "
+                         f"{tuple(getattr(eligible, 'shape', ()))}")
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"random_mask: mask_prob must be in [0, 1], got {mask_prob}")
+    batch, length = eligible.shape
+    seeds = _per_sample_seeds(seed, batch, eligible.device)
+    count = eligible.sum(1)
+    num = count - torch.floor(count.double() * (1.0 - mask_prob)).long()
+    if same_count and batch:
+        num = num.min().expand(batch)
+    t = torch.arange(length, device=eligible.device)
+    return _smallest(_bits(_stream(seeds, _RANDOM_MASK), t), eligible, num)
+
+
+def clone_seeds(seed, clones):
+    """B int64 per-sample seeds -> B * clones int64 seeds, row b * clones + m for clone m of sample
+    b (data2vec 2.0's clone_batch: each clone of a sample gets its own mask)."""
+    _need_int("clone_seeds", "clones", clones, 1)
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.dim() != 1:
+        raise ValueError("clone_seeds: seed must be a 1-D int64 tensor, got "
+                         f"{getattr(seed, 'dtype', type(seed).__name__)}")
+    m = torch.arange(clones, device=seed.device)
+    stream = _stream(seed, _CLONE)
+    hi, lo = _bits(stream, 2 * m), _bits(stream, 2 * m + 1)
+    return (((hi & 0x7FFFFFFF) << 32) | lo).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton kernels: one program per sample holds its whole row (keys, selection, spans).
 
 _MAX_TRITON_WIDTH = 8192  # longer rows take the reference path (still on the device)

@@ -53,10 +53,17 @@ def describe(device: torch.device) -> str:
     kernels = "triton" if triton else "torch reference"
     parts = [
         f"torch {info['torch']}" + (f" (cuda {info['cuda']}, {info['gpu']})" if gpu else " (cpu)"),
-        f"targets/masking: {kernels}",
+        f"targets: {_targets_backend(device)}",
+        f"masking: {kernels}",
         "attention: torch sdpa" + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
         "loader: torch DataLoader" + (f" (DALI {info['dali']} present)" if info["dali"] else ""),
     ]
     return "; ".join(parts)
+
+
+def _targets_backend(device: torch.device) -> str:
+    """Which teacher-targets path runs on `device` (kernels.targets decides; CUDA ext included)."""
+    from kernels.targets import describe_backend
+    return describe_backend(device)

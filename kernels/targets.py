@@ -8,8 +8,12 @@ biased variance of F.instance_norm / F.layer_norm; padded steps of the target ar
 `instance_norm_padding="include"` counts padded steps in the instance statistics, as fairseq's
 F.instance_norm over the full T does.
 
-Paths: `teacher_targets_reference` (plain PyTorch, the ground truth) and two Triton kernels, picked
-by `teacher_targets` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
+Paths: `teacher_targets_reference` (plain PyTorch, the ground truth), two Triton kernels and their
+CUDA C++ counterparts in csrc/ (module d2v_cuda, loaded by kernels/_cuda.py: same two passes, a
+warp per step holding the row in registers, 16-byte loads, fp32 accumulation, Welford per thread
+and Chan merges across threads). `teacher_targets` runs Triton for CPU tensors under
+TRITON_INTERPRET=1, the reference for other CPU tensors, and on CUDA whichever of Triton and the
+extension measured faster for the shape (see _pick_backend; `last_backend()` says which ran):
   _stats_kernel    per (layer, b, channel block): Welford/Chan merges of [BLOCK_T x BLOCK_C]
                    tiles over the unpadded T -> mean and 1/std, K x B x C fp32.
   _combine_kernel  per SUB blocks of BLOCK_R steps of one sample, all C channels at once: for each
@@ -28,7 +32,8 @@ Minimal: K*s*N*C read + 4*N*C written (padded steps need not be read).
   instance         none / layer   2*K*s*N*C*p + 4*N*C                 (stats pass + combine pass)
   any              instance       the row above + (8*p + 4)*N*C       (stats over the fp32 average,
                                                                         then normalized in place)
-plus K*B*C*8 bytes of statistics. "include" reads the padded steps in the statistics passes
+plus K*B*C*8 bytes of statistics. The CUDA path moves the same bytes (its layer table is a kernel
+argument, not a device tensor). "include" reads the padded steps in the statistics passes
 (p = 1 there). The instance statistics must be complete before any step can be normalized, so each
 layer is read twice; the stats grid walks the batch backwards so that its last reads (all layers of
 the first samples) are what the combine kernel reads first, while they may still sit in L2.

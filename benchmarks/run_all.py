@@ -1,7 +1,7 @@
 """Runs every benchmark in one process: python -m benchmarks.run_all [--tiny] [--out DIR].
 
-Writes DIR/<date>-<device>-targets.json (device, versions, shapes, command, rows) and prints each
-table. On a machine without a GPU use --tiny: it checks the suite itself, not the speed.
+Writes DIR/<date>-<device>-targets.json and DIR/<date>-<device>-masking.json (device, versions,
+shapes, command, rows) and prints each table. On a machine without a GPU use --tiny: it checks the suite itself, not the speed.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_targets
+# bench_targets first: without CUDA it sets TRITON_INTERPRET=1, which must precede triton's import.
+from benchmarks import bench_targets  # noqa: I001
+from benchmarks import bench_masking
 
 
 def main(argv=None) -> None:
@@ -26,6 +28,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tiny = ["--tiny"] if args.tiny else []
     bench_targets.main([*tiny, "--json", str(out / f"{stem}-targets.json")])
+    bench_masking.main([*tiny, "--json", str(out / f"{stem}-masking.json")])
 
 
 if __name__ == "__main__":

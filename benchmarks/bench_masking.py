@@ -4,9 +4,10 @@
     python -m pytest benchmarks/bench_masking.py          (pytest-benchmark; never collected by
                                                            default: the file name is not test_*)
 
-Each row reports microseconds per batch and the speed-up over the NumPy baseline. `ours` is the
-public op on the device (span_mask / token_mask take the Triton kernels on CUDA; block_mask has no
-kernel and runs its vectorized reference), `reference` the op's *_reference on the device, `numpy`
+Each row reports microseconds per batch, the speed-up over the NumPy baseline and the fraction of
+a training step (--step-ms; default the base image step of shared/reference/performance.md, the
+only documented one, also used for audio and text). `ours` is the public op on the device (all
+three take their Triton kernels on CUDA), `reference` the op's *_reference on the device, `numpy`
 a compact per-sample port of what data2vec's reference code runs in its data loader, on the CPU:
 fairseq compute_mask_indices (span), BEiT's MaskingGenerator loop and data2vec 2.0's
 compute_block_mask_2d (block), MaskTokensDataset's selection (text), each sample with its own
@@ -286,7 +287,7 @@ def path(impl: str, case: Case, device: torch.device) -> str:
     """What actually runs: the Triton kernels, the PyTorch reference, or NumPy."""
     if impl == "numpy":
         return "numpy"
-    if impl == "ours" and case.op in ("span", "token") and masking._use_triton(device):
+    if impl == "ours" and masking._use_triton(device):
         return "triton-interp" if device.type == "cpu" else "triton"
     return "torch"
 
@@ -313,12 +314,14 @@ def run_case(case: Case, impls, device: torch.device, tiny: bool = False):
     return rows
 
 
-def context(rows) -> dict:
-    """Share of the base image step (>= ~45 ms on an H100 at 100% MFU) spent making masks."""
-    out = {"image_step_ms": IMAGE_STEP_MS, "source": IMAGE_STEP_SOURCE, "cases": {}}
+def context(rows, step_ms: float = IMAGE_STEP_MS) -> dict:
+    """Share of a training step (default: the base image step, >= ~45 ms on an H100 at 100% MFU)
+    spent making masks, per case and implementation; also stored in each row as step_fraction."""
+    source = IMAGE_STEP_SOURCE if step_ms == IMAGE_STEP_MS else f"--step-ms {step_ms}"
+    out = {"image_step_ms": step_ms, "source": source, "cases": {}}
     for r in rows:
-        if r["op"] == "block":
-            out["cases"].setdefault(r["name"], {})[r["impl"]] = r["us"] / (IMAGE_STEP_MS * 1e3)
+        r["step_fraction"] = r["us"] / (step_ms * 1e3)
+        out["cases"].setdefault(r["name"], {})[r["impl"]] = r["step_fraction"]
     return out
 
 
@@ -365,6 +368,9 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of IMPLS")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--step-ms", type=float, default=IMAGE_STEP_MS,
+                        help=f"training step time for the step fraction (default {IMAGE_STEP_MS}: "
+                             f"{IMAGE_STEP_SOURCE})")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
     unknown = set(impls) - set(IMPLS)
@@ -376,7 +382,7 @@ def main(argv=None) -> None:
     device = _device()
     env = environment(device)
     rows = [row for case in cases for row in run_case(case, impls, device, args.tiny)]
-    ctx = context(rows)
+    ctx = context(rows, args.step_ms)
     print_table(env, rows, ctx)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,13 +1,15 @@
-"""Teacher-targets benchmark: the Triton kernels vs the eager reference vs torch.compile(reference).
+"""Teacher-targets benchmark: ours (Triton, CUDA C++) vs the eager reference vs torch.compile(reference).
 
-    python -m benchmarks.bench_targets [--tiny] [--json PATH] [--impls ours,eager,compiled]
+    python -m benchmarks.bench_targets [--tiny] [--json PATH] [--impls ours,triton,cuda,eager,compiled]
     python -m pytest benchmarks/bench_targets.py          (pytest-benchmark; never collected by
                                                            default: the file name is not test_*)
 
 Each row reports milliseconds, GB/s against the minimal bytes (K bf16 layers read once + the fp32
 target written once) and that as a fraction of the device-to-device copy bandwidth measured in the
-same run (bytes read + written). Without CUDA, ours runs under TRITON_INTERPRET=1, so --tiny shapes
-check the plumbing; only GPU timings mean anything.
+same run (bytes read + written). "ours" is the public dispatcher (its "path" column says which of
+Triton and CUDA it picked for the shape); "triton" and "cuda" force one path; the cuda rows appear
+only where the extension loads (kernels/_cuda.py: installed or JIT-built). Without CUDA, ours runs
+under TRITON_INTERPRET=1, so --tiny shapes check the plumbing; only GPU timings mean anything.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ if not torch.cuda.is_available():  # before triton is imported: the interpreter 
 
 import pytest  # noqa: E402
 
-from kernels import targets  # noqa: E402
+from kernels import _cuda, targets  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ CASES = [
     Case("text", 64, 512, 768, 8, "layer", "none"),
 ]
 TINY = [Case(c.name, 2, 33, 64, min(c.K, 3), c.layer_norm, c.final_norm) for c in CASES]
-IMPLS = ("ours", "eager", "compiled")
+IMPLS = ("ours", "triton", "cuda", "eager", "compiled")
 
 
 def _device() -> torch.device:
@@ -95,6 +97,9 @@ def implementation(impl: str, case: Case):
     kwargs = dict(layer_norm=case.layer_norm, final_norm=case.final_norm)
     if impl == "ours":
         return lambda layers: targets.teacher_targets(layers, None, **kwargs)
+    if impl in ("triton", "cuda"):
+        run = targets._RUNNERS[impl]
+        return lambda layers: run(layers, None, case.layer_norm, case.final_norm, 1e-5, "exclude")
     if impl == "eager":
         return lambda layers: targets.teacher_targets_reference(layers, None, **kwargs)
     torch.compiler.reset()  # each case compiles for its own static shapes
@@ -109,10 +114,11 @@ def run_case(case: Case, impls, device: torch.device, copy_gbps: float):
     for impl in impls:
         fn = implementation(impl, case)
         got = fn(layers)
+        path = targets.last_backend() if impl == "ours" else impl
         err = ((got - want).abs().max() / want.abs().max()).item()
         ms = _time_ms(lambda: fn(layers), device.type == "cuda")
         gbps = case.minimal_bytes() / ms / 1e6
-        rows.append(dict(asdict(case), impl=impl, dtype="bfloat16", ms=ms, gbps=gbps,
+        rows.append(dict(asdict(case), impl=impl, path=path, dtype="bfloat16", ms=ms, gbps=gbps,
                          copy_fraction=gbps / copy_gbps, minimal_bytes=case.minimal_bytes(),
                          max_rel_err=err))
     return rows
@@ -130,6 +136,7 @@ def environment(device: torch.device, copy_gbps: float) -> dict:
         "triton": triton_version,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "copy_gbps": copy_gbps,
+        "cuda_extension": _cuda.status(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.bench_targets"]
                             + sys.argv[1:]),
     }
@@ -137,13 +144,13 @@ def environment(device: torch.device, copy_gbps: float) -> dict:
 
 def print_table(env: dict, rows) -> None:
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  "
-          f"copy {env['copy_gbps']:.0f} GB/s (read + write)")
-    print(f"{'case':<10}{'B':>5}{'T':>6}{'C':>6}{'K':>4}  {'norms':<16}{'impl':<10}"
+          f"copy {env['copy_gbps']:.0f} GB/s (read + write)  cuda ext {env['cuda_extension']}")
+    print(f"{'case':<10}{'B':>5}{'T':>6}{'C':>6}{'K':>4}  {'norms':<16}{'impl':<10}{'path':<10}"
           f"{'ms':>9}{'GB/s':>9}{'%copy':>7}{'rel err':>10}")
     for r in rows:
         norms = f"{r['layer_norm']}/{r['final_norm']}"
         print(f"{r['name']:<10}{r['B']:>5}{r['T']:>6}{r['C']:>6}{r['K']:>4}  {norms:<16}"
-              f"{r['impl']:<10}{r['ms']:>9.3f}{r['gbps']:>9.1f}{100 * r['copy_fraction']:>6.1f}%"
+              f"{r['impl']:<10}{r['path']:<10}{r['ms']:>9.3f}{r['gbps']:>9.1f}{100 * r['copy_fraction']:>6.1f}%"
               f"{r['max_rel_err']:>10.1e}")
 
 
@@ -158,6 +165,9 @@ def main(argv=None) -> None:
     unknown = set(impls) - set(IMPLS)
     if unknown:
         parser.error(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
+    if "cuda" in impls and _cuda.load()[0] is None:
+        print(f"no cuda column: the CUDA extension is {_cuda.status()}")
+        impls = [i for i in impls if i != "cuda"]
     cases = TINY if args.tiny else CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases.split(",")]
@@ -166,6 +176,10 @@ def main(argv=None) -> None:
     env = environment(device, copy_gbps)
     rows = [row for case in cases for row in run_case(case, impls, device, copy_gbps)]
     print_table(env, rows)
+    for key, choice in targets.measured_backends().items():
+        ms = ", ".join(f"{b} {t:.3f} ms" for b, t in choice["ms"].items())
+        print(f"dispatcher measured {key}: {ms} -> {choice['chosen']}")
+    env["dispatcher"] = {str(k): v for k, v in targets.measured_backends().items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**env, "rows": rows}, f, indent=2)
@@ -173,7 +187,7 @@ def main(argv=None) -> None:
 
 
 @pytest.mark.benchmark(group="targets")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cuda" or _cuda.load()[0] is not None])
 @pytest.mark.parametrize("case", CASES if torch.cuda.is_available() else TINY, ids=lambda c: c.name)
 def test_bench_targets(benchmark, case, impl):
     device = _device()

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_loader, bench_targets, bench_v2
+# bench_targets first: without CUDA it sets TRITON_INTERPRET=1, which must precede triton's import.
+from benchmarks import bench_targets  # noqa: I001
+from benchmarks import bench_masking
 
 
 def main(argv=None) -> None:
@@ -28,6 +31,7 @@ def main(argv=None) -> None:
     bench_targets.main([*tiny, "--json", str(out / f"{stem}-targets.json")])
     bench_loader.main([*tiny, "--json", str(out / f"{stem}-loader.json")])
     bench_v2.main([*tiny, "--json", str(out / f"{stem}-v2.json")])
+    bench_masking.main([*tiny, "--json", str(out / f"{stem}-masking.json")])
 
 
 if __name__ == "__main__":

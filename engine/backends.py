@@ -54,7 +54,8 @@ def describe(device: torch.device, loader: str | None = None) -> str:
     kernels = "triton" if triton else "torch reference"
     parts = [
         f"torch {info['torch']}" + (f" (cuda {info['cuda']}, {info['gpu']})" if gpu else " (cpu)"),
-        f"targets/masking: {kernels}",
+        f"targets: {_targets_backend(device)}",
+        f"masking: {kernels}",
         "attention: torch sdpa" + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
@@ -82,7 +83,7 @@ def _kernel_path(module: str, device: torch.device) -> str:
 def dispatch_report(device: torch.device, optimizer=None, loader=None) -> dict:
     """Which implementation each op of the step takes in this process on `device`."""
     report = {
-        "teacher_targets": _kernel_path("kernels.targets", device),
+        "teacher_targets": _targets_backend(device),
         "masking": _kernel_path("kernels.masking", device),
         "attention": "torch scaled_dot_product_attention",
     }
@@ -104,3 +105,7 @@ def dispatch_report(device: torch.device, optimizer=None, loader=None) -> dict:
 def env_report(device: torch.device, optimizer=None, loader=None) -> dict:
     """detect() plus the device and the per-op dispatch: what env.json in the run directory holds."""
     return {**detect(), "device": str(device), "dispatch": dispatch_report(device, optimizer, loader)}
+def _targets_backend(device: torch.device) -> str:
+    """Which teacher-targets path runs on `device` (kernels.targets decides; CUDA ext included)."""
+    from kernels.targets import describe_backend
+    return describe_backend(device)

@@ -20,27 +20,34 @@ Uniform draws use the bits as integers: a draw among n items is (bits * n) >> 32
 probabilistic rounding int(p * n + U) is (round(p * 2^32) * n + bits) >> 32, a Bernoulli with
 probability p compares bits >> 8 with round(p * 2^24). Draws without replacement give each
 candidate the unique key (bits << 31) | index and take the `num` smallest: a uniform subset.
-Only the BEiT geometry (area, aspect, sqrt, round) uses float64, in block_mask, which has no kernel.
+No floating point anywhere: even BEiT's geometry (area, log-uniform aspect, round(sqrt)) is
+fixed-point integer arithmetic with a correctly rounded aspect table (see _beit_blocks), so masks
+are the same on every device and in the kernels.
 
 Exact counts and other rules:
   span_mask   no count rule of its own: require_same_masks keeps, in every row, a uniform subset
               of its masked steps of the batch's smallest count (fairseq's rule). Unlike fairseq,
               a sample short enough to be masked whole is allowed (fairseq raises ValueError).
   block_mask  BEiT never overshoots its target; when its generator gives up short, the missing
-              patches are added among the unmasked 4-neighbours of the mask (smallest keys first,
-              ring by ring), so the fill only enlarges existing blocks. Inverse: fairseq's
+              patches are the unmasked ones nearest (Manhattan) to the mask, smallest keys first:
+              the 4-neighbour ring-by-ring growth, so the fill only enlarges existing blocks. The
+              distance is kept per taken rectangle, so a kernel needs no neighbour lookups. Inverse: fairseq's
               require_same_masks rule, a uniform random set of kept (or masked) patches flips.
   token_mask  none: the selected count is the probabilistic rounding above, as fairseq's
               MaskTokensDataset; each selected token is replaced independently.
 
-Paths: span_mask and token_mask run Triton kernels for CUDA tensors (and CPU tensors under
-TRITON_INTERPRET=1), else span_mask_reference / token_mask_reference, plain PyTorch and the ground
-truth; the two are bit-identical. block_mask is sequential by nature (BEiT adds one rectangle at a
-time) and runs its vectorized PyTorch reference on the device.
+Paths: all three run Triton kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1),
+else span_mask_reference / block_mask_reference / token_mask_reference, plain PyTorch and the
+ground truth; kernel and reference are bit-identical. BEiT is sequential within a sample (one
+rectangle at a time, 10 tries each): the reference advances all samples in lockstep, the kernel
+gives each sample a program that loops on its own (a data-dependent while loop, at most
+11 * target draws), then selects the fill in registers. Inverse blocks and the exact-count flips
+are one program per sample as well. Under the interpreter a BEiT sample costs about a second.
 """
 from __future__ import annotations
 
-import math
+import decimal
+import functools
 import os
 
 import torch
@@ -63,6 +70,9 @@ _TOKEN_COUNT, _TOKEN_START, _TOKEN_REPLACE, _TOKEN_RANDOM = 7, 8, 9, 10
 # BEiT's MaskingGenerator: aspect ratio log-uniform in [0.3, 1/0.3], 10 tries per rectangle.
 _MIN_ASPECT = 0.3
 _BLOCK_TRIES = 10
+_ASPECT_BITS = 10  # aspect ratios drawn from 2^10 levels (_aspect_levels)
+_ASPECT_LEVELS = 1 << _ASPECT_BITS
+_FAR = (1 << 14) - 1  # distance of a patch to an empty mask; fits the fill key's 14 bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,16 +242,28 @@ def block_mask(batch, grid, mask_ratio, seed=0, min_block=16, inverse=False, dev
     """B x (h*w) bool block mask over an h x w patch grid, exactly round(ratio*h*w) True per row.
 
     BEiT rectangles (inverse=False) or data2vec 2.0 inverse blocks of side `inverse_length` with
-    `inverse_adjust` (fairseq mask_length, mask_prob_adjust). No Triton kernel: the vectorized
-    reference runs on `device` (default: the seed tensor's device, else CPU).
+    `inverse_adjust` (fairseq mask_length, mask_prob_adjust), made on `device` (default: the seed
+    tensor's device, else CPU): one Triton program per sample on CUDA (and on CPU under
+    TRITON_INTERPRET=1), else the reference; the two are bit-identical.
     """
-    return block_mask_reference(batch, grid, mask_ratio, seed, min_block, inverse, device,
-                                inverse_length, inverse_adjust)
+    args = _check_block(batch, grid, mask_ratio, seed, min_block, inverse, device, inverse_length,
+                        inverse_adjust)
+    seeds = args[0]
+    h, w = grid
+    if _use_triton(seeds.device) and batch and h * w <= _MAX_TRITON_WIDTH:
+        return _block_mask_triton(*args)
+    return _block_reference(*args)
 
 
 def block_mask_reference(batch, grid, mask_ratio, seed=0, min_block=16, inverse=False,
                          device=None, inverse_length=3, inverse_adjust=0.07):
     """Plain-PyTorch ground truth of block_mask: same arguments, B x (h*w) bool."""
+    return _block_reference(*_check_block(batch, grid, mask_ratio, seed, min_block, inverse,
+                                          device, inverse_length, inverse_adjust))
+
+
+def _check_block(batch, grid, mask_ratio, seed, min_block, inverse, device, inverse_length,
+                 inverse_adjust):
     _need_int("block_mask", "batch", batch, 0)
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
             or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
@@ -257,73 +279,122 @@ def block_mask_reference(batch, grid, mask_ratio, seed=0, min_block=16, inverse=
     seeds = _per_sample_seeds(seed, batch, device)
     h, w = grid
     target = int(mask_ratio * h * w + 0.5)
+    return seeds, h, w, mask_ratio, target, min_block, bool(inverse), inverse_length, inverse_adjust
+
+
+def _block_reference(seeds, h, w, mask_ratio, target, min_block, inverse, length, adjust):
     if inverse:
-        return _inverse_blocks(seeds, h, w, mask_ratio, target, inverse_length, inverse_adjust)
+        return _inverse_blocks(seeds, h, w, mask_ratio, target, length, adjust)
     return _beit_blocks(seeds, h, w, target, min_block)
 
 
 def _beit_blocks(seeds, h, w, target, min_block):
     """BEiT MaskingGenerator per sample (all samples advance together), then the exact fill.
 
-    One draw (4 hashed numbers) per step: area ~ U(min_block, remaining), log-uniform aspect,
-    height/width rounded half-to-even as Python's round, top/left uniform among the positions
-    that fit; the rectangle is taken when it is smaller than the grid (strictly, as BEiT) and
+    One draw (4 hashed numbers) per step, in integers only so that every device and the kernel
+    agree bit for bit: area = min_block + (remaining - min_block) * u0 in Q16 (u0: 16 bits),
+    aspect from a 2^10-entry Q16 table of the log-uniform [0.3, 1/0.3] (_aspect_table),
+    height = round(sqrt(area * aspect)) as the count of j >= 1 with (j - 1/2)^2 <= area * aspect
+    (exact; halves round up), width likewise with 1/aspect; top/left uniform among the positions
+    that fit. The rectangle is taken when it is smaller than the grid (strictly, as BEiT) and
     adds between 1 and `remaining` new patches. A sample stops at its target or after 10
     rejected draws in a row, as BEiT's generator gives up.
     """
     batch, device = seeds.shape[0], seeds.device
     rows = torch.arange(h, device=device).view(1, h, 1)
     cols = torch.arange(w, device=device).view(1, 1, w)
+    side = torch.arange(1, max(h, w) + 1, device=device)
+    side_sq = (2 * side - 1) ** 2 << 30  # (j - 1/2)^2 in Q32
+    table = _aspect_table(device)
     mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    dist = torch.full((batch, h, w), _FAR, dtype=torch.int64, device=device)
     count = torch.zeros(batch, dtype=torch.int64, device=device)
     rejected = torch.zeros_like(count)
     active = count < target
     stream = _stream(seeds, _BLOCK_DRAW)
-    log_lo, log_span = math.log(_MIN_ASPECT), -2.0 * math.log(_MIN_ASPECT)
     draw = 0
     while True:
         if draw % 8 == 0 and not bool(active.any()):  # one host sync per 8 draws
             break
         bits = _bits(stream, torch.arange(4 * draw, 4 * draw + 4, device=device))
-        u = bits[:, :2].double() * 2.0**-32
         remaining = target - count
-        area = min_block + (remaining.double() - min_block) * u[:, 0]
-        aspect = torch.exp(log_lo + log_span * u[:, 1])
-        bh = torch.round(torch.sqrt(area * aspect)).long()
-        bw = torch.round(torch.sqrt(area / aspect)).long()
-        top = (bits[:, 2] * (h - bh + 1).clamp_min(1)) >> 32
-        left = (bits[:, 3] * (w - bw + 1).clamp_min(1)) >> 32
-        rect = ((rows >= top.view(-1, 1, 1)) & (rows < (top + bh).view(-1, 1, 1))
-                & (cols >= left.view(-1, 1, 1)) & (cols < (left + bw).view(-1, 1, 1)))
+        area = (min_block << 16) + (remaining - min_block) * (bits[:, 0] >> 16)
+        aspect = bits[:, 1] >> (32 - _ASPECT_BITS)
+        tall = area * table[aspect]
+        wide = area * table[_ASPECT_LEVELS - 1 - aspect]
+        bh = ((side_sq <= tall[:, None]) & (side <= h)).sum(1)
+        bw = ((side_sq <= wide[:, None]) & (side <= w)).sum(1)
+        top = ((bits[:, 2] * (h - bh + 1).clamp_min(1)) >> 32).view(-1, 1, 1)
+        left = ((bits[:, 3] * (w - bw + 1).clamp_min(1)) >> 32).view(-1, 1, 1)
+        bottom, right = top + bh.view(-1, 1, 1), left + bw.view(-1, 1, 1)
+        rect = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
         new = (rect & ~mask).sum((1, 2))
         take = active & (bh < h) & (bw < w) & (new > 0) & (new <= remaining)
         mask |= rect & take.view(-1, 1, 1)
+        # Manhattan distance to the rectangle, kept as the distance to the union of the taken ones.
+        away = ((top - rows).clamp_min(0) + (rows - bottom + 1).clamp_min(0)
+                + (left - cols).clamp_min(0) + (cols - right + 1).clamp_min(0))
+        dist = torch.where(take.view(-1, 1, 1), torch.minimum(dist, away), dist)
         count += torch.where(take, new, 0)
         rejected = torch.where(take, 0, rejected + 1)
         active &= (count < target) & (rejected < _BLOCK_TRIES)
         draw += 1
-    return _grow_to(mask, target - count, _bits(_stream(seeds, _BLOCK_FILL),
-                                                torch.arange(h * w, device=device)))
+    keys = _bits(_stream(seeds, _BLOCK_FILL), torch.arange(h * w, device=device))
+    return _grow_to(mask.view(batch, h * w), dist.view(batch, h * w), target - count, keys, w)
 
 
-def _grow_to(mask, deficit, keys):
-    """Exact count for BEiT masks (which never overshoot): add the missing patches one ring at a
-    time among the unmasked 4-neighbours of the mask, smallest hashed keys first, so the fill
-    only enlarges existing blocks (an empty mask is seeded with its smallest-key patch)."""
-    batch, h, w = mask.shape
-    flat = mask.view(batch, h * w)
-    while bool((deficit > 0).any()):
-        near = mask.clone()
-        near[:, 1:] |= mask[:, :-1]
-        near[:, :-1] |= mask[:, 1:]
-        near[:, :, 1:] |= mask[:, :, :-1]
-        near[:, :, :-1] |= mask[:, :, 1:]
-        empty = ~flat.any(1)
-        frontier = (near.view(batch, h * w) | empty[:, None]) & ~flat
-        add = _smallest(keys, frontier, torch.where(empty, deficit.clamp_max(1), deficit))
-        flat |= add
-        deficit = deficit - add.sum(1)
-    return flat
+def _inverse_centers(n, mask_ratio, length, adjust) -> int:
+    return int(n * ((1.0 - mask_ratio + adjust) / length**2))
+
+
+def _grow_to(mask, dist, deficit, keys, w):
+    """Exact count for BEiT masks (which never overshoot): the missing patches are the unmasked
+    ones nearest (Manhattan) to the mask, smallest hashed key, then index, first among equals.
+    That is the 4-neighbour ring-by-ring growth of the mask, so the fill only enlarges existing
+    blocks; an empty mask grows from its smallest-key patch."""
+    n = mask.shape[1]
+    index = torch.arange(n, device=mask.device)
+    first = ((keys << _INDEX_BITS) | index).argmin(1, keepdim=True)
+    from_first = (index // w - first // w).abs() + (index % w - first % w).abs()
+    empty = ~mask.any(1, keepdim=True)
+    dist = torch.where(empty, from_first, dist)
+    return mask | _smallest_key(dist << 32 | keys, ~mask, deficit)
+
+
+def _smallest_key(keys: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """B x N bool: the `count` eligible positions with the smallest int64 keys, ties by index."""
+    index = torch.arange(keys.shape[1], device=keys.device)
+    order = torch.where(eligible, keys, _INT64_MAX).sort(dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, index.expand_as(order).contiguous())
+    return eligible & (rank < count[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _aspect_levels() -> tuple[int, ...]:
+    """Q16 aspect ratios exp(log 0.3 + (i + 1/2) / 2^10 * 2 log(1/0.3)), i < 2^10: the midpoints
+    of 2^10 equal steps of BEiT's log-uniform aspect. decimal's exp is correctly rounded, so the
+    table is the same on every machine; level 2^10 - 1 - i is the reciprocal of level i."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        lo = decimal.Decimal(_MIN_ASPECT).ln()
+        step = -2 * lo / _ASPECT_LEVELS
+        return tuple(int(((lo + (i + decimal.Decimal("0.5")) * step).exp() * 2**16)
+                         .to_integral_value(decimal.ROUND_HALF_EVEN))
+                     for i in range(_ASPECT_LEVELS))
+
+
+_ASPECT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _aspect_table(device) -> torch.Tensor:
+    """_aspect_levels as an int64 tensor on `device`, made once per device."""
+    device = torch.device(device)
+    if device not in _ASPECT_TABLES:
+        table = torch.tensor(_aspect_levels(), dtype=torch.int64)
+        if device.type == "cuda":  # pinned + non_blocking: no host synchronization
+            table = table.pin_memory().to(device, non_blocking=True)
+        _ASPECT_TABLES[device] = table.to(device)
+    return _ASPECT_TABLES[device]
 
 
 def _inverse_blocks(seeds, h, w, mask_ratio, target, length, adjust):
@@ -336,7 +407,7 @@ def _inverse_blocks(seeds, h, w, mask_ratio, target, length, adjust):
     """
     batch, device, n = seeds.shape[0], seeds.device, h * w
     keep = n - target
-    centers = int(n * ((1.0 - mask_ratio + adjust) / length**2))
+    centers = _inverse_centers(n, mask_ratio, length, adjust)
     c = (_bits(_stream(seeds, _BLOCK_DRAW), torch.arange(centers, device=device)) * n) >> 32
     lo_r = (c // w - length // 2)[..., None, None]
     lo_c = (c % w - length // 2)[..., None, None]
@@ -536,6 +607,28 @@ def _token_mask_triton(tokens, special, seeds, rate, span, mask_id, keep_below, 
     return out, selected
 
 
+def _block_mask_triton(seeds, h, w, mask_ratio, target, min_block, inverse, length, adjust,
+                       out=None):
+    """Checked block_mask arguments -> B x (h*w) bool by one program per sample."""
+    batch, n = seeds.shape[0], h * w
+    if out is None:
+        out = torch.empty(batch, n, dtype=torch.bool, device=seeds.device)
+    assert out.shape == (batch, n) and out.dtype == torch.bool and out.is_contiguous()
+    block = triton.next_power_of_2(n)
+    if inverse:
+        _inverse_block_kernel[(batch,)](
+            seeds, out.view(torch.uint8), h, w, n - target,
+            _inverse_centers(n, mask_ratio, length, adjust), length,
+            _salt(_BLOCK_DRAW), _salt(_BLOCK_FILL), BLOCK=block, num_warps=_warps(n))
+    else:
+        _beit_block_kernel[(batch,)](
+            seeds, _aspect_table(seeds.device), out.view(torch.uint8), h, w, target, min_block,
+            _salt(_BLOCK_DRAW), _salt(_BLOCK_FILL), FAR=_FAR, TRIES=_BLOCK_TRIES,
+            ASPECT_BITS=_ASPECT_BITS, FILL_BITS=32 + (h + w).bit_length(), BLOCK=block,
+            SIDE=triton.next_power_of_2(max(h, w)), num_warps=_warps(n))
+    return out
+
+
 def _warps(width: int) -> int:
     """Warps for a program holding `width` int64 keys: more for long rows, fewer registers each."""
     return 4 if width <= 1024 else 8
@@ -575,17 +668,18 @@ if triton is not None:
         return tl.maximum(a, b)
 
     @triton.jit
-    def _select_tl(bits, index, eligible, count):
-        """The `count` eligible positions with the smallest keys (bits << 31) | index.
+    def _select_tl(bits, index, eligible, count, KEY_BITS: tl.constexpr = 32):
+        """The `count` eligible positions with the smallest keys (bits << 31) | index, where
+        bits are non-negative below 2^KEY_BITS.
 
         No sort (the interpreter's is a Python loop): the count-th smallest bits value is built
         from the top bit down (a bit is set while fewer than `count` values lie below the prefix
         with it); ties at that value, rare, are resolved by index the same way.
         """
-        b = tl.where(eligible, bits, 0x100000000)
+        b = tl.where(eligible, bits, tl.full([], 1, tl.int64) << KEY_BITS)
         kth = tl.zeros([], dtype=tl.int64)
-        for i in range(32):
-            trial = kth | (tl.full([], 1, tl.int64) << (31 - i))
+        for i in range(KEY_BITS):
+            trial = kth | (tl.full([], 1, tl.int64) << (KEY_BITS - 1 - i))
             kth = tl.where(tl.sum((b < trial).to(tl.int32)) < count, trial, kth)
         ties = b == kth
         need = count - tl.sum((b < kth).to(tl.int32))
@@ -659,3 +753,94 @@ if triton is not None:
         new = tl.where(chosen & (draw >= keep_below), new, old)
         tl.store(out + at, new, mask=inside)
         tl.store(selected + at, chosen.to(tl.uint8), mask=inside)
+
+    @triton.jit
+    def _beit_block_kernel(seeds, aspect, out, h, w, target, min_block, salt_draw, salt_fill,
+                           FAR: tl.constexpr, TRIES: tl.constexpr, ASPECT_BITS: tl.constexpr,
+                           FILL_BITS: tl.constexpr, BLOCK: tl.constexpr, SIDE: tl.constexpr):
+        """_beit_blocks for one sample: the same integer draws, in a loop of its own."""
+        b = tl.program_id(0)
+        seed = tl.load(seeds + b)
+        h = h.to(tl.int64)
+        w = w.to(tl.int64)
+        target = target.to(tl.int64)
+        min_block = min_block.to(tl.int64)
+        n = h * w
+        index = tl.arange(0, BLOCK).to(tl.int64)
+        inside = index < n
+        row = index // w
+        col = index % w
+        side = tl.arange(0, SIDE).to(tl.int64) + 1
+        side_sq = ((2 * side - 1) * (2 * side - 1)) << 30
+        base, key = _stream_tl(seed, salt_draw)
+        mask = index < 0
+        dist = tl.full([BLOCK], FAR, tl.int64)
+        count = tl.zeros([], dtype=tl.int64)
+        rejected = tl.zeros([], dtype=tl.int64)
+        draw = tl.zeros([], dtype=tl.int64)
+        active = count < target
+        while active:
+            b0 = _bits_tl(base, key, 4 * draw)
+            b1 = _bits_tl(base, key, 4 * draw + 1)
+            b2 = _bits_tl(base, key, 4 * draw + 2)
+            b3 = _bits_tl(base, key, 4 * draw + 3)
+            remaining = target - count
+            area = (min_block << 16) + (remaining - min_block) * (b0 >> 16)
+            level = b1 >> (32 - ASPECT_BITS)
+            tall = area * tl.load(aspect + level)
+            wide = area * tl.load(aspect + ((1 << ASPECT_BITS) - 1 - level))
+            bh = tl.sum(((side_sq <= tall) & (side <= h)).to(tl.int64))
+            bw = tl.sum(((side_sq <= wide) & (side <= w)).to(tl.int64))
+            top = (b2 * tl.maximum(h - bh + 1, 1)) >> 32
+            left = (b3 * tl.maximum(w - bw + 1, 1)) >> 32
+            bottom = top + bh
+            right = left + bw
+            rect = inside & (row >= top) & (row < bottom) & (col >= left) & (col < right)
+            new = tl.sum((rect & ~mask).to(tl.int64))
+            take = (bh < h) & (bw < w) & (new > 0) & (new <= remaining)
+            mask = mask | (rect & take)
+            away = (tl.maximum(top - row, 0) + tl.maximum(row - bottom + 1, 0)
+                    + tl.maximum(left - col, 0) + tl.maximum(col - right + 1, 0))
+            dist = tl.where(take, tl.minimum(dist, away), dist)
+            count += tl.where(take, new, 0)
+            rejected = tl.where(take, 0, rejected + 1)
+            draw += 1
+            active = (count < target) & (rejected < TRIES)
+        # The exact fill (_grow_to): nearest unmasked patches first, then key, then index.
+        base, key = _stream_tl(seed, salt_fill)
+        keys = _bits_tl(base, key, index)
+        first = tl.min(tl.where(inside, (keys << 31) | index, 0x7FFFFFFFFFFFFFFF)) & 0x7FFFFFFF
+        from_first = tl.abs(row - first // w) + tl.abs(col - first % w)
+        dist = tl.where(count == 0, from_first, dist)
+        # Unmasked patches lie within h + w of the mask: their keys fit FILL_BITS bits.
+        fill = _select_tl((dist << 32) | keys, index, inside & ~mask, target - count, FILL_BITS)
+        tl.store(out + b.to(tl.int64) * n + index, (mask | fill).to(tl.uint8), mask=inside)
+
+    @triton.jit
+    def _inverse_block_kernel(seeds, out, h, w, keep, centers, length, salt_draw, salt_fill,
+                              BLOCK: tl.constexpr):
+        """_inverse_blocks for one sample."""
+        b = tl.program_id(0)
+        seed = tl.load(seeds + b)
+        w = w.to(tl.int64)
+        n = h.to(tl.int64) * w
+        length = length.to(tl.int64)
+        index = tl.arange(0, BLOCK).to(tl.int64)
+        inside = index < n
+        row = index // w
+        col = index % w
+        base, key = _stream_tl(seed, salt_draw)
+        kept = index < 0
+        for i in range(centers):
+            c = (_bits_tl(base, key, tl.full([], i, tl.int64)) * n) >> 32
+            lo_r = c // w - length // 2
+            lo_c = c % w - length // 2
+            kept = kept | ((row >= lo_r) & (row < lo_r + length) & (col >= lo_c)
+                           & (col < lo_c + length))
+        kept = kept & inside
+        excess = tl.sum(kept.to(tl.int64)) - keep
+        base, key = _stream_tl(seed, salt_fill)
+        candidates = tl.where(excess > 0, kept, inside & ~kept)
+        flip = _select_tl(_bits_tl(base, key, index), index, candidates, tl.abs(excess))
+        tl.store(out + b.to(tl.int64) * n + index, (inside & (kept == flip)).to(tl.uint8),
+                 mask=inside)

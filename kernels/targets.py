@@ -8,8 +8,12 @@ biased variance of F.instance_norm / F.layer_norm; padded steps of the target ar
 `instance_norm_padding="include"` counts padded steps in the instance statistics, as fairseq's
 F.instance_norm over the full T does.
 
-Paths: `teacher_targets_reference` (plain PyTorch, the ground truth) and two Triton kernels, picked
-by `teacher_targets` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
+Paths: `teacher_targets_reference` (plain PyTorch, the ground truth), two Triton kernels and their
+CUDA C++ counterparts in csrc/ (module d2v_cuda, loaded by kernels/_cuda.py: same two passes, a
+warp per step holding the row in registers, 16-byte loads, fp32 accumulation, Welford per thread
+and Chan merges across threads). `teacher_targets` runs Triton for CPU tensors under
+TRITON_INTERPRET=1, the reference for other CPU tensors, and on CUDA whichever of Triton and the
+extension measured faster for the shape (see _pick_backend; `last_backend()` says which ran):
   _stats_kernel    per (layer, b, channel block): Welford/Chan merges of [BLOCK_T x BLOCK_C]
                    tiles over the unpadded T -> mean and 1/std, K x B x C fp32.
   _combine_kernel  per SUB blocks of BLOCK_R steps of one sample, all C channels at once: for each
@@ -28,7 +32,8 @@ Minimal: K*s*N*C read + 4*N*C written (padded steps need not be read).
   instance         none / layer   2*K*s*N*C*p + 4*N*C                 (stats pass + combine pass)
   any              instance       the row above + (8*p + 4)*N*C       (stats over the fp32 average,
                                                                         then normalized in place)
-plus K*B*C*8 bytes of statistics. "include" reads the padded steps in the statistics passes
+plus K*B*C*8 bytes of statistics. The CUDA path moves the same bytes (its layer table is a kernel
+argument, not a device tensor). "include" reads the padded steps in the statistics passes
 (p = 1 there). The instance statistics must be complete before any step can be normalized, so each
 layer is read twice; the stats grid walks the batch backwards so that its last reads (all layers of
 the first samples) are what the combine kernel reads first, while they may still sit in L2.
@@ -56,11 +61,16 @@ _NORM_CODE = {"none": 0, "layer": 1, "instance": 2}
 
 def teacher_targets(layers, padding_mask=None, layer_norm="instance", final_norm="none", eps=1e-5,
                     instance_norm_padding="exclude"):
-    """K layers B x T x C (fp32/bf16/fp16, list or K x B x T x C), B x T bool -> B x T x C fp32."""
+    """K layers B x T x C (fp32/bf16/fp16, list or K x B x T x C), B x T bool -> B x T x C fp32.
+
+    The path taken ("cuda", "triton" or "reference") is recorded: see last_backend().
+    """
+    global _last_backend
     ys, pad = _check(layers, padding_mask, layer_norm, final_norm, eps, instance_norm_padding)
-    if _use_triton(ys[0]):
-        return _teacher_targets_triton(ys, pad, layer_norm, final_norm, eps, instance_norm_padding)
-    return _reference(ys, pad, layer_norm, final_norm, eps, instance_norm_padding)
+    args = (ys, pad, layer_norm, final_norm, eps, instance_norm_padding)
+    backend = _pick_backend(*args)
+    _last_backend = backend
+    return _RUNNERS[backend](*args)
 
 
 def teacher_targets_reference(layers, padding_mask=None, layer_norm="instance", final_norm="none",
@@ -114,13 +124,131 @@ def _check(layers, padding_mask, layer_norm, final_norm, eps, instance_norm_padd
     return ys, padding_mask
 
 
+# ---------------------------------------------------------------------------------------------
+# Backend choice. CPU: Triton under TRITON_INTERPRET=1, else the reference. CUDA: the CUDA C++
+# extension (kernels/_cuda.py) or Triton, whichever measured faster for the shape key: the first
+# call with a new key runs both (1 warm-up + 3 timed calls each, one host synchronization) and
+# caches the winner; later calls only look it up. The key buckets B*T to a power of two, so audio
+# batches of varying length measure once per bucket. During CUDA graph capture nothing is measured
+# (an unmeasured key takes Triton). D2V_TARGETS_BACKEND=triton|cuda|reference forces one path.
+
+BACKENDS = ("cuda", "triton", "reference")
+_last_backend: str | None = None
+_measured: dict[tuple, dict[str, float]] = {}  # shape key -> {backend: ms}
+_chosen: dict[tuple, str] = {}
+
+
+def last_backend() -> str | None:
+    """The path the last teacher_targets call took: "cuda", "triton", "reference" (None: no call)."""
+    return _last_backend
+
+
+def measured_backends() -> dict[tuple, dict]:
+    """Shape key -> {"chosen": backend, "ms": {backend: median ms}} of every measured choice."""
+    return {key: {"chosen": _chosen[key], "ms": dict(ms)} for key, ms in _measured.items()}
+
+
+def describe_backend(device: torch.device) -> str:
+    """One line for engine.backends: which path teacher_targets takes on `device`."""
+    forced = os.environ.get("D2V_TARGETS_BACKEND", "auto")
+    if device.type != "cuda":
+        return "triton (interpreted)" if _use_triton_on(device) else "torch reference"
+    from kernels import _cuda
+    ext = _cuda.status()
+    if forced != "auto":
+        return f"{forced} (D2V_TARGETS_BACKEND; cuda ext {ext})"
+    if triton is None:
+        return f"cuda ext {ext}, else torch reference"
+    return f"fastest of triton / cuda measured per shape (cuda ext {ext})"
+
+
+def _pick_backend(ys, pad, layer_norm, final_norm, eps, instance_norm_padding) -> str:
+    forced = os.environ.get("D2V_TARGETS_BACKEND", "auto")
+    if forced not in ("auto",) + BACKENDS:
+        raise ValueError(f"D2V_TARGETS_BACKEND must be one of {('auto',) + BACKENDS}, got "
+                         f"{forced!r}")
+    device = ys[0].device
+    if forced == "reference":
+        return "reference"
+    if device.type != "cuda":
+        if forced == "cuda":
+            raise ValueError(f"D2V_TARGETS_BACKEND=cuda needs CUDA tensors, got {device}")
+        return "triton" if _use_triton_on(device) else "reference"
+    module = _cuda_module(ys)
+    if forced == "cuda":
+        if module is None:
+            from kernels import _cuda
+            raise ValueError("D2V_TARGETS_BACKEND=cuda but the CUDA extension cannot run these "
+                             f"layers: {_cuda.status()}")
+        return "cuda"
+    if triton is None:
+        return "cuda" if module is not None else "reference"
+    if forced == "triton" or module is None:
+        return "triton"
+    key = _shape_key(ys, pad, layer_norm, final_norm, instance_norm_padding)
+    if key not in _chosen:
+        if torch.cuda.is_current_stream_capturing():
+            return "triton"
+        _measure(key, ys, pad, layer_norm, final_norm, eps, instance_norm_padding)
+    return _chosen[key]
+
+
+def _cuda_module(ys):
+    """The d2v_cuda module when it is loaded and takes these layers, else None."""
+    from kernels import _cuda
+    module, _ = _cuda.load()
+    if module is None or not module.supports(list(ys)):
+        return None
+    return module
+
+
+def _shape_key(ys, pad, layer_norm, final_norm, instance_norm_padding) -> tuple:
+    B, T, C = ys[0].shape
+    steps = 1 << max(0, B * T - 1).bit_length()  # B*T rounded up to a power of two
+    return (len(ys), steps, C, ys[0].dtype, layer_norm, final_norm, pad is not None,
+            instance_norm_padding, ys[0].device.index)
+
+
+def _measure(key, *args) -> None:
+    """Times the CUDA and Triton paths on these very inputs and records the faster."""
+    times = {}
+    for backend in ("triton", "cuda"):
+        run = _RUNNERS[backend]
+        run(*args)  # warm-up (and the Triton autotune/compile, the JIT load)
+        samples = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(*args)
+            end.record()
+            samples.append((start, end))
+        torch.cuda.synchronize()
+        times[backend] = sorted(s.elapsed_time(e) for s, e in samples)[1]
+    _measured[key] = times
+    _chosen[key] = min(times, key=times.get)
+
+
+def _teacher_targets_cuda(ys, pad, layer_norm, final_norm, eps, instance_norm_padding):
+    """Checked layers -> B x T x C fp32 targets by the CUDA C++ extension (csrc/)."""
+    from kernels import _cuda
+    module, reason = _cuda.load()
+    if module is None:
+        raise RuntimeError(f"teacher_targets: the CUDA extension is unavailable: {reason}")
+    return module.teacher_targets(list(ys), pad, _NORM_CODE[layer_norm], _NORM_CODE[final_norm],
+                                  float(eps), instance_norm_padding == "include")
+
+
 def _use_triton(y: torch.Tensor) -> bool:
-    """Whether `y`'s device runs the Triton kernels: CUDA, or CPU under TRITON_INTERPRET=1."""
+    return _use_triton_on(y.device)
+
+
+def _use_triton_on(device: torch.device) -> bool:
+    """Whether `device` runs the Triton kernels: CUDA, or CPU under TRITON_INTERPRET=1."""
     if triton is None:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return y.device.type == "cpu"
-    return y.device.type == "cuda"
+        return device.type == "cpu"
+    return device.type == "cuda"
 
 
 def _reference(ys, pad, layer_norm, final_norm, eps, instance_norm_padding):
@@ -213,6 +341,13 @@ def _layer_table(ys):
         table = table.pin_memory().to(ys[0].device, non_blocking=True)
     return table, vec if aligned else 1
 
+
+
+_RUNNERS = {
+    "cuda": _teacher_targets_cuda,
+    "triton": lambda *args: _teacher_targets_triton(*args),
+    "reference": _reference,
+}
 
 if triton is not None:
 

@@ -275,7 +275,9 @@ def test_span_mask_triton_is_bit_identical_to_reference(mask_length, min_masks, 
 @pytest.mark.parametrize("inverse,ratio", [(False, 75 / 196), (False, 0.6), (True, 0.8),
                                            (True, 0.5)])
 def test_block_mask_masks_exactly_the_rounded_count(grid, inverse, ratio):
-    m = block_mask(64, grid, ratio, seed=seeds(64), inverse=inverse)
+    # The batched reference (bit-identical to the kernel, see the Triton test below): the
+    # interpreter costs about a second per sample.
+    m = block_mask_reference(64, grid, ratio, seed=seeds(64), inverse=inverse)
     want = int(ratio * grid[0] * grid[1] + 0.5)
     assert m.shape == (64, grid[0] * grid[1]) and m.dtype == torch.bool
     counts = m.sum(1)
@@ -286,7 +288,7 @@ def test_block_mask_masks_exactly_the_rounded_count(grid, inverse, ratio):
 def test_beit_blocks_match_the_beit_generator_and_stay_rectangular(grid, ratio):
     h, w = grid
     n = 2000
-    ours = block_mask(n, grid, ratio, seed=seeds(n)).view(n, h, w).numpy()
+    ours = block_mask_reference(n, grid, ratio, seed=seeds(n)).view(n, h, w).numpy()
     rng = random.Random(0)
     theirs = [beit_block_mask(h, w, int(ratio * h * w + 0.5), 16, rng) for _ in range(n)]
     # Block shapes: the boundary grows with the number and elongation of the rectangles, the
@@ -309,7 +311,7 @@ def test_beit_blocks_match_the_beit_generator_and_stay_rectangular(grid, ratio):
 def test_inverse_blocks_match_data2vec2(grid):
     h, w = grid
     n = 1000
-    ours = block_mask(n, grid, 0.8, seed=seeds(n), inverse=True).view(n, h, w).numpy()
+    ours = block_mask_reference(n, grid, 0.8, seed=seeds(n), inverse=True).view(n, h, w).numpy()
     rng = np.random.default_rng(0)
     theirs = [d2v2_inverse_block_mask(h, w, 0.8, 3, 0.07, rng) for _ in range(n)]
     a = np.array([boundary(m) for m in ours], dtype=float)
@@ -321,20 +323,81 @@ def test_inverse_blocks_match_data2vec2(grid):
     assert a.mean() < 0.8 * scattered.mean(), "kept patches are no more grouped than at random"
 
 
+@pytest.mark.parametrize("grid,ratio,inverse", [
+    ((14, 14), 0.6, False),     # data2vec image v1 (BEiT blocks)
+    ((14, 14), 0.8, True),      # data2vec 2.0 image (inverse blocks)
+    ((7, 9), 0.4, False),
+    ((7, 9), 0.5, True),
+    ((3, 4), 0.1, False),       # target below min_block: no rectangle fits, the fill does it all
+    ((5, 5), 1.0, False),       # BEiT never covers the grid: most of it is the fill
+    ((4, 4), 0.0, True),
+])
+def test_block_mask_triton_is_bit_identical_to_reference(grid, ratio, inverse):
+    s = seeds(3, 17)
+    h, w = grid
+    args = masking._check_block(3, grid, ratio, s, 16, inverse, None, 3, 0.07)
+    out = torch.full((3, h * w), 0xAA, dtype=torch.uint8)  # poison: neither False nor True
+    masking._block_mask_triton(*args, out=out.view(torch.bool))
+    want = block_mask_reference(3, grid, ratio, seed=s, inverse=inverse)
+    assert torch.equal(out, want.to(torch.uint8)), f"{grid} {ratio} inverse={inverse}"
+
+
+def test_block_mask_dispatches_to_the_kernel_under_the_interpreter(monkeypatch):
+    calls = []
+    launcher = masking._block_mask_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "_block_mask_triton", spy)
+    got = block_mask(2, (6, 6), 0.5, seed=9, min_block=4)
+    assert calls == [(2,)], calls
+    assert torch.equal(got, block_mask_reference(2, (6, 6), 0.5, seed=9, min_block=4))
+
+
+def test_beit_masks_are_made_of_blocks_not_scattered_patches():
+    n, h, w = 120, 14, 14
+    m = block_mask_reference(n, (h, w), 0.4, seed=seeds(n, 3)).view(n, h, w).numpy()
+    row_runs = [length for mask in m for r in mask for _, length in runs(r)]
+    col_runs = [length for mask in m for r in mask.T for _, length in runs(r)]
+    # A random set of 78 of 196 patches has mean run length about 1.7; BEiT rectangles of >= 16
+    # patches with aspect in [0.3, 3.3] give runs of several patches in both directions.
+    assert np.mean(row_runs) > 3.0 and np.mean(col_runs) > 3.0, (np.mean(row_runs),
+                                                                   np.mean(col_runs))
+    biggest = np.array([max(components(mask)) for mask in m[:40]])
+    assert np.mean(biggest >= 16) > 0.9, "most masks must hold a block of at least min_block"
+
+
+def test_beit_geometry_is_exact_integer_rounding():
+    levels = masking._aspect_levels()
+    assert len(levels) == 1024 and levels[0] < levels[-1]
+    assert abs(levels[0] / 2**16 - 0.3) < 1e-3 and abs(levels[-1] / 2**16 - 1 / 0.3) < 4e-3
+    for i in (0, 100, 511, 900):  # level 1023 - i is the reciprocal of level i
+        assert abs(levels[i] * levels[1023 - i] / 2**32 - 1.0) < 1e-4
+    # round(sqrt(x)) as a count of (j - 1/2)^2 <= x agrees with float rounding off the ties.
+    x = torch.randint(1, 200 << 32, (5000,), generator=torch.Generator().manual_seed(0))
+    side = torch.arange(1, 20)
+    counted = (((2 * side - 1) ** 2 << 30) <= x[:, None]).sum(1)
+    rounded = torch.tensor([round(math.sqrt(v / 2**32)) for v in x.tolist()])
+    assert torch.equal(counted, rounded.clamp_max(19))
+
+
 def test_block_mask_per_sample_seed_ignores_the_rest_of_the_batch():
-    s = seeds(16, 5)
+    s = seeds(4, 5)
     for inverse in (False, True):
-        batch = block_mask(16, (14, 14), 0.6, seed=s, inverse=inverse)
-        for i in (0, 9, 15):
+        batch = block_mask(4, (14, 14), 0.6, seed=s, inverse=inverse)
+        for i in (0, 3):
             alone = block_mask(1, (14, 14), 0.6, seed=s[i:i + 1], inverse=inverse)
             assert torch.equal(alone[0], batch[i]), f"inverse={inverse}: sample {i} changed"
 
 
 def test_block_mask_is_deterministic_and_seed_dependent():
-    a = block_mask(8, (14, 14), 0.6, seed=3)
-    assert torch.equal(a, block_mask_reference(8, (14, 14), 0.6, seed=3, device="cpu"))
-    assert not torch.equal(a, block_mask(8, (14, 14), 0.6, seed=4)), "seed ignored"
-    assert len({tuple(r.tolist()) for r in a}) == 8, "int seed gave equal rows"
+    a = block_mask(4, (14, 14), 0.6, seed=3)
+    assert torch.equal(a, block_mask(4, (14, 14), 0.6, seed=3)), "same seed, different mask"
+    assert torch.equal(a, block_mask_reference(4, (14, 14), 0.6, seed=3, device="cpu"))
+    assert not torch.equal(a, block_mask(4, (14, 14), 0.6, seed=4)), "seed ignored"
+    assert len({tuple(r.tolist()) for r in a}) == 4, "int seed gave equal rows"
 
 
 # ---------------------------------------------------------------------------------------------

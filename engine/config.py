@@ -29,11 +29,19 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    # Start the student and teacher encoders from these weights (a Hugging Face Data2Vec*
+    # directory, or one of our run directories / checkpoint files); heads fresh, step 0.
+    init_from: str = ""
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
     ffn_dim: int = 3072
     layer_norm_first: bool = False  # pre-LN blocks (BEiT / image) instead of post-LN (audio, text)
+    # Setting model.dropout=0.0 as an override (command line or load_config's overrides) turns off
+    # every source of randomness in the model: attention_dropout, activation_dropout,
+    # encoder_dropout_input, layerdrop and drop_path are forced to 0 too (see
+    # deterministic_model). A YAML file's `dropout: 0.0` only sets the hidden dropout, so recipes
+    # such as BEiT's (no hidden dropout, drop path 0.25) stay expressible.
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
@@ -144,6 +152,8 @@ class TrainConfig:
     keep_last: int = 2
     progress: bool = True
     probe: bool = False  # after the run, rank 0 prints a linear probe of the final checkpoint
+    dry_run: bool = False  # print and write run.dir/plan.json, then exit without training
+    world_size: int = 0  # expected number of ranks; 0: whatever torchrun gives
 
 
 @dataclass
@@ -278,8 +288,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         keys, value = parse_override(text)
         _merge(cfg, _nest(keys, value), "")
+        if keys == ["model", "dropout"] and cfg.model.dropout == 0.0:
+            deterministic_model(cfg.model)
     validate(cfg)
     return cfg
+
+
+RANDOM_MODEL_KEYS = ("dropout", "attention_dropout", "activation_dropout", "encoder_dropout_input",
+                     "layerdrop", "drop_path")
+
+
+def deterministic_model(model: ModelConfig) -> None:
+    """Turns off every source of randomness in the model (what model.dropout=0.0 means)."""
+    for key in RANDOM_MODEL_KEYS:
+        setattr(model, key, 0.0)
 
 
 def validate(cfg: Config) -> None:
@@ -299,6 +321,9 @@ def validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
+    need(not (t.resume and m.init_from), "model.init_from",
+         "starts a new run from given weights; train.resume=true continues a run: use one of them")
     need(0.0 < cfg.masking.mask_prob < 1.0, "masking.mask_prob", "must be in (0, 1)")
     need(cfg.masking.mask_length >= 1, "masking.mask_length", "must be >= 1")
     need(len(cfg.masking.replace) == 3 and abs(sum(cfg.masking.replace) - 1) < 1e-6

@@ -63,6 +63,29 @@ def read_wav(path: Path | str) -> tuple[np.ndarray, int, int]:
     return samples[:frames * channels].reshape(frames, channels), rate, channels
 
 
+def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
+    """read_wav's result for any file the engine accepts: WAV (16-bit PCM or float32) without a
+    dependency; other WAV encodings and FLAC through the optional `soundfile` package. The
+    loader and `engine.prepare` both decode with this, so whatever prepare accepts loads."""
+    path = Path(path)
+    if path.suffix.lower() == ".wav":
+        try:
+            return read_wav(path)
+        except ValueError as e:
+            if not str(e).startswith("unsupported encoding"):
+                raise
+    try:
+        import soundfile
+    except ImportError:
+        raise ValueError(f"decoding {path.suffix or 'this file'} needs the soundfile package "
+                         "(pip install soundfile)") from None
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return samples, int(rate), samples.shape[1]
+
+
 def read_manifest(manifest: Path) -> tuple[Path, list[tuple[str, int]]]:
     """(root folder, [(relative path, num_samples)]) of a fairseq .tsv manifest."""
     if not manifest.is_file():
@@ -115,7 +138,7 @@ class AudioManifestDataset:
     def read(self, path: Path) -> np.ndarray:
         """Mono float32 waveform in [-1, 1]; DataError on a wrong rate or channel count."""
         try:
-            samples, rate, channels = read_wav(path)
+            samples, rate, channels = read_audio(path)
         except FileNotFoundError:
             raise bad_file(self.cfg.on_bad_file, path, "file not found") from None
         except (OSError, ValueError) as e:

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.backends import describe, detect
+from engine.cpu_setup import describe as describe_cpu
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -29,8 +30,10 @@ from engine.data2vec import Data2Vec, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError, DataError
-from engine.metrics import MetricsLog, Progress
+from engine.init_from import init_encoder
+from engine.metrics import MetricsLog, Progress, warn_data_wait
 from engine.models import build_model
+from engine.plan import describe_plan, make_plan, write_plan
 from engine.schedule import lr_factor, scaled_lr
 from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
 
@@ -101,10 +104,20 @@ def train(cfg: Config) -> dict:
     """Runs (or resumes) pretraining; returns {'step': last completed step, 'losses': [...]}."""
     dist = init_distributed(cfg.train.device)
     device, run_dir = dist.device, cfg.run_dir
+    if dist.cpu:
+        print(f"d2v-engine: {describe_cpu(dist.cpu, dist.rank)}", file=sys.stderr, flush=True)
+    run_plan = make_plan(cfg, dist)  # ConfigError on world size, batch arithmetic, empty data
+    if dist.is_main:
+        print(describe_plan(run_plan.info), file=sys.stdout if cfg.train.dry_run else sys.stderr,
+              flush=True)
+    if cfg.train.dry_run:
+        if dist.is_main:
+            write_plan(run_dir, run_plan.info)
+        return {"step": 0, "losses": [], "run_dir": str(run_dir), "plan": run_plan.info,
+                "pid": os.getpid()}
     resume_from = _prepare_run_dir(cfg, dist)
 
-    dataset = build_dataset(cfg.data, cfg.modality, "train")
-    plan = BatchPlan.make(cfg.train.global_batch, cfg.train.micro_batch, dist.world_size)
+    dataset, plan = run_plan.dataset, run_plan.batch
     vocab = getattr(dataset, "vocab_size", 0)
     if cfg.modality == "text" and vocab > cfg.model.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than "
@@ -113,6 +126,8 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     encoder = build_model(cfg.model, cfg.modality)
+    if cfg.model.init_from:  # student and teacher (its copy) start from these weights
+        init_encoder(encoder, cfg.model.init_from, cfg.modality)
     model = Data2Vec(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
     teacher = EMATeacher(encoder, shared_prefixes=shared)
@@ -133,6 +148,7 @@ def train(cfg: Config) -> dict:
     log = MetricsLog(run_dir, enabled=dist.is_main)
     if dist.is_main:
         _write_run_info(cfg, run_dir, dist, plan, peak_lr)
+        write_plan(run_dir, run_plan.info)
         if resume_from is not None:
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name})
             print(f"d2v-engine: resumed from {resume_from} at step {start_step}", file=sys.stderr)
@@ -147,6 +163,7 @@ def train(cfg: Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     losses, bad_files = [], 0
     last_log_time, last_log_step = time.time(), start_step
+    cycle_start, data_wait, last_wait_warning = time.perf_counter(), 0.0, -1e9
 
     model.train()
     for step in range(start_step, stop):
@@ -154,7 +171,9 @@ def train(cfg: Config) -> dict:
         loss_sum = torch.zeros((), device=device)
         masked = torch.zeros((), device=device)
         for micro in range(plan.accumulation):
+            wait_start = time.perf_counter()
             batch = next(batches)
+            data_wait += time.perf_counter() - wait_start
             if batch["bad_files"]:
                 bad_files += len(batch["bad_files"])
                 if dist.is_main:
@@ -163,7 +182,10 @@ def train(cfg: Config) -> dict:
                 raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
             batch = _to_device(batch, device)
-            torch.manual_seed(mix_seed(cfg.seed, step, dist.rank, micro, STREAM_DROPOUT))
+            # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
+            # dropout does not depend on the world size either.
+            torch.manual_seed(mix_seed(cfg.seed, step, micro * dist.world_size + dist.rank,
+                                       STREAM_DROPOUT))
             last = micro == plan.accumulation - 1
             sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
             with sync:
@@ -173,7 +195,12 @@ def train(cfg: Config) -> dict:
             loss_sum += out.loss_sum.detach().float()
             masked += out.masked
 
-        totals = all_reduce_sum(torch.stack([loss_sum, masked]))
+        # Fraction of this step's cycle (since the last one) spent waiting for the loader; summed
+        # over ranks in the same all-reduce as the loss, so it costs no extra synchronization.
+        now = time.perf_counter()
+        wait_frac = torch.tensor(data_wait / max(now - cycle_start, 1e-9), device=device)
+        cycle_start, data_wait = now, 0.0
+        totals = all_reduce_sum(torch.stack([loss_sum, masked, wait_frac]))
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
@@ -197,7 +224,9 @@ def train(cfg: Config) -> dict:
                 "pred_var": channel_std(out.pred).item(),
                 "masked_per_step": totals[1].item(),
                 "bad_files": bad_files,
+                "data_wait_frac": totals[2].item() / dist.world_size,
             }
+            last_wait_warning = warn_data_wait(row, last_wait_warning, dist.is_main)
             last_log_time, last_log_step = now, done
             losses.append(loss)
             log.write(row)

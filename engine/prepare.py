@@ -338,8 +338,10 @@ def prepare_image(args) -> int:
 
 
 def prepare_text(argv: list[str]) -> int:
+    import importlib
+
     try:
-        from engine.data import tokenize
+        tokenize = importlib.import_module("engine.data.tokenize")
     except ImportError as e:
         if getattr(e, "name", None) not in ("engine.data.tokenize", None):
             raise

@@ -32,11 +32,19 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    # Start the student and teacher encoders from these weights (a Hugging Face Data2Vec*
+    # directory, or one of our run directories / checkpoint files); heads fresh, step 0.
+    init_from: str = ""
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
     ffn_dim: int = 3072
     layer_norm_first: bool = False  # pre-LN blocks (BEiT / image) instead of post-LN (audio, text)
+    # Setting model.dropout=0.0 as an override (command line or load_config's overrides) turns off
+    # every source of randomness in the model: attention_dropout, activation_dropout,
+    # encoder_dropout_input, layerdrop and drop_path are forced to 0 too (see
+    # deterministic_model). A YAML file's `dropout: 0.0` only sets the hidden dropout, so recipes
+    # such as BEiT's (no hidden dropout, drop path 0.25) stay expressible.
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
@@ -168,6 +176,8 @@ class TrainConfig:
     debug_nan_steps: list = field(default_factory=list)  # test hook: steps whose loss is made NaN
     progress: bool = True
     probe: bool = False  # after the run, rank 0 prints a linear probe of the final checkpoint
+    dry_run: bool = False  # print and write run.dir/plan.json, then exit without training
+    world_size: int = 0  # expected number of ranks; 0: whatever torchrun gives
 
 
 @dataclass
@@ -302,8 +312,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         keys, value = parse_override(text)
         _merge(cfg, _nest(keys, value), "")
+        if keys == ["model", "dropout"] and cfg.model.dropout == 0.0:
+            deterministic_model(cfg.model)
+            cfg.objective.decoder_input_dropout = 0.0  # v2's decoder is part of the model too
     validate(cfg)
     return cfg
+
+
+RANDOM_MODEL_KEYS = ("dropout", "attention_dropout", "activation_dropout", "encoder_dropout_input",
+                     "layerdrop", "drop_path")
+
+
+def deterministic_model(model: ModelConfig) -> None:
+    """Turns off every source of randomness in the model (what model.dropout=0.0 means)."""
+    for key in RANDOM_MODEL_KEYS:
+        setattr(model, key, 0.0)
 
 
 def validate(cfg: Config) -> None:
@@ -329,6 +352,9 @@ def validate(cfg: Config) -> None:
     need(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.debug_nan_steps),
          "train.debug_nan_steps", "must be a list of steps >= 1")
     need(o.collapse_check_after >= 0, "objective.collapse_check_after", "must be >= 0")
+    need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
+    need(not (t.resume and m.init_from), "model.init_from",
+         "starts a new run from given weights; train.resume=true continues a run: use one of them")
     need(0.0 < cfg.masking.mask_prob < 1.0, "masking.mask_prob", "must be in (0, 1)")
     need(cfg.masking.mask_length >= 1, "masking.mask_length", "must be >= 1")
     need(len(cfg.masking.replace) == 3 and abs(sum(cfg.masking.replace) - 1) < 1e-6

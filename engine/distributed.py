@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,7 @@ class DistInfo:
     world_size: int
     local_world_size: int
     device: torch.device
+    cpu: dict = field(default_factory=dict)  # engine.cpu_setup's report, under torchrun
 
     @property
     def is_main(self) -> bool:
@@ -41,14 +42,6 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _set_cpu_threads(local_world_size: int) -> None:
-    # Ranks sharing a machine would otherwise each start one thread per core (fairseq#3342).
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // max(1, local_world_size)))
-
-
 def _attempt_store(rank: int, world_size: int):
     """The rendezvous store under torchrun, with a key prefix of its own for this attempt.
 
@@ -69,8 +62,12 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     device = pick_device(device_preference, local_rank)
+    cpu = {}
+    if "LOCAL_WORLD_SIZE" in os.environ:  # under torchrun: threads and CPUs per rank
+        from engine.cpu_setup import configure_rank
+
+        cpu = configure_rank(local_rank, local_world_size)
     if world_size > 1:
-        _set_cpu_threads(local_world_size)
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
@@ -80,7 +77,7 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
                                         rank=rank, world_size=world_size)
             else:
                 dist.init_process_group(backend=backend)
-    return DistInfo(rank, local_rank, world_size, local_world_size, device)
+    return DistInfo(rank, local_rank, world_size, local_world_size, device, cpu)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,23 @@ class MetricsLog:
             self._wandb = None
 
 
+DATA_WAIT_WARN = 0.2  # fraction of a step spent waiting for the loader that earns a warning
+DATA_WAIT_WARN_EVERY_S = 300.0
+
+
+def warn_data_wait(row: dict, last_warning: float, enabled: bool = True) -> float:
+    """Warns (at most every 5 minutes) when the loader holds back the step; returns the time of
+    the last warning."""
+    frac = row.get("data_wait_frac", 0.0)
+    now = time.time()
+    if enabled and frac > DATA_WAIT_WARN and now - last_warning >= DATA_WAIT_WARN_EVERY_S:
+        print(f"d2v-engine: warning: step {row.get('step')}: {frac:.0%} of the step waits for the "
+              f"data loader (more data.num_workers, faster storage or a GPU loader would help)",
+              file=sys.stderr, flush=True)
+        return now
+    return last_warning
+
+
 class Progress:
     """One updating line on a terminal; a plain line every `every` steps otherwise."""
 

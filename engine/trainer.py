@@ -24,11 +24,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.backends import describe, env_report
+from engine.cpu_setup import describe as describe_cpu
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
 )
 from engine.config import Config, dump_yaml, to_dict
-from engine.data import build_dataset
 from engine.data.loader import BatchPlan
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
@@ -36,8 +36,10 @@ from engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError, DataError
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
-from engine.metrics import MetricsLog, Progress
+from engine.init_from import init_encoder
+from engine.metrics import MetricsLog, Progress, warn_data_wait
 from engine.models import build_model
+from engine.plan import describe_plan, make_plan, write_plan
 from engine.preemption import (
     StopSignals, injected_kill_step, kill_self, launch_id, restart_checkpoint, restart_count,
 )
@@ -130,11 +132,21 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> dict:
     dist = init_distributed(cfg.train.device)
     device, run_dir = dist.device, cfg.run_dir
+    if dist.cpu:
+        print(f"d2v-engine: {describe_cpu(dist.cpu, dist.rank)}", file=sys.stderr, flush=True)
+    run_plan = make_plan(cfg, dist)  # ConfigError on world size, batch arithmetic, empty data
+    if dist.is_main:
+        print(describe_plan(run_plan.info), file=sys.stdout if cfg.train.dry_run else sys.stderr,
+              flush=True)
+    if cfg.train.dry_run:
+        if dist.is_main:
+            write_plan(run_dir, run_plan.info)
+        return {"step": 0, "losses": [], "run_dir": str(run_dir), "plan": run_plan.info,
+                "pid": os.getpid()}
     resume_from = _prepare_run_dir(cfg, dist)
 
-    dataset = build_dataset(cfg.data, cfg.modality, "train")
+    dataset, plan = run_plan.dataset, run_plan.batch
     loader_kind = choose_loader(cfg.data, cfg.modality)
-    plan = BatchPlan.make(cfg.train.global_batch, cfg.train.micro_batch, dist.world_size)
     vocab = getattr(dataset, "vocab_size", 0)
     if cfg.modality == "text" and vocab > cfg.model.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than "
@@ -143,6 +155,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
 
     torch.manual_seed(cfg.seed)
     encoder = build_model(cfg.model, cfg.modality)
+    if cfg.model.init_from:  # student and teacher (its copy) start from these weights
+        init_encoder(encoder, cfg.model.init_from, cfg.modality)
     model = build_objective(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
     teacher = EMATeacher(encoder, shared_prefixes=shared)
@@ -168,6 +182,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     if dist.is_main:
         _write_run_info(cfg, run_dir, dist, plan, peak_lr,
                         describe_loader(loader_kind, cfg.data, device))
+        write_plan(run_dir, run_plan.info)
         if resume_from is not None:
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name,
                        "restart": restart_count()})
@@ -187,6 +202,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     losses, bad_files, first_bad, preempted = [], 0, [], False
     last_log_time, last_log_step = time.time(), start_step
+    cycle_start, data_wait, last_wait_warning = time.perf_counter(), 0.0, -1e9
 
     model.train()
     for step in range(start_step, stop):
@@ -196,7 +212,9 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         loss_sum = torch.zeros((), device=device)
         masked = torch.zeros((), device=device)
         for micro in range(plan.accumulation):
+            wait_start = time.perf_counter()
             batch = next(batches)
+            data_wait += time.perf_counter() - wait_start
             if batch["bad_files"]:
                 bad_files += len(batch["bad_files"])
                 first_bad += batch["bad_files"][:max(0, 10 - len(first_bad))]
@@ -206,7 +224,10 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
             batch = _to_device(batch, device)
-            torch.manual_seed(mix_seed(cfg.seed, step, dist.rank, micro, STREAM_DROPOUT))
+            # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
+            # dropout does not depend on the world size either.
+            torch.manual_seed(mix_seed(cfg.seed, step, micro * dist.world_size + dist.rank,
+                                       STREAM_DROPOUT))
             last = micro == plan.accumulation - 1
             sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
             with sync:
@@ -217,13 +238,18 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             loss_sum += micro_loss.detach().float()
             masked += out.masked
 
-        totals = all_reduce_sum(torch.stack([loss_sum, masked, signals.vote(device)]))
+        # Fraction of this step's cycle (since the last one) spent waiting for the loader; summed
+        # over ranks in the same all-reduce as the loss, so it costs no extra synchronization.
+        now = time.perf_counter()
+        wait_frac = torch.tensor(data_wait / max(now - cycle_start, 1e-9), device=device)
+        cycle_start, data_wait = now, 0.0
+        totals = all_reduce_sum(torch.stack([loss_sum, masked, signals.vote(device), wait_frac]))
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # The step's one host read (engine.guards): skip decision, stop votes, logged numbers.
-        loss_total, masked_total, stop_votes, grad_norm = \
+        loss_total, masked_total, stop_votes, wait_total, grad_norm = \
             torch.cat([totals, grad_norm.float().reshape(1)]).tolist()
         lr = optimizer.param_groups[0]["lr"]
         done = step + 1
@@ -251,7 +277,9 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 "bad_files": bad_files,
                 "bad_files_first": first_bad,
                 "skipped_steps": guard.skipped_steps,
+                "data_wait_frac": wait_total / dist.world_size,
             }
+            last_wait_warning = warn_data_wait(row, last_wait_warning, dist.is_main)
             last_log_time, last_log_step = now, done
             losses.append(loss)
             log.write(row)

@@ -1,4 +1,5 @@
-"""Two gloo ranks under torchrun: the run checkpoints and follows the 1-rank trajectory."""
+"""Two gloo ranks under torchrun: the run checkpoints, follows the 1-rank x 2-accumulation trajectory
+on every modality, and each rank sets its threads and CPU affinity."""
 import json
 import os
 import subprocess
@@ -7,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import load_config
+from engine.trainer import train
+
 ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 
 def _losses(run_dir):
@@ -15,24 +20,69 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def _run(launcher, run_dir, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
-    cmd = [*launcher, "-m", "engine.train", "configs/tiny_image.yaml", f"run.dir={run_dir}",
-           "train.progress=false", "train.log_every=1", "train.max_steps=4", "train.global_batch=8",
-           "model.drop_path=0.0", "data.augment=false", *overrides]
+def _torchrun(port, run_dir, config, *overrides, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    cmd = [*TORCHRUN, "--master_port", str(port), "-m", "engine.train", config,
+           f"run.dir={run_dir}", "train.progress=false", "train.log_every=1", *overrides]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def test_two_rank_gloo_run_checkpoints_and_matches_one_rank_with_accumulation(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29533"]
-    _run(torchrun, tmp_path / "two", "train.micro_batch=4", "train.checkpoint_every=2")
-    assert (tmp_path / "two" / "checkpoint_00000004.pt").is_file()
-    assert (tmp_path / "two" / "checkpoint_00000002.pt").is_file()
-    _run([sys.executable], tmp_path / "one", "train.micro_batch=4")
-    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
-    assert len(two) == len(one) == 4
-    for a, b in zip(two, one):
-        assert a == pytest.approx(b, rel=1e-5), f"2 ranks {two} vs 1 rank x 2 accumulation {one}"
+def _share_of_cpus():
+    usable = sorted(os.sched_getaffinity(0))
+    return usable, max(1, len(usable) // 2)
+
+
+@pytest.mark.parametrize("modality,port", [("image", 29533), ("audio", 29534), ("text", 29535)])
+def test_two_gloo_ranks_follow_one_rank_with_accumulation_two(modality, port, tmp_path,
+                                                              monkeypatch):
+    # model.dropout=0.0 turns off every random source in the model (drop path of tiny_image
+    # included) and data.augment=false the loader's crops: what is left is summation order.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    config = f"configs/tiny_{modality}.yaml"
+    common = ["train.max_steps=5", "train.global_batch=8", "train.micro_batch=4",
+              "model.dropout=0.0", "data.augment=false"]
+    extra = ["train.checkpoint_every=2"] if modality == "image" else []
+    # OMP_NUM_THREADS unset: the 1 torchrun puts in the ranks' environment is its default, not
+    # the user's choice, so each rank takes usable CPUs // 2 threads and those CPUs.
+    two = _torchrun(port, tmp_path / "two", config, *common, *extra,
+                    env={"OMP_NUM_THREADS": None})
+    one = train(load_config(ROOT / config, [f"run.dir={tmp_path / 'one'}", "train.progress=false",
+                                            "train.log_every=1", *common]))
+    plan_two = json.loads((tmp_path / "two" / "plan.json").read_text())
+    plan_one = json.loads((tmp_path / "one" / "plan.json").read_text())
+    assert (plan_two["world_size"], plan_two["accumulation"], plan_two["micro_batch"]) == (2, 1, 4)
+    assert (plan_one["world_size"], plan_one["accumulation"], plan_one["micro_batch"]) == (1, 2, 4)
+    if modality == "image":
+        assert (tmp_path / "two" / "checkpoint_00000004.pt").is_file()
+        assert (tmp_path / "two" / "checkpoint_00000005.pt").is_file()
+    l2, l1 = _losses(tmp_path / "two"), one["losses"]
+    print(f"\n{modality} 1 rank x 2 accumulation: {l1}\n{modality} 2 ranks x 1: {l2}")
+    assert len(l2) == len(l1) == 5
+    for a, b in zip(l2, l1):
+        assert a == pytest.approx(b, rel=1e-5), f"2 ranks {l2} vs 1 rank x 2 accumulation {l1}"
+    rows = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 for r in rows if "loss" in r)
+
+    usable, share = _share_of_cpus()
+    lines = [l for l in two.stderr.splitlines() if "intra-op thread" in l]
+    assert len(lines) == 2, two.stderr
+    for rank in (0, 1):
+        line = next(l for l in lines if f"rank {rank} (local {rank}/2)" in l)
+        assert f": {share} intra-op thread(s) from share of the cores" in line, line
+        assert "pinned to CPUs" in line, line
+    cpu = plan_two["cpu"]
+    assert cpu["threads"] == share and cpu["pinned"] and cpu["cpus"] == usable[:share]
+
+
+def test_a_users_omp_num_threads_is_kept_and_ranks_still_pinned(tmp_path):
+    r = _torchrun(29536, tmp_path, "configs/tiny_image.yaml", "train.dry_run=true",
+                  env={"OMP_NUM_THREADS": "3"})
+    usable, share = _share_of_cpus()
+    cpu = json.loads((tmp_path / "plan.json").read_text())["cpu"]
+    assert cpu["threads_from"] == "OMP_NUM_THREADS (user)" and cpu["pinned"]
+    assert cpu["cpus"] == usable[:share]
+    assert not (tmp_path / "metrics.jsonl").exists()  # a dry run does not train
+    assert sum("OMP_NUM_THREADS (user)" in l for l in r.stderr.splitlines()) == 2

@@ -28,8 +28,9 @@ __all__ = [
 def build_dataset(data_cfg: DataConfig, modality: str, split: str = "train"):
     """The dataset at data.path: an image folder, an audio manifest or a text folder.
 
-    Image folders have no splits (point data.path at the split's folder); audio and text use `split`
-    unless data.path is a manifest file.
+    Image folders have no splits (point data.path at the split's folder); a folder written by
+    `engine.prepare image` (or its .tsv list) has. Audio and text use `split` unless data.path is a
+    manifest file.
     """
     if not data_cfg.path:
         raise ConfigError("config key 'data.path': empty; set it to the data folder or manifest")
@@ -37,7 +38,8 @@ def build_dataset(data_cfg: DataConfig, modality: str, split: str = "train"):
     if not path.exists():
         raise DataError(f"data.path not found: {path}")
     if modality == "image":
-        return ImageFolderDataset(data_cfg, path)
+        prepared = path / f"{split}.tsv"  # a folder `engine.prepare image` wrote
+        return ImageFolderDataset(data_cfg, prepared if prepared.is_file() else path)
     if modality == "audio":
         return AudioManifestDataset(data_cfg, path / f"{split}.tsv" if path.is_dir() else path)
     if modality == "text":

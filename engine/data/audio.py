@@ -111,6 +111,27 @@ def resample(wav: np.ndarray, rate: int, target: int, taps: int = 32) -> np.ndar
         rows = slice(start, start + 8192)
         out[rows] = (padded[k[rows] + half] * weights[rows]).sum(axis=1)
     return out
+def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
+    """read_wav's result for any file the engine accepts: WAV (16-bit PCM or float32) without a
+    dependency; other WAV encodings and FLAC through the optional `soundfile` package. The
+    loader and `engine.prepare` both decode with this, so whatever prepare accepts loads."""
+    path = Path(path)
+    if path.suffix.lower() == ".wav":
+        try:
+            return read_wav(path)
+        except ValueError as e:
+            if not str(e).startswith("unsupported encoding"):
+                raise
+    try:
+        import soundfile
+    except ImportError:
+        raise ValueError(f"decoding {path.suffix or 'this file'} needs the soundfile package "
+                         "(pip install soundfile) or the DALI loader (data.loader=dali)") from None
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return samples, int(rate), samples.shape[1]
 
 
 def read_manifest(manifest: Path) -> tuple[Path, list[tuple[str, int]]]:
@@ -178,11 +199,7 @@ class AudioManifestDataset:
         """Mono float32 waveform in [-1, 1] at data.sample_rate (resampled when data.resample);
         BadSample or DataError (data.on_bad_file) for a damaged file or a wrong rate/channels."""
         try:
-            data = path.read_bytes()
-            if data[:4] == b"fLaC":
-                raise DataError(f"{path}: FLAC needs the DALI loader (pip install "
-                                "nvidia-dali-cuda130, data.loader=auto or dali)")
-            samples, rate, channels = read_wav(path)
+            samples, rate, channels = read_audio(path)
         except FileNotFoundError:
             raise bad_file(self.cfg.on_bad_file, path, "file not found") from None
         except (OSError, ValueError) as e:

@@ -55,6 +55,37 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[int] | None, list[str
     return files, labels, classes
 
 
+def read_image_list(path: Path) -> tuple[list[str], list[int] | None, list[str]]:
+    """(files, labels or None, class names) of a list written by `engine.prepare image`: the
+    root folder on line 1, then `relative_path[<TAB>label]` (labels on every line or none);
+    class names from classes.txt beside it when present."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty; line 1 must be the root folder of the images")
+    root = Path(lines[0].strip())
+    root = root if root.is_absolute() else Path(path).parent / root
+    rows = [line.split("\t") for line in lines[1:]]
+    if not rows:
+        raise DataError(f"{path} lists no images (only the root line)")
+    labelled = len(rows[0]) > 1
+    files, labels = [], []
+    for number, parts in enumerate(rows, start=2):
+        if (len(parts) > 1) != labelled or (labelled and not parts[1].strip().isdigit()):
+            raise DataError(f"{path} line {number}: expected 'path<TAB>label' on every line or "
+                            f"'path' on every line, got {chr(9).join(parts)!r}")
+        files.append(str(root / parts[0]))
+        if labelled:
+            labels.append(int(parts[1]))
+    classes_file = Path(path).parent / "classes.txt"
+    classes = []
+    if labelled:
+        count = max(labels) + 1
+        names = classes_file.read_text().split("\n") if classes_file.is_file() else []
+        names = [n for n in names if n]
+        classes = names if len(names) == count else [str(i) for i in range(count)]
+    return files, (labels if labelled else None), classes
+
+
 def random_resized_crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
     """(left, top, w, h) of a crop as torchvision's RandomResizedCrop.get_params draws it."""
     area = width * height
@@ -104,7 +135,9 @@ class ImageFolderDataset:
     def __init__(self, data_cfg: DataConfig, root: Path):
         self.cfg = data_cfg
         self.root = Path(root)
-        self.files, self.labels, self.classes = scan_image_folder(self.root)
+        # A folder is scanned; a file is the list `engine.prepare image` wrote.
+        scan = read_image_list if self.root.is_file() else scan_image_folder
+        self.files, self.labels, self.classes = scan(self.root)
         self.num_labels = len(self.classes)
 
     def __len__(self) -> int:

@@ -1,0 +1,161 @@
+"""The run's plan, worked out before any GPU time is spent, and its checks.
+
+make_plan(cfg, dist) returns what the run will do: the rank layout torchrun gave, the global batch
+cut into ranks x accumulation x micro-batch, the learning rate after scaling, the data left after
+the size filters, steps per epoch and the checkpoints. It raises ConfigError, naming the numbers,
+when a configured train.world_size disagrees with torchrun's, when the global batch does not divide
+into micro-batches over the ranks, or when the size filters leave less than one global batch. The
+trainer prints it, stores it as run.dir/plan.json, and stops there under train.dry_run=true.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import Config
+from engine.data import build_dataset
+from engine.data.loader import BatchPlan
+from engine.distributed import DistInfo
+from engine.errors import ConfigError
+from engine.schedule import scaled_lr
+
+
+@dataclass
+class RunPlan:
+    batch: BatchPlan
+    lr: float
+    dataset: object
+    info: dict  # what plan.json holds
+
+
+def check_world_size(cfg: Config, dist: DistInfo) -> None:
+    """ConfigError when train.world_size is set and torchrun started another number of ranks."""
+    want = cfg.train.world_size
+    if want and want != dist.world_size:
+        env = os.environ.get("WORLD_SIZE")
+        got = f"WORLD_SIZE={env}" if env is not None else "no WORLD_SIZE: not under torchrun"
+        raise ConfigError(
+            f"config key 'train.world_size': {want}, but this run has {dist.world_size} rank(s) "
+            f"({got}); launch torchrun with --nnodes x --nproc_per_node = {want}, or set "
+            f"train.world_size=0 to accept any")
+
+
+def _check_audio_filters(cfg: Config) -> None:
+    # The dataset itself refuses an all-filtered manifest; naming the numbers here first turns a
+    # "dataset is empty" into the filter and the lengths it left out.
+    from engine.data.audio import read_manifest
+
+    path = Path(cfg.data.path).expanduser()
+    manifest = path / "train.tsv" if path.is_dir() else path
+    if not manifest.is_file():
+        return  # build_dataset names the missing file
+    _, entries = read_manifest(manifest)
+    sizes = [n for _, n in entries]
+    if not any(n >= cfg.data.min_sample_size for n in sizes):
+        rate = cfg.data.sample_rate
+        raise ConfigError(
+            f"config key 'data.min_sample_size': {cfg.data.min_sample_size} samples "
+            f"({cfg.data.min_sample_size / rate:.2f} s) leaves 0 of the {len(sizes)} entries of "
+            f"{manifest} (longest {max(sizes)} samples = {max(sizes) / rate:.2f} s)")
+
+
+def data_summary(cfg: Config, dataset) -> dict:
+    """Samples left after the size filters, with seconds (audio) or tokens (text)."""
+    out = {"samples": len(dataset)}
+    if cfg.modality == "audio":
+        out["seconds"] = float(dataset.sizes.sum()) / cfg.data.sample_rate
+        out["dropped_by_size"] = int(dataset.skipped)
+        out["min_sample_size"] = cfg.data.min_sample_size
+        out["max_sample_size"] = cfg.data.max_sample_size
+    elif cfg.modality == "text":
+        if getattr(dataset, "labels", None) is not None:
+            out["tokens"] = int(sum(min(len(dataset.body(i)), dataset.block) + 2
+                                    for i in range(len(dataset))))
+        else:
+            out["tokens"] = int(len(dataset.tokens))
+        out["max_tokens"] = cfg.data.max_tokens
+    return out
+
+
+def checkpoint_count(max_steps: int, every: int) -> int:
+    """Checkpoints a full run writes: every `every` steps and at the end."""
+    if every <= 0:
+        return 1
+    return max_steps // every + (1 if max_steps % every else 0)
+
+
+def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
+    """Checks the run's arithmetic and data before training; builds the training dataset."""
+    t = cfg.train
+    check_world_size(cfg, dist)
+    batch = BatchPlan.make(t.global_batch, t.micro_batch, dist.world_size)
+    if cfg.modality == "audio":
+        _check_audio_filters(cfg)
+    dataset = build_dataset(cfg.data, cfg.modality, "train")
+    data = data_summary(cfg, dataset)
+    if data["samples"] < batch.global_batch:
+        raise ConfigError(
+            f"config key 'train.global_batch': {batch.global_batch} is more than the "
+            f"{data['samples']} samples left after the size filters; lower it or add data")
+    steps_per_epoch = data["samples"] // batch.global_batch
+    lr = scaled_lr(cfg.optim, batch.global_batch)
+    info = {
+        "modality": cfg.modality,
+        "world_size": dist.world_size,
+        "ranks_per_node": dist.local_world_size,
+        "nodes": max(1, dist.world_size // max(1, dist.local_world_size)),
+        "device": dist.device.type,
+        "global_batch": batch.global_batch,
+        "micro_batch": batch.micro_batch,
+        "accumulation": batch.accumulation,
+        "lr": lr,
+        "lr_config": cfg.optim.lr,
+        "lr_reference_batch": cfg.optim.lr_reference_batch,
+        "lr_scaling": cfg.optim.lr_scaling,
+        "data": data,
+        "max_steps": t.max_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": t.max_steps / steps_per_epoch,
+        "checkpoint_every": t.checkpoint_every,
+        "checkpoints": checkpoint_count(t.max_steps, t.checkpoint_every),
+        "checkpoints_kept": min(t.keep_last, checkpoint_count(t.max_steps, t.checkpoint_every)),
+        "cpu": dict(dist.cpu) if getattr(dist, "cpu", None) else {},
+    }
+    return RunPlan(batch, lr, dataset, info)
+
+
+def describe_plan(info: dict) -> str:
+    """The plan as a few human lines."""
+    d = info["data"]
+    amount = ""
+    if "seconds" in d:
+        amount = f" ({d['seconds'] / 3600:.2f} h; {d['dropped_by_size']} shorter than " \
+                 f"data.min_sample_size={d['min_sample_size']} dropped)"
+    elif "tokens" in d:
+        amount = f" ({d['tokens']} tokens)"
+    scaling = "" if info["lr_scaling"] == "none" or info["lr_reference_batch"] <= 0 else \
+        f" = optim.lr {info['lr_config']:.3g} at batch {info['lr_reference_batch']}, " \
+        f"{info['lr_scaling']} scaling"
+    every = f"every {info['checkpoint_every']} steps and at the end" \
+        if info["checkpoints"] > 1 else "at the end"
+    return "\n".join([
+        f"plan: world size {info['world_size']} = {info['nodes']} node(s) x "
+        f"{info['ranks_per_node']} rank(s) per node ({info['device']})",
+        f"  global batch {info['global_batch']} = {info['world_size']} rank(s) x "
+        f"{info['accumulation']} accumulation step(s) x {info['micro_batch']} micro-batch",
+        f"  learning rate {info['lr']:.4g}{scaling}",
+        f"  data: {d['samples']} samples after the size filters{amount}",
+        f"  {info['max_steps']} steps, {info['steps_per_epoch']} per epoch "
+        f"({info['epochs']:.2f} epochs); {info['checkpoints']} checkpoint(s) {every}, "
+        f"{info['checkpoints_kept']} kept",
+    ])
+
+
+def write_plan(run_dir: Path, info: dict) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "plan.json"
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path

@@ -133,7 +133,10 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     dist = init_distributed(cfg.train.device)
     device, run_dir = dist.device, cfg.run_dir
     if dist.cpu:
-        print(f"d2v-engine: {describe_cpu(dist.cpu, dist.rank)}", file=sys.stderr, flush=True)
+        # One write per line: print() writes the text and the newline separately, and the ranks'
+        # lines would interleave.
+        sys.stderr.write(f"d2v-engine: {describe_cpu(dist.cpu, dist.rank)}\n")
+        sys.stderr.flush()
     run_plan = make_plan(cfg, dist)  # ConfigError on world size, batch arithmetic, empty data
     if dist.is_main:
         print(describe_plan(run_plan.info), file=sys.stdout if cfg.train.dry_run else sys.stderr,

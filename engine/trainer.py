@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.backends import describe, detect
+from engine.buckets import bucket_batch, buckets_for
+from engine.compile import FirstStepTimer, compile_student_teacher
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -31,6 +32,10 @@ from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError, DataError
 from engine.metrics import MetricsLog, Progress
 from engine.models import build_model
+from engine.optim import build_optimizer, describe_optimizer
+from engine.parallel import (
+    full_tensor, gather_states, load_states, no_sync, shard_student_and_teacher, wrap_ddp,
+)
 from engine.schedule import lr_factor, scaled_lr
 from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
 
@@ -43,16 +48,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device):
-    # No weight decay on biases, norms and learned tokens (1-D or scalar-like parameters).
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             **kwargs)
+    return build_optimizer(model, cfg.optim, lr, device)  # apex / fused / foreach: engine.optim
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -116,6 +112,10 @@ def train(cfg: Config) -> dict:
     model = Data2Vec(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
     teacher = EMATeacher(encoder, shared_prefixes=shared)
+    shard_student_and_teacher(model, teacher, cfg, dist)  # train.distributed=fsdp only
+    buckets = buckets_for(cfg) if cfg.train.compile else []
+    if cfg.train.compile:
+        compile_student_teacher(model.encoder, teacher.model, cfg.train, max(1, len(buckets)))
     optimizer = _optimizer(model, cfg, peak_lr, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.optim, s, cfg.train.max_steps))
@@ -123,9 +123,7 @@ def train(cfg: Config) -> dict:
     start_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_states(model, teacher, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
@@ -136,9 +134,13 @@ def train(cfg: Config) -> dict:
         if resume_from is not None:
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name})
             print(f"d2v-engine: resumed from {resume_from} at step {start_step}", file=sys.stderr)
+        print(f"d2v-engine: optimizer {describe_optimizer(optimizer)}; "
+              + (f"compiled ({cfg.train.compile_mode}, {len(buckets)} length buckets)"
+                 if cfg.train.compile else "eager"), file=sys.stderr)
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.world_size > 1 else model
+    ddp = wrap_ddp(model, cfg, dist, plan.accumulation)  # DDP on several ranks (ddp mode)
+    pad_value = getattr(dataset, "special_ids", {}).get("pad", 0)
+    first_step = FirstStepTimer(cfg.train.compile and dist.is_main, device)
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
     loader = make_loader(dataset, plan, dist.rank, cfg.seed, start_step, stop,
                          num_workers=cfg.data.num_workers, skip_bad=cfg.data.on_bad_file == "skip")
@@ -161,11 +163,13 @@ def train(cfg: Config) -> dict:
                     print(f"d2v-engine: skipped bad files: {batch['bad_files']}", file=sys.stderr)
             if "source" not in batch:
                 raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
+            if buckets:  # a few shapes for the compiled encoders (engine.buckets)
+                batch = bucket_batch(batch, buckets, pad_value)
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
             batch = _to_device(batch, device)
             torch.manual_seed(mix_seed(cfg.seed, step, dist.rank, micro, STREAM_DROPOUT))
             last = micro == plan.accumulation - 1
-            sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
+            sync = no_sync(ddp, model, last)
             with sync:
                 with _autocast(device, cfg.train.precision):
                     out = ddp(batch, teacher.model, seeds)
@@ -185,6 +189,10 @@ def train(cfg: Config) -> dict:
                              cfg.objective.ema_anneal_end_step)
         teacher.update(model.encoder, decay)
         done = step + 1
+        compile_s = first_step.stop()
+        if compile_s is not None:
+            print(f"d2v-engine: first step (compilation included) took {compile_s:.1f} s",
+                  file=sys.stderr, flush=True)
 
         if done % cfg.train.log_every == 0 or done == stop:
             loss = (totals[0] / totals[1].clamp(min=1.0)).item()
@@ -192,7 +200,7 @@ def train(cfg: Config) -> dict:
             row = {
                 "step": done, "loss": loss, "lr": lr, "ema_decay": decay,
                 "samples_per_s": plan.global_batch * (done - last_log_step) / max(now - last_log_time, 1e-9),
-                "grad_norm": grad_norm.item(),
+                "grad_norm": full_tensor(grad_norm).item(),
                 "target_var": channel_std(out.target).item(),
                 "pred_var": channel_std(out.pred).item(),
                 "masked_per_step": totals[1].item(),
@@ -204,10 +212,10 @@ def train(cfg: Config) -> dict:
             progress.update(done, row)
 
         if done == stop or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+            states = gather_states(model, teacher, optimizer, cfg)  # collective under FSDP
             if dist.is_main:
                 save_checkpoint(run_dir, done, {
-                    "step": done, "model": model.state_dict(), "teacher": teacher.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": done, **states, "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
                 }, keep_last=cfg.train.keep_last)
             barrier()

@@ -13,10 +13,16 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import re
 from pathlib import Path
 
-from benchmarks import common
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: our kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks import common  # noqa: E402
 
 # Each entry: a module with run(tiny: bool) -> list[dict]. Add new benchmarks here.
 MODULES = [

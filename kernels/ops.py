@@ -12,7 +12,7 @@ that gives the output shapes, and calls our dispatcher at run time.
   attention        d2v::attention_forward + d2v::attention_backward, tied by register_autograd
 
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
-attn_bias, scale) -> (out, lse B x H x Tq fp32), backward(grad_out, q, k, v, out, lse, ...) ->
+attn_bias, scale) -> (out, lse B x H x Tq fp32, fp64 for fp64 inputs), backward(grad_out, q, k, v, out, lse, ...) ->
 (dq, dk, dv, dbias). The implementation behind the pair is pluggable (`register_attention_kernel`):
 the fused Triton kernels plug in there; until then the pair runs a plain-PyTorch forward that keeps
 the log-sum-exp and a backward that recomputes the probabilities from it. Because that default
@@ -149,7 +149,7 @@ def attention_forward_math(q, k, v, key_padding_mask, attn_bias, scale):
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # empty rows: p = exp(-inf) = 0
     p = torch.exp(s - lse[..., None])
-    return torch.matmul(p.to(v.dtype), v), lse.float()
+    return torch.matmul(p.to(v.dtype), v), lse
 
 
 def attention_backward_math(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale):
@@ -216,7 +216,7 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_attention_forward_op.register_fake
 def _(q, k, v, key_padding_mask, attn_bias, scale):
     b, h, tq, _ = q.shape
-    return q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=torch.float32)
+    return q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=_acc(q))
 
 
 @torch.library.custom_op("d2v::attention_backward", mutates_args=())

@@ -186,6 +186,22 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
+def run(tiny: bool = False) -> list[dict]:
+    """run_all's interface: ours vs eager and vs torch.compile(reference), one record per peer."""
+    from benchmarks import common
+    device = _device()
+    copy_gbps = copy_bandwidth_gbps(device)
+    records = []
+    for case in (TINY if tiny else CASES):
+        rows = {r["impl"]: r for r in run_case(case, IMPLS, device, copy_gbps)}
+        shape = f"{case.name} K={case.K} B={case.B} T={case.T} C={case.C} bf16"
+        for peer in ("eager", "compiled"):
+            records.append(common.record("targets", shape, rows["ours"]["gbps"], peer,
+                                         rows[peer]["gbps"], "GB/s",
+                                         rows["ours"]["copy_fraction"], device))
+    return records
+
+
 @pytest.mark.benchmark(group="targets")
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cuda" or _cuda.load()[0] is not None])
 @pytest.mark.parametrize("case", CASES if torch.cuda.is_available() else TINY, ids=lambda c: c.name)

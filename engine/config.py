@@ -50,6 +50,7 @@ class ModelConfig:
     activation_dropout: float = 0.0
     encoder_dropout_input: float = 0.0  # dropout on the features entering the context encoder
     layerdrop: float = 0.0
+    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
     drop_path: float = 0.0
     layer_scale_init: float = 0.0  # 0 disables layer scale (BEiT's gamma_1 / gamma_2)
     head_layers: int = 1  # regression head depth (text v1 uses 2)
@@ -155,6 +156,7 @@ class OptimConfig:
     warmup_steps: int = 0
     tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
     final_lr_scale: float = 0.0  # cosine floor / tri-stage end, as a fraction of lr
+    impl: Literal["auto", "apex", "fused", "foreach"] = "auto"  # engine.optim: which AdamW
 
 
 @dataclass
@@ -168,7 +170,12 @@ class TrainConfig:
     log_every: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile the student and teacher encoders (engine.compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_backend: str = "inductor"
+    length_buckets: int = 16  # with compile: audio/text lengths snapped to this many (engine.buckets)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # several ranks: engine.parallel
+    ddp_bucket_cap_mb: int = 25
     keep_last: int = 2
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     max_bad_steps: int = 5  # stop after this many non-finite (skipped) updates in a row
@@ -355,6 +362,8 @@ def validate(cfg: Config) -> None:
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
     need(not (t.resume and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")
+    need(t.length_buckets >= 0, "train.length_buckets", "must be >= 0 (0: no bucketing)")
+    need(t.ddp_bucket_cap_mb >= 1, "train.ddp_bucket_cap_mb", "must be >= 1")
     need(0.0 < cfg.masking.mask_prob < 1.0, "masking.mask_prob", "must be in (0, 1)")
     need(cfg.masking.mask_length >= 1, "masking.mask_length", "must be >= 1")
     need(len(cfg.masking.replace) == 3 and abs(sum(cfg.masking.replace) - 1) < 1e-6

@@ -20,6 +20,11 @@ def ema_decay_at(step: int, start: float, end: float, anneal_end_step: int) -> f
     return end - (end - start) * (1.0 - step / anneal_end_step)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view sharing storage), a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMATeacher:
     """Holds the teacher model (eval mode, fp32, no grad) and updates it from the student."""
 
@@ -31,20 +36,26 @@ class EMATeacher:
         names = [n for n, _ in self.model.named_parameters()]
         self.averaged = [n for n in names if not n.startswith(self.shared_prefixes)]
         self.shared = [n for n in names if n.startswith(self.shared_prefixes)]
-        self._teacher_avg = [self.model.get_parameter(n) for n in self.averaged]
-        self._teacher_shared = [self.model.get_parameter(n) for n in self.shared]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-reads the teacher's parameters (FSDP2 sharding replaces them with DTensors)."""
+        self._teacher_avg = [_local(self.model.get_parameter(n)) for n in self.averaged]
+        self._teacher_shared = [_local(self.model.get_parameter(n)) for n in self.shared]
 
     @torch.no_grad()
     def update(self, student: nn.Module, decay: float) -> None:
         """teacher = decay * teacher + (1 - decay) * student, as one multi-tensor launch."""
-        student_avg = [student.get_parameter(n).detach() for n in self.averaged]
+        # Sharded (FSDP2) student and teacher: same placements, so the update is shard-local.
+        student_avg = [_local(student.get_parameter(n).detach()) for n in self.averaged]
         if self._teacher_avg:
             if student_avg[0].dtype != self._teacher_avg[0].dtype:
                 student_avg = [s.to(t.dtype) for s, t in zip(student_avg, self._teacher_avg)]
             torch._foreach_lerp_(self._teacher_avg, student_avg, 1.0 - decay)
         if self._teacher_shared:
             torch._foreach_copy_(
-                self._teacher_shared, [student.get_parameter(n).detach() for n in self.shared]
+                self._teacher_shared,
+                [_local(student.get_parameter(n).detach()) for n in self.shared]
             )
         for name, buf in student.named_buffers():
             self.model.get_buffer(name).copy_(buf)

@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.backends import describe, env_report
 from engine.cpu_setup import describe as describe_cpu
+from engine.buckets import bucket_batch, buckets_for
+from engine.compile import FirstStepTimer, compile_student_teacher
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
 )
@@ -43,6 +44,10 @@ from engine.plan import describe_plan, make_plan, write_plan
 from engine.preemption import (
     StopSignals, injected_kill_step, kill_self, launch_id, restart_checkpoint, restart_count,
 )
+from engine.optim import build_optimizer, describe_optimizer
+from engine.parallel import (
+    full_tensor, gather_states, load_states, no_sync, shard_student_and_teacher, wrap_ddp,
+)
 from engine.schedule import lr_factor, scaled_lr
 from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
 
@@ -55,16 +60,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device):
-    # No weight decay on biases, norms and learned tokens (1-D or scalar-like parameters).
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             **kwargs)
+    return build_optimizer(model, cfg.optim, lr, device)  # apex / fused / foreach: engine.optim
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -163,6 +159,10 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     model = build_objective(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
     teacher = EMATeacher(encoder, shared_prefixes=shared)
+    shard_student_and_teacher(model, teacher, cfg, dist)  # train.distributed=fsdp only
+    buckets = buckets_for(cfg) if cfg.train.compile else []
+    if cfg.train.compile:
+        compile_student_teacher(model.encoder, teacher.model, cfg.train, max(1, len(buckets)))
     optimizer = _optimizer(model, cfg, peak_lr, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.optim, s, cfg.train.max_steps))
@@ -174,9 +174,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     start_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_states(model, teacher, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         guard.load_state_dict(state.get("guard", {}))
@@ -190,9 +188,13 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name,
                        "restart": restart_count()})
             print(f"d2v-engine: resumed from {resume_from} at step {start_step}", file=sys.stderr)
+        print(f"d2v-engine: optimizer {describe_optimizer(optimizer)}; "
+              + (f"compiled ({cfg.train.compile_mode}, {len(buckets)} length buckets)"
+                 if cfg.train.compile else "eager"), file=sys.stderr)
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.world_size > 1 else model
+    ddp = wrap_ddp(model, cfg, dist, plan.accumulation)  # DDP on several ranks (ddp mode)
+    pad_value = getattr(dataset, "special_ids", {}).get("pad", 0)
+    first_step = FirstStepTimer(cfg.train.compile and dist.is_main, device)
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
     loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
                           stop, device=device, kind=loader_kind)
@@ -225,6 +227,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                       file=sys.stderr)
             if "source" not in batch:
                 raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
+            if buckets:  # a few shapes for the compiled encoders (engine.buckets)
+                batch = bucket_batch(batch, buckets, pad_value)
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
             batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
@@ -232,7 +236,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             torch.manual_seed(mix_seed(cfg.seed, step, micro * dist.world_size + dist.rank,
                                        STREAM_DROPOUT))
             last = micro == plan.accumulation - 1
-            sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
+            sync = no_sync(ddp, model, last)
             with sync:
                 with _autocast(device, cfg.train.precision):
                     out = ddp(batch, teacher.model, seeds)
@@ -253,7 +257,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # The step's one host read (engine.guards): skip decision, stop votes, logged numbers.
         loss_total, masked_total, stop_votes, wait_total, grad_norm = \
-            torch.cat([totals, grad_norm.float().reshape(1)]).tolist()
+            torch.cat([totals, full_tensor(grad_norm).float().reshape(1)]).tolist()
         lr = optimizer.param_groups[0]["lr"]
         done = step + 1
         apply = guard.update_ok(done, loss_total, grad_norm)
@@ -264,6 +268,10 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                              cfg.objective.ema_anneal_end_step)
         if apply:
             teacher.update(model.encoder, decay)
+        compile_s = first_step.stop()
+        if compile_s is not None:
+            print(f"d2v-engine: first step (compilation included) took {compile_s:.1f} s",
+                  file=sys.stderr, flush=True)
 
         if done % cfg.train.log_every == 0 or done == stop:
             loss = loss_total / max(masked_total, 1.0)
@@ -292,9 +300,9 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         preempted = stop_votes > 0
         if done == stop or preempted or (cfg.train.checkpoint_every
                                          and done % cfg.train.checkpoint_every == 0):
+            states = gather_states(model, teacher, optimizer, cfg)  # collective under FSDP
             saver.save(done, lambda: {
-                "step": done, "model": model.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": done, **states, "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
                 "guard": guard.state_dict(), "launch_id": launch_id(),
             }, must_succeed=done == stop or preempted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from kernels.attention import attention
@@ -95,6 +96,9 @@ class BlockStack(nn.Module):
         super().__init__()
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.layerdrop = cfg.layerdrop
+        # Recompute each block's activations in backward (memory for compute); only the student's
+        # backward pays it, the teacher runs under no_grad.
+        self.checkpoint = getattr(cfg, "activation_checkpointing", False)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, pre_ln, cfg.dropout,
                   cfg.attention_dropout, cfg.activation_dropout, rates[i], cfg.layer_scale_init,
@@ -113,7 +117,11 @@ class BlockStack(nn.Module):
             if self.training and not return_layers and self.layerdrop > 0:
                 if torch.rand(()) < self.layerdrop:
                     continue
-            x, fc = block(x, key_padding_mask, attn_bias)
+            if self.checkpoint and self.training and torch.is_grad_enabled():
+                x, fc = torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
+                                                          use_reentrant=False)
+            else:
+                x, fc = block(x, key_padding_mask, attn_bias)
             if return_layers:
                 ffn_out.append(fc)
                 block_out.append(x)

@@ -1,0 +1,556 @@
+"""Training-step throughput: samples/s, tokens/s and MFU of the full data2vec step, with a breakdown.
+
+    python -m benchmarks.bench_step [--tiny] [--modalities image,audio,text] [--steps N] [--json PATH]
+    python -m pytest benchmarks/bench_step.py        (pytest-benchmark; never collected by default)
+
+Per base config (image, audio, text; --tiny: the tiny configs, small batches, for the CPU) three
+steps built from the same models, the same synthetic batch and the same seeds run side by side:
+
+  ours          engine.compile'd student and teacher encoders, our public ops (Triton targets and
+                masking on CUDA), engine.optim's AdamW, the foreach EMA, grads scaled in one launch
+  plain         eager, the plain-math attention_reference, the *_reference ops, per-parameter
+                (for-loop) AdamW, clipping and EMA: a straightforward PyTorch data2vec step
+  sdpa_compile  plain, but with scaled_dot_product_attention and torch.compile'd encoders
+
+The step is what the trainer runs for one micro-batch that is also the whole batch: host-to-device
+copy of a pinned, collated batch (the "loader" phase; decoding is bench_loader's), forward of
+student and teacher with masks and targets, backward, grad scaling, clipping, optimizer, EMA.
+Throughput is timed over --steps steps with one synchronization at the end; the breakdown is a
+second pass that runs the same work phase by phase (loader, masking, teacher, targets, student fwd
++bwd, optimizer, EMA) with CUDA events between phases (time.perf_counter + synchronize on CPU).
+
+FLOPs (model FLOPs, counted analytically from the config; MFU = FLOPs x steps/s / measured peak):
+  per encoder forward over B samples of T tokens (CLS included), L blocks, width C, FFN width F:
+      blocks      B * L * (2 * T * (4 C^2 + 2 C F)   [q, k, v, out, fc1, fc2]
+                           + 4 * T^2 * C)             [q k^T and p v: 4 T^2 D H, D H = C]
+      features    image: 2 * B * P * (3 p^2) * C (patch conv);  audio: 2 * B * sum over convs of
+                  T_out * C_in * k * C_out + feature projection 2 B T C_conv C + positional convs
+                  2 B T C (C / groups) k per conv;  text: none (embedding lookups)
+      head        2 * M * (regression-head MACs per position), M = masked positions
+  step = 3 * (student features + blocks + head)  [forward + backward = 2 x forward]
+       + teacher blocks (+ features when objective.ema_scope = all)      [forward only]
+The peak is a bf16 8192^3 torch.matmul measured in the same run (fp32 512^3 on the CPU, where the
+step runs in fp32; CPU numbers check the suite, they are not a performance claim).
+
+Also the encoder alone (image; forward + backward of its output's sum) against Hugging Face
+transformers' Data2VecVisionModel and timm's ViT-B/16 (same width, depth, heads, patch size),
+each where installed. Records: benchmarks.common.record; `run(tiny)` returns them for run_all.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import engine.data2vec as d2v_module
+import engine.models.transformer as transformer_module
+from benchmarks import common
+from engine.compile import compile_encoder
+from engine.config import Config, load_config
+from engine.data2vec import Data2Vec
+from engine.ema import EMATeacher
+from engine.models import build_model
+from engine.optim import build_optimizer
+from engine.seeding import STREAM_MASK, sample_seeds
+from kernels import attention as attention_ops
+from kernels import masking as masking_ops
+from kernels import targets as targets_ops
+
+VARIANTS = ("ours", "plain", "sdpa_compile")
+PHASES = ("loader", "masking", "teacher", "targets", "student", "optimizer", "ema")
+MODALITIES = ("image", "audio", "text")
+
+
+@dataclass(frozen=True)
+class Case:
+    modality: str
+    config: str
+    batch: int
+    length: int  # image: unused (img_size); audio: samples; text: tokens
+
+
+CASES = {
+    "image": Case("image", "configs/image_base.yaml", 256, 0),
+    "audio": Case("audio", "configs/audio_base.yaml", 16, 320000),
+    "text": Case("text", "configs/text_base.yaml", 64, 512),
+}
+TINY = {
+    "image": Case("image", "configs/tiny_image.yaml", 8, 0),
+    "audio": Case("audio", "configs/tiny_audio.yaml", 4, 16000),
+    "text": Case("text", "configs/tiny_text.yaml", 8, 64),
+}
+
+
+def special_ids(vocab: int) -> dict:
+    return {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": vocab - 1}
+
+
+def load_case(case: Case) -> Config:
+    cfg = load_config(common.ROOT / case.config)
+    cfg.model.dropout = cfg.model.attention_dropout = 0.0  # dropout kernels are not the question
+    return cfg
+
+
+def make_batch(cfg: Config, case: Case, seed: int = 0) -> dict:
+    """A collated CPU batch (pinned on CUDA machines) shaped like the loader's."""
+    g = torch.Generator().manual_seed(seed)
+    if case.modality == "image":
+        s = cfg.model.img_size
+        batch = {"source": torch.randn(case.batch, cfg.model.in_chans, s, s, generator=g)}
+    elif case.modality == "audio":
+        batch = {"source": torch.randn(case.batch, case.length, generator=g)}
+    else:
+        ids = special_ids(cfg.model.vocab_size)
+        source = torch.randint(4, cfg.model.vocab_size - 1, (case.batch, case.length), generator=g)
+        source[:, 0], source[:, -1] = ids["bos"], ids["eos"]
+        batch = {"source": source, "padding_mask": torch.zeros_like(source, dtype=torch.bool)}
+    if torch.cuda.is_available():
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+def tokens_per_sample(cfg: Config, case: Case) -> int:
+    """Context-encoder tokens per sample (CLS included for images)."""
+    if case.modality == "image":
+        return (cfg.model.img_size // cfg.model.patch_size) ** 2 + 1
+    if case.modality == "audio":
+        n = case.length
+        for _, k, s in cfg.model.conv_layers:
+            n = (n - k) // s + 1
+        return n
+    return case.length
+
+
+def step_flops(cfg: Config, case: Case) -> float:
+    """Model FLOPs of one data2vec v1 step (formula in the module docstring)."""
+    m, B = cfg.model, case.batch
+    T, C, F, L = tokens_per_sample(cfg, case), m.embed_dim, m.ffn_dim, m.depth
+    blocks = B * L * (2 * T * (4 * C * C + 2 * C * F) + 4 * T * T * C)
+    if case.modality == "image":
+        patches = T - 1
+        features = 2 * B * patches * m.in_chans * m.patch_size ** 2 * C
+    elif case.modality == "audio":
+        features, n, c_in = 0, case.length, 1
+        for c_out, k, s in m.conv_layers:
+            n = (n - k) // s + 1
+            features += 2 * B * n * c_in * k * c_out
+            c_in = c_out
+        kernel = max(3, m.conv_pos // m.conv_pos_depth)
+        features += 2 * B * T * c_in * C + m.conv_pos_depth * 2 * B * T * C * (C // m.conv_pos_groups) * kernel
+    else:
+        features = 0
+    masked = B * (T - (1 if case.modality == "image" else 0)) * cfg.masking.mask_prob
+    head_macs = C * C if m.head_layers <= 1 else C * 2 * C + (m.head_layers - 2) * 4 * C * C + 2 * C * C
+    head = 2 * masked * head_macs
+    teacher = blocks + (features if cfg.objective.ema_scope == "all" else 0)
+    return 3 * (features + blocks + head) + teacher
+
+
+def encoder_forward_flops(cfg: Config, batch: int) -> float:
+    m = cfg.model
+    T = (m.img_size // m.patch_size) ** 2 + 1
+    C, F = m.embed_dim, m.ffn_dim
+    blocks = batch * m.depth * (2 * T * (4 * C * C + 2 * C * F) + 4 * T * T * C)
+    return blocks + 2 * batch * (T - 1) * m.in_chans * m.patch_size ** 2 * C
+
+
+# ---------------------------------------------------------------------------------------------
+# The three steps
+
+
+@contextlib.contextmanager
+def reference_ops(attention: str):
+    """Swaps the ops the models and the objective call: attention "reference" (plain math) or
+    "sdpa", and the reference masks and targets; restores them afterwards."""
+    saved = {(transformer_module, "attention"): transformer_module.attention}
+    for name in ("span_mask", "block_mask", "token_mask", "teacher_targets"):
+        saved[(d2v_module, name)] = getattr(d2v_module, name)
+    transformer_module.attention = (attention_ops.attention_reference if attention == "reference"
+                                    else attention_ops.attention)
+    d2v_module.span_mask = masking_ops.span_mask_reference
+    d2v_module.block_mask = masking_ops.block_mask_reference
+    d2v_module.token_mask = masking_ops.token_mask_reference
+    d2v_module.teacher_targets = targets_ops.teacher_targets_reference
+    try:
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
+def variant_ops(variant: str):
+    if variant == "ours":
+        return contextlib.nullcontext()
+    return reference_ops("reference" if variant == "plain" else "sdpa")
+
+
+class Step:
+    """One variant's models, optimizer and step function (built inside its variant_ops)."""
+
+    def __init__(self, variant: str, cfg: Config, dev: torch.device, compile_backend: str):
+        self.variant, self.cfg, self.dev = variant, cfg, dev
+        torch.manual_seed(cfg.seed)
+        encoder = build_model(cfg.model, cfg.modality)
+        ids = special_ids(cfg.model.vocab_size) if cfg.modality == "text" else None
+        self.model = Data2Vec(cfg, encoder, ids).to(dev)
+        shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
+        self.teacher = EMATeacher(encoder, shared_prefixes=shared)
+        if variant != "plain":
+            torch.compiler.reset()
+            compile_encoder(self.model.encoder, backend=compile_backend)
+            compile_encoder(self.teacher.model, backend=compile_backend)
+        if variant == "ours":
+            self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr, dev)
+        else:
+            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, foreach=False,
+                                               weight_decay=cfg.optim.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                    else contextlib.nullcontext())
+        self.model.train()
+
+    def to_device(self, batch):
+        return {k: v.to(self.dev, non_blocking=True) for k, v in batch.items()}
+
+    def seeds(self, step: int, batch_size: int):
+        return sample_seeds(self.cfg.seed, step, torch.arange(batch_size), STREAM_MASK).to(self.dev)
+
+    def update(self, masked):
+        """Grad scaling, clipping, optimizer, EMA: fused for ours, per parameter for the others."""
+        o = self.cfg.optim
+        max_norm = o.clip_norm if o.clip_norm > 0 else float("inf")
+        if self.variant == "ours":
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
+                                1.0 / masked.clamp(min=1.0))
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        else:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.div_(masked.clamp(min=1.0))
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
+        self.optimizer.step()
+
+    def ema(self, decay: float = 0.999):
+        if self.variant == "ours":
+            self.teacher.update(self.model.encoder, decay)
+            return
+        with torch.no_grad():  # fairseq's EMAModule: one update per parameter
+            for name in self.teacher.averaged:
+                t = self.teacher.model.get_parameter(name)
+                t.mul_(decay).add_(self.model.encoder.get_parameter(name).detach(), alpha=1 - decay)
+            for name in self.teacher.shared:
+                self.teacher.model.get_parameter(name).copy_(self.model.encoder.get_parameter(name))
+
+    def __call__(self, cpu_batch, step: int) -> torch.Tensor:
+        batch = self.to_device(cpu_batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp:
+            out = self.model(batch, self.teacher.model, self.seeds(step, cpu_batch["source"].shape[0]))
+        out.loss_sum.backward()
+        self.update(out.masked)
+        self.ema()
+        return out.loss_sum.detach()
+
+    def phased(self, cpu_batch, step: int, mark) -> None:
+        """The same work as __call__, phase by phase, calling mark(phase) after each."""
+        cfg, model, teacher = self.cfg, self.model, self.teacher.model
+        o, m = cfg.objective, cfg.masking
+        batch = self.to_device(cpu_batch)
+        seeds = self.seeds(step, cpu_batch["source"].shape[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        mark("loader")
+        n_extra = model.encoder.num_extra_tokens
+        with self.amp:
+            source, pad = batch["source"], batch.get("padding_mask")
+            if cfg.modality == "text":
+                ids = model.special_ids
+                special = (source == ids["bos"]) | (source == ids["pad"]) | (source == ids["eos"])
+                masked_source, selected = d2v_module.token_mask(
+                    source, m.mask_prob, special, ids["mask"], cfg.model.vocab_size, seed=seeds,
+                    span=m.mask_length, replace=tuple(m.replace),
+                    random_exclude=tuple(ids[k] for k in ("bos", "pad", "eos", "unk", "mask")))
+                mask = selected & (masked_source == ids["mask"])
+                mark("masking")
+                with torch.no_grad():
+                    t_x, t_pad = teacher.embed(source, pad)
+                    t_out = teacher.encode(t_x, t_pad, return_layers=True)
+                mark("teacher")
+                x, x_pad = model.encoder.embed(masked_source, pad)
+                mark("student")  # the timer adds up every segment of one name
+            else:
+                x, x_pad = model.encoder.embed(source, pad)
+                mark("student")
+                mask = model.make_mask(source, pad, x_pad, seeds, x.shape[1])
+                mark("masking")
+                with torch.no_grad():
+                    t_out = teacher.encode(x.detach(), x_pad, return_layers=True)
+                mark("teacher")
+            with torch.no_grad():
+                per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
+                targets = d2v_module.teacher_targets(
+                    [y[:, n_extra:] for y in per_block[-o.top_k:]], t_pad if cfg.modality == "text"
+                    else x_pad, layer_norm=o.layer_norm, final_norm=o.final_norm,
+                    instance_norm_padding=o.instance_norm_padding)
+            mark("targets")
+            student = model.encoder.encode(x, x_pad, mask=None if cfg.modality == "text" else mask)
+            pred = model.head(student.x[:, n_extra:][mask]).float()
+            loss = torch.nn.functional.mse_loss(pred, targets[mask], reduction="sum")
+        loss.backward()
+        mark("student")
+        self.update(mask.sum().float())
+        mark("optimizer")
+        self.ema()
+        mark("ema")
+
+
+class PhaseTimer:
+    """Accumulates per-phase milliseconds: CUDA events (no host sync inside the step) on GPU,
+    perf_counter after a synchronize on CPU."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.events, self.cpu = dev, [], dev.type != "cuda"
+
+    def start(self):
+        self.events = [("start", self._now())]
+
+    def mark(self, name: str):
+        self.events.append((name, self._now()))
+
+    def _now(self):
+        if self.cpu:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def split(self) -> dict:
+        common.sync(self.dev)
+        out = {}
+        for (_, a), (name, b) in zip(self.events, self.events[1:]):
+            ms = (b - a) * 1e3 if self.cpu else a.elapsed_time(b)
+            out[name] = out.get(name, 0.0) + ms
+        return out
+
+
+def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, steps: int,
+                    compile_backend: str) -> dict:
+    """{"step_ms", "compile_s", "phases": {phase: ms}, "loss"} for one variant."""
+    with variant_ops(variant):
+        step = Step(variant, cfg, dev, compile_backend)
+        batch = make_batch(cfg, case)
+        start = time.perf_counter()
+        loss = step(batch, 0)  # compiles
+        common.sync(dev)
+        compile_s = time.perf_counter() - start
+        step(batch, 1)
+        common.sync(dev)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(batch, 2 + i)
+        common.sync(dev)
+        step_ms = (time.perf_counter() - start) * 1e3 / steps
+        timer, phases = PhaseTimer(dev), {}
+        repeats = max(1, min(steps, 5))
+        for i in range(repeats):
+            timer.start()
+            step.phased(batch, 100 + i, timer.mark)
+            for name, ms in timer.split().items():
+                phases[name] = phases.get(name, 0.0) + ms / repeats
+    return {"step_ms": step_ms, "compile_s": compile_s, "phases": phases, "loss": float(loss)}
+
+
+def bench_modality(case: Case, dev: torch.device, steps: int, compile_backend: str,
+                   peak_tflops: float, variants=VARIANTS) -> tuple[list[dict], dict]:
+    cfg = load_case(case)
+    flops = step_flops(cfg, case)
+    tokens = tokens_per_sample(cfg, case) * case.batch
+    shape = (f"{case.modality} B={case.batch} T={tokens_per_sample(cfg, case)} "
+             f"C={cfg.model.embed_dim} L={cfg.model.depth}")
+    results = {v: measure_variant(v, cfg, case, dev, steps, compile_backend) for v in variants}
+    ours = results["ours"]
+    sps = lambda r: case.batch / (r["step_ms"] / 1e3)  # noqa: E731
+    mfu = lambda r: flops / (r["step_ms"] / 1e3) / (peak_tflops * 1e12)  # noqa: E731
+    records = []
+    for peer in variants[1:]:
+        records.append(common.record(f"step/{case.modality}", shape, sps(ours), peer,
+                                     sps(results[peer]), "samples/s", mfu(ours), dev))
+        records.append(common.record(f"step/{case.modality}", shape, tokens / (ours["step_ms"] / 1e3),
+                                     peer, tokens / (results[peer]["step_ms"] / 1e3), "tokens/s",
+                                     mfu(ours), dev))
+    for phase in PHASES:
+        peer_ms = results["plain"]["phases"].get(phase) if "plain" in results else None
+        records.append(common.record(f"step_phase/{case.modality}/{phase}", shape,
+                                     ours["phases"].get(phase, 0.0), "plain" if peer_ms else None,
+                                     peer_ms, "ms", None, dev))
+    details = {v: {**r, "samples_per_s": sps(r), "tokens_per_s": tokens / (r["step_ms"] / 1e3),
+                   "mfu": mfu(r)} for v, r in results.items()}
+    return records, {"shape": shape, "flops_per_step": flops, "variants": details}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder alone vs Hugging Face and timm
+
+
+def _peers(cfg: Config) -> dict:
+    """Constructors of the installed peers with our image encoder's geometry."""
+    import importlib.util
+    m, peers = cfg.model, {}
+    if importlib.util.find_spec("transformers") is not None:
+        def hf():
+            from transformers import Data2VecVisionConfig, Data2VecVisionModel
+            hcfg = Data2VecVisionConfig(
+                hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+                intermediate_size=m.ffn_dim, image_size=m.img_size, patch_size=m.patch_size,
+                num_channels=m.in_chans, use_shared_relative_position_bias=m.rel_pos_bias,
+                use_relative_position_bias=False, layer_scale_init_value=m.layer_scale_init or 0.1,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+                use_mean_pooling=False, add_pooling_layer=False)
+            model = Data2VecVisionModel(hcfg, add_pooling_layer=False)
+            return lambda x: model(pixel_values=x).last_hidden_state, model
+        peers["hf_data2vec_vision"] = hf
+    if importlib.util.find_spec("timm") is not None:
+        def timm_vit():
+            import timm
+            model = timm.models.vision_transformer.VisionTransformer(
+                img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
+                embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                mlp_ratio=m.ffn_dim / m.embed_dim, num_classes=0, global_pool="")
+            return lambda x: model.forward_features(x), model
+        peers["timm_vit_b16"] = timm_vit
+    return peers
+
+
+def bench_encoder(case: Case, dev: torch.device, compile_backend: str, peak_tflops: float,
+                  repeats: int) -> tuple[list[dict], dict]:
+    cfg = load_case(case)
+    cfg.model.drop_path = 0.0
+    batch = make_batch(cfg, case)["source"].to(dev)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+           else contextlib.nullcontext())
+
+    def fwd_bwd(fn):
+        def run():
+            with amp:
+                out = fn(batch)
+            out.float().sum().backward()
+        return run
+
+    torch.manual_seed(0)
+    torch.compiler.reset()
+    ours_model = build_model(cfg.model, "image").to(dev).train()
+    compile_encoder(ours_model, backend=compile_backend)
+    timings = {"ours": common.time_ms(fwd_bwd(lambda x: ours_model(x).x), dev, repeats, warmup=2)}
+    for name, make in _peers(cfg).items():
+        fn, model = make()
+        model.to(dev).train()
+        timings[name] = common.time_ms(fwd_bwd(fn), dev, repeats, warmup=2)
+    flops = 3 * encoder_forward_flops(cfg, case.batch)
+    shape = f"encoder B={case.batch} {cfg.model.img_size}px p{cfg.model.patch_size} C={cfg.model.embed_dim} L={cfg.model.depth}"
+    sps = lambda ms: case.batch / (ms / 1e3)  # noqa: E731
+    frac = flops / (timings["ours"] / 1e3) / (peak_tflops * 1e12)
+    records = [common.record("encoder/image_fwd_bwd", shape, sps(timings["ours"]), name,
+                             sps(ms), "samples/s", frac, dev)
+               for name, ms in timings.items() if name != "ours"]
+    if not records:
+        records.append(common.record("encoder/image_fwd_bwd", shape, sps(timings["ours"]), None,
+                                     None, "samples/s", frac, dev))
+    return records, {"shape": shape, "ms": timings}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(tiny: bool = False, modalities=MODALITIES, steps: int | None = None,
+        compile_backend: str | None = None, details: dict | None = None) -> list[dict]:
+    """Every record of this bench (the run_all interface). `details`, if given, receives the
+    per-variant timings, breakdowns and compile times."""
+    dev = common.device()
+    if compile_backend is None:
+        # Inductor on the GPU; on the CPU the suite check uses aot_eager (inductor's C++ compile
+        # of three variants x three modalities would take most of the run).
+        compile_backend = "inductor" if dev.type == "cuda" else "aot_eager"
+    steps = steps or (20 if dev.type == "cuda" else 2)
+    peak, _ = common.matmul_peak_tflops(dev.type)
+    cases = TINY if tiny else CASES
+    records, info = [], {"compile_backend": compile_backend, "steps": steps}
+    for modality in modalities:
+        recs, info[modality] = bench_modality(cases[modality], dev, steps, compile_backend, peak)
+        records += recs
+    if "image" in modalities:
+        recs, info["encoder"] = bench_encoder(cases["image"], dev, compile_backend, peak,
+                                              repeats=10 if dev.type == "cuda" else 2)
+        records += recs
+    if details is not None:
+        details.update(info)
+    return records
+
+
+def print_details(info: dict) -> None:
+    for modality in MODALITIES:
+        if modality not in info:
+            continue
+        d = info[modality]
+        print(f"\n{d['shape']}: {d['flops_per_step'] / 1e9:.3g} GFLOP per step")
+        print(f"  {'variant':<14}{'ms/step':>9}{'samples/s':>11}{'tokens/s':>11}{'MFU':>7}"
+              f"{'compile s':>10}  breakdown ms ({', '.join(PHASES)})")
+        for v, r in d["variants"].items():
+            parts = " ".join(f"{r['phases'].get(p, 0):.2f}" for p in PHASES)
+            print(f"  {v:<14}{r['step_ms']:>9.2f}{r['samples_per_s']:>11.1f}"
+                  f"{r['tokens_per_s']:>11.0f}{100 * r['mfu']:>6.1f}%{r['compile_s']:>10.1f}  {parts}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU check)")
+    parser.add_argument("--modalities", default=",".join(MODALITIES))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--compile-backend", default=None)
+    parser.add_argument("--json", metavar="PATH", help="also write header + records as JSON")
+    args = parser.parse_args(argv)
+    modalities = [m for m in args.modalities.split(",") if m]
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+        parser.error(f"unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
+    details: dict = {}
+    records = run(args.tiny, modalities, args.steps, args.compile_backend, details)
+    print_details(details)
+    common.print_records(records)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**common.header(tiny=args.tiny), "details": details, "records": records},
+                      f, indent=1)
+        print(f"wrote {args.json}")
+
+
+@pytest.mark.benchmark(group="step")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_bench_step(benchmark, modality, variant):
+    dev = common.device()
+    case = (CASES if dev.type == "cuda" else TINY)[modality]
+    cfg = load_case(case)
+    backend = "inductor" if dev.type == "cuda" else "aot_eager"
+    with variant_ops(variant):
+        step = Step(variant, cfg, dev, backend)
+        batch = make_batch(cfg, case)
+        step(batch, 0)
+        counter = iter(range(1, 1 << 30))
+
+        def one():
+            step(batch, next(counter))
+            common.sync(dev)
+
+        benchmark.extra_info.update(modality=modality, variant=variant,
+                                    flops_per_step=step_flops(cfg, case))
+        benchmark.pedantic(one, rounds=20 if dev.type == "cuda" else 2, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Data parallelism by config (train.distributed): DDP or FSDP2, and the state dicts they need.
+
+DDP: gradients are bucketed (train.ddp_bucket_cap_mb) and all-reduced while backward still runs;
+gradient_as_bucket_view=True lets the gradients live in the buckets (no copy). static_graph=True
+when every step uses the same parameters in the same order: no layerdrop (which skips blocks at
+random, so find_unused_parameters=True then) and no gradient accumulation (DDP's static-graph mode
+and no_sync micro-batches do not mix reliably).
+
+FSDP2: `fully_shard` on every transformer block, then on the root module, for the student. The EMA
+teacher is sharded the same way (same blocks, same mesh), so each rank's teacher shard lines up with
+its student shard and the EMA update is local: lerp of local shards, no collective. The teacher's
+only collectives are the parameter all-gathers of its own forward (embed / encode are registered as
+FSDP forward methods), as for any sharded model; it has no gradients, so no reduce-scatter.
+Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0, so a
+checkpoint does not depend on the world size or on DDP vs FSDP.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from engine.errors import ConfigError
+
+
+def is_fsdp(cfg) -> bool:
+    return getattr(cfg.train, "distributed", "ddp") == "fsdp"
+
+
+def _check_fsdp(cfg, dist) -> None:
+    if dist.world_size > 1 and not torch.distributed.is_initialized():
+        raise ConfigError("config key 'train.distributed': fsdp needs the process group (torchrun)")
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def shard_student_and_teacher(model: torch.nn.Module, teacher, cfg, dist) -> None:
+    """FSDP2 in place: per block, then root, for the student (Data2Vec) and the teacher encoder.
+    Call before the optimizer is built (sharding replaces the parameters)."""
+    if not is_fsdp(cfg) or dist.world_size <= 1:
+        return
+    _check_fsdp(cfg, dist)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    fully_shard = _fully_shard()
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    for block in model.encoder.blocks.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for block in teacher.model.blocks.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(teacher.model, mesh=mesh)
+    # Data2Vec calls the teacher's embed / encode, not its forward: they unshard the root too.
+    register_fsdp_forward_method(teacher.model, "embed")
+    register_fsdp_forward_method(teacher.model, "encode")
+    teacher.refresh()
+
+
+def wrap_ddp(model: torch.nn.Module, cfg, dist, accumulation: int) -> torch.nn.Module:
+    """The module the trainer calls: DDP on several ranks (ddp mode), else `model` itself."""
+    if dist.world_size <= 1 or is_fsdp(cfg):
+        return model
+    layerdrop = cfg.model.layerdrop > 0
+    return DDP(
+        model,
+        device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        bucket_cap_mb=getattr(cfg.train, "ddp_bucket_cap_mb", 25),
+        gradient_as_bucket_view=True,
+        find_unused_parameters=layerdrop,
+        static_graph=not layerdrop and accumulation == 1,
+    )
+
+
+def no_sync(wrapped: torch.nn.Module, model: torch.nn.Module, last_micro: bool):
+    """Context for one micro-batch's backward: DDP's no_sync before the last micro-batch; FSDP2
+    keeps unsharded-gradient accumulation local (set_requires_gradient_sync)."""
+    import contextlib
+    if wrapped is not model:
+        return contextlib.nullcontext() if last_micro else wrapped.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-sharded module
+        model.set_requires_gradient_sync(last_micro)
+    return contextlib.nullcontext()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (collective), a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_states(model, teacher, optimizer, cfg) -> dict:
+    """Full model / teacher / optimizer state dicts; collective under FSDP (call on every rank)."""
+    if not _sharded(model):
+        return {"model": model.state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict()}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=opts),
+            "teacher": get_model_state_dict(teacher.model, options=opts),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=opts)}
+
+
+def load_states(model, teacher, optimizer, state: dict) -> None:
+    """Inverse of gather_states (full state dicts into plain or sharded modules)."""
+    if not _sharded(model):
+        model.load_state_dict(state["model"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=opts)
+    set_model_state_dict(teacher.model, state["teacher"], options=opts)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+
+
+def _sharded(model) -> bool:
+    return any(hasattr(p, "to_local") for p in model.parameters())

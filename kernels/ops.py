@@ -1,0 +1,272 @@
+"""Our public kernels as torch custom ops (namespace `d2v`), so torch.compile keeps them in its graph.
+
+Dynamo cannot trace into a Triton launch behind Python dispatch logic (device checks, interpreter
+switches, `.min()` reductions feeding a second launch), and it graph-breaks at what it cannot trace.
+A custom op is opaque to it instead: the compiler sees one node with a fake (meta) implementation
+that gives the output shapes, and calls our dispatcher at run time.
+
+  teacher_targets  d2v::teacher_targets   forward only (the teacher's outputs need no gradient)
+  span_mask        d2v::span_mask         no gradient (bool output)
+  block_mask       d2v::block_mask        no gradient; seeds must be a tensor (it fixes the device)
+  token_mask       d2v::token_mask        no gradient
+  attention        d2v::attention_forward + d2v::attention_backward, tied by register_autograd
+
+Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
+attn_bias, scale) -> (out, lse B x H x Tq fp32, fp64 for fp64 inputs), backward(grad_out, q, k, v, out, lse, ...) ->
+(dq, dk, dv, dbias). The implementation behind the pair is pluggable (`register_attention_kernel`):
+the fused Triton kernels plug in there; until then the pair runs a plain-PyTorch forward that keeps
+the log-sum-exp and a backward that recomputes the probabilities from it. Because that default
+materializes T x T scores, `attention()` takes the custom-op path only once a kernel is registered
+(or `use_custom_op=True` is passed); otherwise it calls kernels.attention.attention, which is
+torch's scaled_dot_product_attention plus elementwise ops that dynamo traces natively (no graph
+break, and inductor picks SDPA's flash / efficient backends). Dropout inside attention always takes
+that traced path: replaying a dropout mask in a separate backward op needs the RNG offset contract
+of the kernel that made it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from kernels import attention as _attention
+from kernels import masking as _masking
+from kernels import targets as _targets
+
+# ---------------------------------------------------------------------------------------------
+# Teacher targets
+
+
+@torch.library.custom_op("d2v::teacher_targets", mutates_args=())
+def _teacher_targets_op(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor],
+                        layer_norm: str, final_norm: str, eps: float,
+                        instance_norm_padding: str) -> torch.Tensor:
+    return _targets.teacher_targets(layers, padding_mask, layer_norm, final_norm, eps,
+                                    instance_norm_padding)
+
+
+@_teacher_targets_op.register_fake
+def _(layers, padding_mask, layer_norm, final_norm, eps, instance_norm_padding):
+    return layers[0].new_empty(layers[0].shape, dtype=torch.float32)
+
+
+def teacher_targets(layers, padding_mask=None, layer_norm="instance", final_norm="none", eps=1e-5,
+                    instance_norm_padding="exclude"):
+    """kernels.targets.teacher_targets as the custom op d2v::teacher_targets (same contract)."""
+    if isinstance(layers, torch.Tensor):
+        layers = list(layers.unbind(0))
+    return _teacher_targets_op(list(layers), padding_mask, layer_norm, final_norm, float(eps),
+                               instance_norm_padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+
+
+@torch.library.custom_op("d2v::span_mask", mutates_args=())
+def _span_mask_op(lengths: torch.Tensor, max_len: int, mask_prob: float, mask_length: int,
+                  min_masks: int, seeds: torch.Tensor, require_same_masks: bool) -> torch.Tensor:
+    return _masking.span_mask(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
+                              require_same_masks)
+
+
+@_span_mask_op.register_fake
+def _(lengths, max_len, mask_prob, mask_length, min_masks, seeds, require_same_masks):
+    return lengths.new_empty((lengths.shape[0], max_len), dtype=torch.bool)
+
+
+def span_mask(lengths, max_len, mask_prob, mask_length, min_masks=0, seed=None,
+              require_same_masks=False):
+    """kernels.masking.span_mask as d2v::span_mask; `seed` must be a B int64 tensor."""
+    return _span_mask_op(lengths, int(max_len), float(mask_prob), int(mask_length),
+                         int(min_masks), _seed_tensor(seed, "span_mask"), bool(require_same_masks))
+
+
+@torch.library.custom_op("d2v::block_mask", mutates_args=())
+def _block_mask_op(batch: int, grid: list[int], mask_ratio: float, seeds: torch.Tensor,
+                   min_block: int, inverse: bool, inverse_length: int,
+                   inverse_adjust: float) -> torch.Tensor:
+    return _masking.block_mask(batch, tuple(grid), mask_ratio, seeds, min_block, inverse,
+                               seeds.device, inverse_length, inverse_adjust)
+
+
+@_block_mask_op.register_fake
+def _(batch, grid, mask_ratio, seeds, min_block, inverse, inverse_length, inverse_adjust):
+    return seeds.new_empty((batch, grid[0] * grid[1]), dtype=torch.bool)
+
+
+def block_mask(batch, grid, mask_ratio, seed=None, min_block=16, inverse=False,
+               inverse_length=3, inverse_adjust=0.07):
+    """kernels.masking.block_mask as d2v::block_mask, on the seed tensor's device."""
+    return _block_mask_op(int(batch), [int(g) for g in grid], float(mask_ratio),
+                          _seed_tensor(seed, "block_mask"), int(min_block), bool(inverse),
+                          int(inverse_length), float(inverse_adjust))
+
+
+@torch.library.custom_op("d2v::token_mask", mutates_args=())
+def _token_mask_op(tokens: torch.Tensor, mask_prob: float, special_mask: torch.Tensor,
+                   mask_id: int, vocab_size: int, seeds: torch.Tensor, span: int,
+                   replace: list[float], random_exclude: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, selected = _masking.token_mask(tokens, mask_prob, special_mask, mask_id, vocab_size,
+                                        seeds, span, tuple(replace), random_exclude)
+    return out, selected
+
+
+@_token_mask_op.register_fake
+def _(tokens, mask_prob, special_mask, mask_id, vocab_size, seeds, span, replace, random_exclude):
+    return torch.empty_like(tokens), torch.empty_like(tokens, dtype=torch.bool)
+
+
+def token_mask(tokens, mask_prob, special_mask, mask_id, vocab_size, seed=None, span=1,
+               replace=(0.8, 0.1, 0.1), random_exclude=None):
+    """kernels.masking.token_mask as d2v::token_mask; `seed` must be a B int64 tensor."""
+    exclude = [int(mask_id)] if random_exclude is None else [int(i) for i in random_exclude]
+    return _token_mask_op(tokens, float(mask_prob), special_mask, int(mask_id), int(vocab_size),
+                          _seed_tensor(seed, "token_mask"), int(span),
+                          [float(r) for r in replace], exclude)
+
+
+def _seed_tensor(seed, op: str) -> torch.Tensor:
+    # An int seed would be hashed per row on the host side of the op; a traced graph wants the
+    # per-sample seeds as a tensor input (the trainer always has them).
+    if not isinstance(seed, torch.Tensor):
+        raise ValueError(f"kernels.ops.{op}: seed must be an int64 tensor of per-sample seeds, "
+                         f"got {type(seed).__name__}")
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+AttentionForward = Callable[..., tuple]  # (q, k, v, kpm, bias, scale) -> (out, lse)
+AttentionBackward = Callable[..., tuple]  # (dout, q, k, v, out, lse, kpm, bias, scale) -> 4 grads
+
+
+def attention_forward_math(q, k, v, key_padding_mask, attn_bias, scale):
+    """Plain-PyTorch forward keeping the row log-sum-exp (fp32; +inf on rows with no key)."""
+    s = _scores(q, k, key_padding_mask, attn_bias, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # empty rows: p = exp(-inf) = 0
+    p = torch.exp(s - lse[..., None])
+    return torch.matmul(p.to(v.dtype), v), lse
+
+
+def attention_backward_math(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale):
+    """Gradients from the saved lse: P recomputed from the scores, dS = P * (dP - rowsum(dO * O))."""
+    f32 = _acc(q)
+    p = torch.exp(_scores(q, k, key_padding_mask, attn_bias, scale) - lse.to(f32)[..., None])
+    go = grad_out.to(f32)
+    dv = torch.matmul(p.transpose(-1, -2), go)
+    dp = torch.matmul(go, v.to(f32).transpose(-1, -2))
+    delta = (go * out.to(f32)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, k.to(f32)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(f32)) * scale
+    dbias = None
+    if attn_bias is not None:
+        dbias = (ds.sum(0) if attn_bias.ndim == 3 else ds).to(attn_bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+def _acc(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _scores(q, k, key_padding_mask, attn_bias, scale):
+    acc = _acc(q)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + attn_bias.to(acc)
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return s
+
+
+_kernel: dict = {"forward": attention_forward_math, "backward": attention_backward_math,
+                 "registered": False}
+
+
+def register_attention_kernel(forward: AttentionForward, backward: AttentionBackward) -> None:
+    """Plugs a fused attention (e.g. the Triton flash kernels) behind d2v::attention_*.
+
+    forward(q, k, v, key_padding_mask, attn_bias, scale) -> (out B x H x Tq x D, lse B x H x Tq
+    fp32, +inf or any value with exp(s - lse) = 0 on rows with no key);
+    backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale) -> (dq, dk, dv,
+    dbias or None). From then on attention() takes the custom-op path by default.
+    """
+    _kernel.update(forward=forward, backward=backward, registered=True)
+
+
+def reset_attention_kernel() -> None:
+    """Back to the plain-PyTorch pair, and attention() back to the traced SDPA path."""
+    _kernel.update(forward=attention_forward_math, backward=attention_backward_math,
+                   registered=False)
+
+
+@torch.library.custom_op("d2v::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_padding_mask: Optional[torch.Tensor],
+                          attn_bias: Optional[torch.Tensor], scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _kernel["forward"](q, k, v, key_padding_mask, attn_bias, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, key_padding_mask, attn_bias, scale):
+    b, h, tq, _ = q.shape
+    return q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=_acc(q))
+
+
+@torch.library.custom_op("d2v::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           key_padding_mask: Optional[torch.Tensor],
+                           attn_bias: Optional[torch.Tensor], scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dbias = _kernel["backward"](grad_out, q, k, v, out, lse, key_padding_mask,
+                                            attn_bias, scale)
+    if dbias is None:  # a custom op returns tensors: an empty one stands for "no bias"
+        dbias = q.new_empty((0,))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale):
+    dbias = q.new_empty((0,)) if attn_bias is None else torch.empty_like(attn_bias)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, key_padding_mask, attn_bias, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, attn_bias = ctx.saved_tensors
+    dq, dk, dv, dbias = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
+                                               key_padding_mask, attn_bias, ctx.scale)
+    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None
+
+
+_attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
+              use_custom_op=None):
+    """kernels.attention's contract; the d2v::attention_* pair when a kernel is registered (or
+    use_custom_op=True) and there is no dropout, else the traceable kernels.attention.attention."""
+    if use_custom_op is None:
+        use_custom_op = _kernel["registered"]
+    if not use_custom_op or dropout_p > 0:
+        return _attention.attention(q, k, v, key_padding_mask=key_padding_mask,
+                                    attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
+    check = getattr(_attention, "_check", None)  # the shape checks of the public op
+    if check is not None:
+        check(q, k, v, key_padding_mask, attn_bias)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale)
+    return out

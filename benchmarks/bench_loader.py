@@ -96,6 +96,19 @@ def time_loader(kind: str, modality: str, cfg: DataConfig, batch: int, steps: in
     return seconds, samples, audio
 
 
+def run(tiny: bool = False) -> list[dict]:
+    """run_all's interface: DALI against the torch DataLoader, same workers, per modality."""
+    from benchmarks import common
+    rows = main(["--tiny"] if tiny else [])
+    records = []
+    for dali in (r for r in rows if r.loader == "dali"):
+        peer = next(r for r in rows if r.modality == dali.modality and r.loader == "torch")
+        shape = f"{dali.modality} batch {dali.batch}, {dali.workers} workers, DALI on {dali.device}"
+        records.append(common.record("loader", shape, dali.per_s, "torch DataLoader", peer.per_s,
+                                     dali.unit))
+    return records
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="few files (checks the plumbing)")

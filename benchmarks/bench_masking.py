@@ -390,6 +390,21 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
+def run(tiny: bool = False) -> list[dict]:
+    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop."""
+    from benchmarks import common
+    device = _device()
+    records = []
+    for case in (TINY if tiny else CASES):
+        rows = {r["impl"]: r for r in run_case(case, IMPLS, device, tiny)}
+        ours = rows["ours"]
+        shape = f"{case.name} {ours['op']} B={ours['B']} T={ours['T']} ({ours['path']})"
+        for peer in ("reference", "numpy"):
+            records.append(common.record("masking", shape, ours["us"], peer, rows[peer]["us"],
+                                         "us", None, device))
+    return records
+
+
 @pytest.mark.benchmark(group="masking")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES if torch.cuda.is_available() else TINY, ids=lambda c: c.name)

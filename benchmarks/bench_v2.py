@@ -167,5 +167,22 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
+def run(tiny: bool = False) -> list[dict]:
+    """run_all's interface: v2 samples/s against v1 samples/s, per modality."""
+    from benchmarks import common
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    rows = [run_case(case, device, 10 if cuda else 2, warmup=3 if cuda else 1, batch=None)
+            for case in (TINY if tiny else CASES)]
+    records = []
+    for v2 in (r for r in rows if r["mode"] == "v2"):
+        v1 = next((r for r in rows if r["modality"] == v2["modality"] and r["mode"] == "v1"), None)
+        if v1 is not None:
+            shape = f"{v2['modality']} batch {v2['batch']} M={v2['clone_batch']}"
+            records.append(common.record("v2_vs_v1", shape, v2["samples_per_s"], "v1",
+                                         v1["samples_per_s"], "samples/s", None, device))
+    return records
+
+
 if __name__ == "__main__":
     main()

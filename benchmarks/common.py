@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-HIGHER_IS_BETTER = {"samples/s", "tokens/s", "GB/s", "TFLOP/s"}
+HIGHER_IS_BETTER = {"samples/s", "tokens/s", "GB/s", "TFLOP/s", "images/s", "audio s/s"}
 
 
 def device() -> torch.device:

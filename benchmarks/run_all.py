@@ -28,6 +28,9 @@ from benchmarks import common  # noqa: E402
 MODULES = [
     "benchmarks.bench_step",
     "benchmarks.bench_targets",
+    "benchmarks.bench_masking",
+    "benchmarks.bench_v2",
+    "benchmarks.bench_loader",
 ]
 
 

@@ -105,7 +105,9 @@ def train(cfg: Config) -> dict:
     dist = init_distributed(cfg.train.device)
     device, run_dir = dist.device, cfg.run_dir
     if dist.cpu:
-        print(f"d2v-engine: {describe_cpu(dist.cpu, dist.rank)}", file=sys.stderr, flush=True)
+        # One write per line: the ranks share the terminal.
+        sys.stderr.write(f"d2v-engine: {describe_cpu(dist.cpu, dist.rank)}\n")
+        sys.stderr.flush()
     run_plan = make_plan(cfg, dist)  # ConfigError on world size, batch arithmetic, empty data
     if dist.is_main:
         print(describe_plan(run_plan.info), file=sys.stdout if cfg.train.dry_run else sys.stderr,

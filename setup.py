@@ -47,6 +47,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark"],
         "dali": ["nvidia-dali-cuda130"],
         "hf": ["transformers", "safetensors"],
+        "audio": ["soundfile"],  # FLAC and non-16-bit WAV in engine.prepare and the loader
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

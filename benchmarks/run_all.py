@@ -31,6 +31,7 @@ MODULES = [
     "benchmarks.bench_masking",
     "benchmarks.bench_v2",
     "benchmarks.bench_loader",
+    "benchmarks.bench_attention",
 ]
 
 

@@ -56,13 +56,27 @@ def describe(device: torch.device, loader: str | None = None) -> str:
         f"torch {info['torch']}" + (f" (cuda {info['cuda']}, {info['gpu']})" if gpu else " (cpu)"),
         f"targets: {_targets_backend(device)}",
         f"masking: {kernels}",
-        "attention: torch sdpa" + (" (flash-attn present)" if info["flash_attn"] else ""),
+        f"attention: {_attention_backend(device)}"
+        + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
         f"loader: {loader}" if loader else
         "loader: torch DataLoader" + (f" (DALI {info['dali']} present)" if info["dali"] else ""),
     ]
     return "; ".join(parts)
+
+
+def _attention_backend(device: torch.device) -> str:
+    """What kernels.attention dispatches to for a bf16 (CUDA) / fp32 (CPU) B x H x T x 64 call."""
+    try:
+        from kernels.attention import attention_backend
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        name = attention_backend(torch.empty(1, 1, 1, 64, device=device, dtype=dtype))
+    except Exception as e:  # reporting must never stop a run
+        return f"unknown ({type(e).__name__})"
+    if name == "triton":
+        return "triton flash (interpreted)" if device.type == "cpu" else "triton flash"
+    return {"sdpa": "torch sdpa", "flash_attn": "flash-attn"}.get(name, name)
 
 
 def _kernel_path(module: str, device: torch.device) -> str:
@@ -85,9 +99,9 @@ def dispatch_report(device: torch.device, optimizer=None, loader=None) -> dict:
     report = {
         "teacher_targets": _targets_backend(device),
         "masking": _kernel_path("kernels.masking", device),
-        "attention": "torch scaled_dot_product_attention",
+        "attention": _attention_backend(device),
     }
-    if device.type == "cuda":
+    if device.type == "cuda" and report["attention"] == "torch sdpa":
         sdpa = {"flash": torch.backends.cuda.flash_sdp_enabled(),
                 "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                 "math": torch.backends.cuda.math_sdp_enabled()}

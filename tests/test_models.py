@@ -6,6 +6,13 @@ from engine.config import ModelConfig, load_config
 from engine.errors import ConfigError
 from engine.models import Data2VecEncoder, EncoderOutput, build_model
 
+
+@pytest.fixture(autouse=True)
+def _sdpa_attention(monkeypatch):
+    # These tests check the encoders' semantics; the Triton attention kernel has its own tests
+    # (test_attention*.py). Interpreted, it would make every encoder test here take seconds.
+    monkeypatch.setenv("D2V_ATTENTION", "sdpa")
+
 MODALITIES = ["image", "audio", "text"]
 # Parameters the teacher copies from the student that `embed` itself does not use: the mask
 # embedding (the teacher never masks), the image CLS token (outside fairseq's EMA encoder) and the

@@ -17,6 +17,13 @@ from engine.models import build_model
 from kernels import attention as attn
 from kernels import masking, ops, targets
 
+
+@pytest.fixture(autouse=True)
+def _sdpa_attention(monkeypatch):
+    # The models here run under SDPA: the interpreted Triton attention has its own tests, and
+    # would make each compiled or checkpointed model step here take minutes.
+    monkeypatch.setenv("D2V_ATTENTION", "sdpa")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -43,7 +43,8 @@ D = 64, large B*H):
   precision   fp32 accumulation and softmax statistics; fp32 inputs use IEEE fp32 dots
               (input_precision="ieee"), never TF32.
 Block sizes are autotuned on CUDA (keyed on next_power_of_2(T), so variable-length audio does not
-retune every batch); the interpreter uses one small config (INTERPRET_BLOCKS).
+retune every batch); the interpreter uses INTERPRET_BLOCKS, by default one tile spanning the whole
+sequence (up to 256).
 """
 from __future__ import annotations
 
@@ -63,9 +64,12 @@ except ImportError:  # no Triton: every call takes flash_attn or SDPA
 BACKENDS = ("triton", "flash_attn", "sdpa")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 128
-# (BLOCK_M, BLOCK_N) for every kernel under TRITON_INTERPRET=1: small enough that the tests' odd T
-# (19, 37, 197) span several blocks, large enough to keep the interpreter quick.
-INTERPRET_BLOCKS = (32, 16)
+# (BLOCK_M, BLOCK_N) for every kernel under TRITON_INTERPRET=1. None: one tile spans the whole
+# sequence (up to 256), so each program runs its loop once -- the interpreter's cost is per op, not
+# per element, and the models run interpreted in the test suite. Tests set small blocks to cover the
+# multi-block paths.
+INTERPRET_BLOCKS = None
+_INTERPRET_MAX_BLOCK = 256
 _LOG2E = 1.4426950408889634
 
 
@@ -246,17 +250,22 @@ def _bias_args(attn_bias, like):
     return (attn_bias,) + attn_bias.stride()
 
 
-def _precision(dtype) -> str:
-    """tl.dot input precision: IEEE for fp32 (never TF32); ignored by the MMA for 16-bit inputs."""
+def _dot_args(dtype) -> dict:
+    """tl.dot operand dtype and input precision: IEEE for fp32 (never TF32; ignored by the MMA for
+    16-bit inputs). The interpreter's bf16 tl.dot is wrong (triton 3.9), so there bf16 operands are
+    widened to fp32 first -- exactly, so the products are those of the bf16 MMA; compiled code casts
+    to the operands' own dtype, a no-op."""
     if dtype == torch.bfloat16 and _interpret():
-        return "bf16_upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+        return dict(PRECISION="ieee", DOT_DTYPE=tl.float32)
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_DTYPE=_TL_DTYPES[dtype])
 
 
-def _launch(kernel, grid, args, **meta):
-    """Interpreter: the raw kernel with INTERPRET_BLOCKS; CUDA: its autotuned twin picks blocks."""
+def _launch(kernel, grid, args, t_q, t_k, **meta):
+    """Interpreter: the raw kernel with INTERPRET_BLOCKS (or whole-sequence tiles); CUDA: its
+    autotuned twin picks blocks."""
     if _interpret():
-        block_m, block_n = INTERPRET_BLOCKS
+        block_m, block_n = INTERPRET_BLOCKS or (min(_t_bucket(t_q), _INTERPRET_MAX_BLOCK),
+                                                min(_t_bucket(t_k), _INTERPRET_MAX_BLOCK))
         kernel.fn[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
     else:
         kernel[grid](*args, **meta)
@@ -280,9 +289,9 @@ def flash_forward(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dr
         q, k, v, bias, pad, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sbb, sbh, sbm, sbn, spb, spn,
-        H, Tq, Tk, D, scale * _LOG2E, dropout_p, seed, _t_bucket(max(Tq, Tk))),
+        H, Tq, Tk, D, scale * _LOG2E, dropout_p, seed, _t_bucket(max(Tq, Tk))), Tq, Tk,
         HAS_BIAS=attn_bias is not None, HAS_PAD=key_padding_mask is not None,
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=_head_block(D))
+        DROPOUT=dropout_p > 0, **_dot_args(q.dtype), BLOCK_D=_head_block(D))
     return out, lse
 
 
@@ -313,26 +322,28 @@ def flash_backward(dout, q, k, v, key_padding_mask, attn_bias, out, lse, scale, 
         sbb, sbh, sbm, sbn, spb, spn,
         H, Tq, Tk, D, scale * _LOG2E, dropout_p, seed, _t_bucket(max(Tq, Tk)))
     meta = dict(HAS_BIAS=attn_bias is not None, HAS_PAD=key_padding_mask is not None,
-                DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+                DROPOUT=dropout_p > 0, **_dot_args(q.dtype), BLOCK_D=block_d)
     _launch(_bwd_dkdv_kernel,
             lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
             (q, k, v, bias, pad, dout, lse, delta, dk, dv, dbias_arg,
-             *dk.stride()[:3], *dv.stride()[:3], *sdb, scale, *common),
+             *dk.stride()[:3], *dv.stride()[:3], *sdb, scale, *common), Tq, Tk,
             BIAS_GRAD=batched_bias_grad, **meta)
     _launch(_bwd_dq_kernel,
             lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
-            (q, k, v, bias, pad, dout, lse, delta, dq, *dq.stride()[:3], scale, *common), **meta)
+            (q, k, v, bias, pad, dout, lse, delta, dq, *dq.stride()[:3], scale, *common), Tq, Tk,
+            **meta)
     if need_bias_grad and not batched_bias_grad:
         _launch(_bwd_dbias_kernel,
                 lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), triton.cdiv(Tq, m["BLOCK_M"]), H),
                 (q, k, v, bias, pad, dout, lse, delta, dbias, *dbias.stride(), B, *common),
-                **meta)
+                Tq, Tk, **meta)
     return dq, dk, dv, (dbias if need_bias_grad else None)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     def _configs(shapes):
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -359,19 +370,10 @@ if triton is not None:
         return wrap
 
     @triton.jit
-    def _mm(a, b, PRECISION: tl.constexpr):
-        """a @ b with fp32 accumulation. PRECISION "bf16_upcast" exists only for the interpreter,
-        whose bf16 tl.dot is wrong (triton 3.9): the bf16 operands are widened exactly to fp32,
-        which gives the same products as the bf16 MMA."""
-        if PRECISION == "bf16_upcast":
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b, input_precision=PRECISION)
-
-    @triton.jit
     def _scores(q, k, bias_ptrs, pad_ptrs, offs_m, offs_n, T_Q, T_K, qk_scale,
-                HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
         """BLOCK_M x BLOCK_N logits in base 2: (q k^T * scale + bias) * log2(e), -inf where excluded."""
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
         key_ok = offs_n < T_K
         if HAS_BIAS:
             tile_ok = (offs_m[:, None] < T_Q) & key_ok[None, :]
@@ -393,7 +395,7 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -418,7 +420,7 @@ if triton is not None:
                         mask=kv_ok, other=0.0)
             s = _scores(q, k, Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm
                         + offs_n[None, :] * s_bn, Pad + b * s_pb + offs_n * s_pn,
-                        offs_m, offs_n, T_Q, T_K, qk_scale, HAS_BIAS, HAS_PAD, PRECISION)
+                        offs_m, offs_n, T_Q, T_K, qk_scale, HAS_BIAS, HAS_PAD, PRECISION, DOT_DTYPE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Until a row has seen an admissible key its max is -inf; subtracting 0 instead keeps
             # exp2(-inf - -inf) = NaN out (p and alpha are then exactly 0).
@@ -428,7 +430,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
                 p = tl.where(_keep(seed, bh, offs_m, offs_n, T_K, dropout_p), p, 0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE),
+                                           input_precision=PRECISION)
             m_i = m_new
         empty = l_i == 0.0
         inv_l = 1.0 / tl.where(empty, 1.0, l_i)
@@ -460,13 +463,13 @@ if triton is not None:
     def _tile_grads(q, k, v, do, lse, delta, bias_ptrs, pad_ptrs, offs_m, offs_n, seed, bh,
                     T_Q, T_K, qk_scale, dropout_p,
                     HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
         """One tile's (P after dropout, dS = dLogits): both BLOCK_M x BLOCK_N fp32."""
         s = _scores(q, k, bias_ptrs, pad_ptrs, offs_m, offs_n, T_Q, T_K, qk_scale,
-                    HAS_BIAS, HAS_PAD, PRECISION)
+                    HAS_BIAS, HAS_PAD, PRECISION, DOT_DTYPE)
         # L = +inf on rows without keys (and on rows past T_Q): P = 0 there, never NaN.
         p = tl.exp2(s - lse[:, None])
-        dp = _mm(do, tl.trans(v), PRECISION)
+        dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
         p_drop = p
         if DROPOUT:
             keep = _keep(seed, bh, offs_m, offs_n, T_K, dropout_p)
@@ -482,7 +485,7 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         BIAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -513,9 +516,11 @@ if triton is not None:
                 q, k, v, do, lse, delta,
                 Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
                 Pad + b * s_pb + offs_n * s_pn, offs_m, offs_n, seed, bh, T_Q, T_K, qk_scale,
-                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION)
-            dv += _mm(tl.trans(p_drop.to(do.dtype)), do, PRECISION)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION, DOT_DTYPE)
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)).to(DOT_DTYPE), do.to(DOT_DTYPE),
+                         input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)).to(DOT_DTYPE), q.to(DOT_DTYPE),
+                         input_precision=PRECISION)
             if BIAS_GRAD:
                 tl.store(dBias + b * s_gb + h * s_gh + offs_m[:, None] * s_gm
                          + offs_n[None, :] * s_gn, ds.to(dBias.dtype.element_ty),
@@ -532,7 +537,7 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -562,8 +567,8 @@ if triton is not None:
                 q, k, v, do, lse, delta,
                 Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
                 Pad + b * s_pb + offs_n * s_pn, offs_m, offs_n, seed, bh, T_Q, T_K, qk_scale,
-                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION)
-            dq += _mm(ds.to(k.dtype), k, PRECISION)
+                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION, DOT_DTYPE)
+            dq += tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k.to(DOT_DTYPE), input_precision=PRECISION)
         tl.store(dQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
                  (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
 
@@ -574,7 +579,7 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """d(bias) of a bias shared over the batch: one H x BLOCK_M x BLOCK_N tile, summed over b."""
@@ -606,7 +611,7 @@ if triton is not None:
                 q, k, v, do, lse, delta,
                 Bias + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
                 Pad + b * s_pb + offs_n * s_pn, offs_m, offs_n, seed, bh, T_Q, T_K, qk_scale,
-                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION)
+                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION, DOT_DTYPE)
             acc += ds
         tl.store(dBias + h * s_gh + offs_m[:, None] * s_gm + offs_n[None, :] * s_gn,
                  acc.to(dBias.dtype.element_ty), mask=row_ok[:, None] & (offs_n < T_K)[None, :])

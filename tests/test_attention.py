@@ -102,145 +102,159 @@ def test_attention_rejects_bad_shapes():
 
 
 # ----------------------------------------------------------------------------- the Triton path
-# Under TRITON_INTERPRET=1 (tests/conftest.py) CPU tensors of fp32/fp16/bf16 take our Triton kernels.
-# Each test compares outputs and the gradients of q, k, v and the bias with float64 math on the
-# same (rounded) inputs; outputs and gradients are NaN-poisoned first so a skipped store shows.
+# conftest sets TRITON_INTERPRET=1: CPU fp16/bf16/fp32 tensors run the Triton kernels interpreted.
+# Outputs and gradients are compared with float64 math on the same (rounded) inputs.
+from kernels import attention as attention_module  # noqa: E402
+from kernels.attention import attention_backend, flash_backward, flash_forward  # noqa: E402
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Sets the interpreter's (BLOCK_M, BLOCK_N); None: one tile per sequence."""
+    return lambda b: monkeypatch.setattr(attention_module, "INTERPRET_BLOCKS", b)
+
+
+def _inputs(b, h, tq, tk, d, dtype, lengths, bias_kind, seed, bias_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g).to(dtype).requires_grad_()
+    k, v = [torch.randn(b, h, tk, d, generator=g).to(dtype).requires_grad_() for _ in range(2)]
+    pad = None if lengths is None else _padding(b, tk, lengths)
+    bias = None
+    if bias_kind is not None:
+        shape = (h, tq, tk) if bias_kind == "shared" else (b, h, tq, tk)
+        bias = torch.randn(shape, generator=g).to(bias_dtype).requires_grad_()
+    return q, k, v, pad, bias
+
+
+def _empty_safe_formula(q, k, v, pad, bias, scale):
+    """float64 math with rows of no admissible key set to 0 (the contract), as a leaf graph."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    if pad is not None:
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    return probs @ v.double()
 
 
 def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _check_triton_against_float64(b, h, t, d, dtype, pad_lengths, bias_kind, seed):
-    from kernels import attention as attn_mod
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, h, t, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
-    pad = None if pad_lengths is None else _padding(b, t, pad_lengths)
-    bias = None
-    if bias_kind is not None:
-        shape = (h, t, t) if bias_kind == "shared" else (b, h, t, t)
-        bias = torch.randn(shape, generator=g).to(dtype).requires_grad_()
-    assert attn_mod.attention_backend(q, k, v, pad, bias) == "triton"
-    leaves = [x for x in (q, k, v, bias) if x is not None]
-    dout = torch.randn(b, h, t, d, generator=g).to(dtype)
-    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
-    grads = torch.autograd.grad(out, leaves, dout)
+CASES = [  # B, H, Tq, Tk, D, dtype, key lengths, bias, interpreter blocks
+    (2, 2, 19, 19, 32, torch.float32, None, None, (32, 16)),
+    (2, 2, 37, 37, 64, torch.float32, [37, 30], "shared", (32, 16)),
+    (2, 1, 37, 37, 32, torch.float32, [25, 37], "batched", (16, 16)),
+    (1, 2, 19, 37, 32, torch.float32, [30], "batched", (16, 16)),
+    (1, 1, 19, 19, 128, torch.float32, None, "shared", None),
+    (2, 2, 19, 19, 64, torch.bfloat16, [19, 11], "shared", None),
+    (2, 1, 37, 37, 32, torch.float16, [37, 20], "batched", (32, 16)),
+    (1, 1, 197, 197, 64, torch.bfloat16, [150], "shared", (64, 64)),
+]
 
-    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
-    q64, k64, v64 = leaves64[:3]
-    bias64 = leaves64[3] if bias is not None else None
-    # A fully padded sample attends to nothing: its rows are 0 with zero gradient (the formula runs
-    # it unpadded, and masked_fill cuts both the value and the gradient).
-    empty = None if pad is None else pad.all(dim=1)
-    formula_pad = None if pad is None else pad & ~empty[:, None]
-    expect = _formula(q64, k64, v64, formula_pad, bias64, d ** -0.5)
-    if pad is not None:
-        expect = expect.masked_fill(empty[:, None, None, None], 0.0)
-    refs = torch.autograd.grad(expect, leaves64, dout.double())
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[2]}x{c[3]}-D{c[4]}-{str(c[5])[6:]}"
+                         f"-{'pad' if c[6] else 'nopad'}-{c[7]}")
+def test_triton_output_and_grads_match_float64_math(case, blocks):
+    b, h, tq, tk, d, dtype, lengths, bias_kind, block = case
+    blocks(block)
+    q, k, v, pad, bias = _inputs(b, h, tq, tk, d, dtype, lengths, bias_kind, seed=tq * d)
+    assert attention_backend(q, k, v, pad, bias) == "triton"
+    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias, scale=0.3)
+    expect = _empty_safe_formula(q, k, v, pad, bias, 0.3)
+    assert out.dtype == dtype and out.shape == (b, h, tq, d)
     tol = TOL[dtype]
-    label = f"{dtype} T={t} pad={pad_lengths} bias={bias_kind}"
-    assert out.dtype == dtype
-    assert _rel(out, expect) < tol, f"{label}: out rel err {_rel(out, expect):.3e}"
-    for name, a, r in zip(["q", "k", "v", "bias"], grads, refs):
-        assert torch.isfinite(a).all(), f"{label}: non-finite d{name}"
-        # fp32 gradients sum T products more than the output: 4x the output tolerance
-        assert _rel(a, r) < 4 * tol, f"{label}: d{name} rel err {_rel(a, r):.3e}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("t", [19, 37])
-@pytest.mark.parametrize("case", ["plain", "pad", "pad+shared_bias", "batched_bias"])
-def test_triton_forward_backward_match_float64(dtype, t, case):
-    pad = [t, t - 6] if "pad" in case else None
-    bias = "shared" if "shared" in case else ("batched" if "batched" in case else None)
-    _check_triton_against_float64(2, 2, t, 32, dtype, pad, bias, seed=t + len(case))
-
-
-@pytest.mark.parametrize("case", ["pad+shared_bias", "pad+batched_bias"])
-def test_triton_multi_block_paths(monkeypatch, case):
-    """Blocks of 16 split T=37 into 3 query and 3 key blocks (the online rescaling, the partial last
-    block, and the dbias kernel's loop over the batch all run)."""
-    from kernels import attention as attn_mod
-    monkeypatch.setattr(attn_mod, "INTERPRET_BLOCKS", (16, 16))
-    bias = "shared" if "shared" in case else "batched"
-    _check_triton_against_float64(3, 2, 37, 32, torch.float32, [37, 20, 0], bias, seed=11)
-
-
-def test_triton_image_sequence_length_197():
-    """data2vec's image length (196 patches + CLS), D=64, shared relative position bias, padding."""
-    _check_triton_against_float64(2, 1, 197, 64, torch.float32, [197, 150], "shared", seed=197)
-
-
-@pytest.mark.parametrize("d", [32, 64, 128])
-def test_triton_head_dims(d):
-    _check_triton_against_float64(1, 2, 19, d, torch.bfloat16, None, None, seed=d)
-
-
-def test_triton_fully_padded_sample_gives_zero_and_finite_gradients(monkeypatch):
-    from kernels import attention as attn_mod
-    monkeypatch.setattr(attn_mod, "INTERPRET_BLOCKS", (16, 16))
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 2, 19, 16, generator=g).requires_grad_() for _ in range(3))
-    bias = torch.randn(2, 19, 19, generator=g).requires_grad_()
-    pad = _padding(2, 19, [19, 0])
-    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
-    assert out[1].abs().max().item() == 0 and torch.isfinite(out).all()
-    grads = torch.autograd.grad(out.sum(), [q, k, v, bias])
-    for name, gr in zip(["q", "k", "v", "bias"], grads):
-        assert torch.isfinite(gr).all(), f"non-finite d{name}"
-    assert grads[0][1].abs().max().item() == 0
-
-
-def test_triton_dropout_is_reproducible_and_its_gradient_matches_the_same_mask():
-    """Same seed -> same output; the backward uses the forward's dropout mask."""
-    g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 2, 37, 16, generator=g) for _ in range(3))
-    torch.manual_seed(3)
-    a = attention(q, k, v, dropout_p=0.3)
-    torch.manual_seed(3)
-    b = attention(q, k, v, dropout_p=0.3)
-    assert torch.equal(a, b)
-    assert 0 < (a - attention(q, k, v)).abs().max().item()
-    # out = P_drop v is linear in v, so <out, dout> = <v, P_drop^T dout> = <v, dv> holds only if
-    # the backward regenerated the forward's dropout mask.
-    vv = v.clone().requires_grad_()
-    dout = torch.randn(1, 2, 37, 16, generator=g)
-    torch.manual_seed(4)
-    out = attention(q, k, vv, dropout_p=0.3)
-    (dv,) = torch.autograd.grad(out, [vv], dout)
-    expect_out = out.detach()
-    assert torch.isfinite(dv).all()
-    # linearity: out(v) for the same seed is exactly P_drop v, so <out, dout> = <v, dv>
-    torch.testing.assert_close((expect_out * dout).sum(), (vv.detach() * dv).sum(),
-                               rtol=1e-5, atol=1e-5)
+    assert _rel(out, expect) < tol, f"{case}: output rel err {_rel(out, expect):.2e}"
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    leaves = [x for x in (q, k, v, bias) if x is not None]
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = torch.autograd.grad(expect, leaves, dout.double())
+    for name, got, want in zip(["q", "k", "v", "bias"], grads, refs):
+        assert got.dtype == want.dtype or got.dtype in (dtype, torch.float32)
+        assert torch.isfinite(got).all(), f"{case}: non-finite d{name}"
+        assert _rel(got, want) < tol, f"{case}: d{name} rel err {_rel(got, want):.2e}"
 
 
 @pytest.mark.parametrize("bias_kind", ["shared", "batched"])
-def test_triton_kernels_write_every_element_of_nan_poisoned_outputs(monkeypatch, bias_kind):
-    """flash_forward / flash_backward into NaN-filled buffers: every element gets written (a missed
-    tail block or padded row would stay NaN) and matches the float64 formula."""
-    from kernels import attention as attn_mod
-    monkeypatch.setattr(attn_mod, "INTERPRET_BLOCKS", (16, 16))
-    g = torch.Generator().manual_seed(21)
-    b, h, t, d = 3, 2, 37, 32
-    q, k, v, dout = (torch.randn(b, h, t, d, generator=g) for _ in range(4))
-    bias = torch.randn((h, t, t) if bias_kind == "shared" else (b, h, t, t), generator=g)
-    pad = _padding(b, t, [t, 20, 0])
-    nan = lambda x: torch.full_like(x, float("nan"))  # noqa: E731
-    out, lse = attn_mod.flash_forward(q, k, v, pad, bias, d ** -0.5, out=nan(q),
-                                      lse=torch.full((b, h, t), float("nan")))
-    grads = attn_mod.flash_backward(dout, q, k, v, pad, bias, out, lse, d ** -0.5,
-                                    need_bias_grad=True, dq=nan(q), dk=nan(k), dv=nan(v),
-                                    dbias=nan(bias))
-    leaves = [x.double().requires_grad_() for x in (q, k, v, bias)]
-    live = pad & ~pad.all(dim=1)[:, None]
-    expect = _formula(*leaves[:3], live, leaves[3], d ** -0.5)
-    expect = expect.masked_fill(pad.all(dim=1)[:, None, None, None], 0.0)
-    refs = torch.autograd.grad(expect, leaves, dout.double())
-    assert not torch.isnan(out).any() and _rel(out, expect) < 1e-5
-    for name, a, r in zip(["q", "k", "v", "bias"], grads, refs):
-        assert not torch.isnan(a).any(), f"d{name} has unwritten (NaN) elements"
-        assert _rel(a, r) < 4e-5, f"d{name} rel err {_rel(a, r):.3e}"
+def test_triton_writes_every_output_element_of_poisoned_buffers(bias_kind, blocks):
+    """A missed tail block, padded row or bias tile would stay NaN."""
+    blocks((16, 16))
+    q, k, v, pad, bias = _inputs(3, 2, 37, 37, 32, torch.float32, [37, 0, 21], bias_kind, seed=9)
+    q, k, v, bias = (x.detach() for x in (q, k, v, bias))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((3, 2, 37), float("nan"))
+    flash_forward(q, k, v, pad, bias, 0.2, out=out, lse=lse)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    expect = _empty_safe_formula(q, k, v, pad, bias, 0.2)
+    assert _rel(out, expect) < 1e-5
+    dout = torch.randn_like(out)
+    bufs = [torch.full_like(x, float("nan")) for x in (q, k, v, bias)]
+    flash_backward(dout, q, k, v, pad, bias, out, lse, 0.2, need_bias_grad=True, dq=bufs[0],
+                   dk=bufs[1], dv=bufs[2], dbias=bufs[3])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, bias)]
+    refs = torch.autograd.grad(_empty_safe_formula(*leaves[:3], pad, leaves[3], 0.2), leaves,
+                               dout.double())
+    for name, got, want in zip(["q", "k", "v", "bias"], bufs, refs):
+        assert not torch.isnan(got).any(), f"d{name} left NaN (unwritten) elements"
+        assert _rel(got, want) < 1e-5, f"d{name} rel err {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fully_padded_rows_give_zero_output_and_finite_grads(dtype, blocks):
+    blocks((16, 16))
+    q, k, v, pad, bias = _inputs(2, 2, 19, 19, 32, dtype, [19, 0], "shared", seed=3)
+    with torch.no_grad():  # a bias row of -inf also leaves its query without keys
+        bias[1, 4] = float("-inf")
+    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
+    assert not torch.isnan(out).any()
+    assert out[1].abs().max().item() == 0, "the all-padding sample's output is not 0"
+    assert out[0, 1, 4].abs().max().item() == 0, "the all -inf bias row's output is not 0"
+    assert out[0, 0].abs().max().item() > 0
+    grads = torch.autograd.grad(out.float().square().sum(), [q, k, v, bias])
+    for name, gr in zip(["q", "k", "v", "bias"], grads):
+        assert torch.isfinite(gr).all(), f"non-finite d{name}"
+    assert grads[0][1].abs().max().item() == 0, "the empty sample's queries got a gradient"
+    assert grads[1][1].abs().max().item() == 0 and grads[2][1].abs().max().item() == 0
+
+
+def test_triton_dropout_is_seeded_inverted_dropout_with_exact_gradients(blocks):
+    blocks((16, 16))
+    t, d, p = 19, 32, 0.3
+    q, k, v, pad, bias = _inputs(1, 2, t, t, d, torch.float32, [15], "shared", seed=11)
+    eye = torch.eye(t, d).expand(1, 2, t, d)
+    torch.manual_seed(123)
+    dropped = attention(q.detach(), k.detach(), eye, pad, bias.detach(), dropout_p=p)[..., :t]
+    probs = _empty_safe_formula(q, k, eye, pad, bias, d ** -0.5)[..., :t].detach()
+    keep = dropped != 0
+    admissible = probs > 0
+    frac = (keep & admissible).sum().item() / admissible.sum().item()
+    assert 0.55 < frac < 0.85, f"kept fraction {frac:.3f}, expected about {1 - p}"
+    torch.testing.assert_close(dropped.double(), torch.where(keep, probs / (1 - p), 0.0),
+                               rtol=1e-5, atol=1e-6)
+    torch.manual_seed(123)  # same seed: same mask whatever v is
+    out = attention(q, k, v, pad, bias, dropout_p=p)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5 + bias.double()
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    expect = (torch.softmax(scores, -1) * keep / (1 - p)) @ v.double()
+    assert _rel(out, expect) < 1e-5
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v, bias], dout)
+    refs = torch.autograd.grad(expect, [q, k, v, bias], dout.double())
+    for name, got, want in zip(["q", "k", "v", "bias"], grads, refs):
+        assert _rel(got, want) < 1e-5, f"d{name} rel err {_rel(got, want):.2e}"
+    torch.manual_seed(124)
+    other = attention(q.detach(), k.detach(), eye, pad, bias.detach(), dropout_p=p)[..., :t]
+    assert ((other != 0) != keep).any(), "another seed gave the same dropout mask"
+
+
+def test_attention_backend_picks_triton_for_what_it_supports(monkeypatch):
+    q = torch.zeros(1, 2, 5, 64)
+    assert attention_backend(q) == "triton"
+    assert attention_backend(q.double()) == "sdpa"
+    assert attention_backend(torch.zeros(1, 2, 5, 256)) == "sdpa"
+    assert attention_backend(q, attn_bias=torch.zeros(2, 5, 5, dtype=torch.long)) == "sdpa"
+    monkeypatch.setenv("D2V_ATTENTION", "sdpa")
+    assert attention_backend(q) == "sdpa"

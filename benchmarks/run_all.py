@@ -1,7 +1,7 @@
 """Runs every benchmark in one process: python -m benchmarks.run_all [--tiny] [--out DIR].
 
-Writes DIR/<date>-<device>-targets.json (device, versions, shapes, command, rows) and prints each
-table. On a machine without a GPU use --tiny: it checks the suite itself, not the speed.
+Writes DIR/<date>-<device>-{targets,attention}.json (device, versions, shapes, command, rows) and
+prints each table. On a machine without a GPU use --tiny: it checks the suite itself, not the speed.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_targets
+from benchmarks import bench_attention, bench_targets
 
 
 def main(argv=None) -> None:
@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tiny = ["--tiny"] if args.tiny else []
     bench_targets.main([*tiny, "--json", str(out / f"{stem}-targets.json")])
+    bench_attention.main([*tiny, "--json", str(out / f"{stem}-attention.json")])
 
 
 if __name__ == "__main__":

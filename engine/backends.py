@@ -45,6 +45,14 @@ def detect() -> dict:
     }
 
 
+def _attention_path(device: torch.device) -> str:
+    """The path kernels.attention takes for this device's usual dtype, no mask or bias."""
+    from kernels.attention import attention_backend
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = attention_backend(torch.empty(1, 1, 1, 64, device=device, dtype=dtype))
+    return {"triton": "triton flash (ours)", "flash_attn": "flash-attn", "sdpa": "torch sdpa"}[name]
+
+
 def describe(device: torch.device) -> str:
     """One line saying which path each kind of op takes on `device`."""
     info = detect()
@@ -54,7 +62,7 @@ def describe(device: torch.device) -> str:
     parts = [
         f"torch {info['torch']}" + (f" (cuda {info['cuda']}, {info['gpu']})" if gpu else " (cpu)"),
         f"targets/masking: {kernels}",
-        "attention: torch sdpa" + (" (flash-attn present)" if info["flash_attn"] else ""),
+        f"attention: {_attention_path(device)}" + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
         "loader: torch DataLoader" + (f" (DALI {info['dali']} present)" if info["dali"] else ""),

@@ -62,7 +62,8 @@ def describe(device: torch.device) -> str:
     parts = [
         f"torch {info['torch']}" + (f" (cuda {info['cuda']}, {info['gpu']})" if gpu else " (cpu)"),
         f"targets/masking: {kernels}",
-        f"attention: {_attention_path(device)}" + (" (flash-attn present)" if info["flash_attn"] else ""),
+        f"attention: {_attention_path(device)}"
+        + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
         "loader: torch DataLoader" + (f" (DALI {info['dali']} present)" if info["dali"] else ""),

@@ -49,7 +49,6 @@ sequence (up to 256).
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import torch
@@ -122,7 +121,8 @@ def attention_reference(q, k, v, key_padding_mask=None, attn_bias=None, scale=No
 
 
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0):
-    """B x H x Tq x D (fp16/bf16/fp32), B x Tk bool (True = ignore), H|B x H x Tq x Tk -> B x H x Tq x Dv."""
+    """q, k, v B x H x T x D (fp16/bf16/fp32), B x Tk bool (True = ignore), bias H x Tq x Tk or
+    B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype; dispatched as attention_backend says."""
     _check(q, k, v, key_padding_mask, attn_bias)
     backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -145,7 +145,9 @@ def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
     v = k if v is None else v
     order = list(BACKENDS)
     forced = os.environ.get("D2V_ATTENTION")
-    if forced in BACKENDS:
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"D2V_ATTENTION must be one of {BACKENDS}, got {forced!r}")
+    if forced:
         order.remove(forced)
         order.insert(0, forced)
     for name in order:
@@ -353,7 +355,7 @@ if triton is not None:
         """Drop blocks far larger than the sequence (T=197 needs no 256 x 256 tiles of work)."""
         bucket = named_args["T_BUCKET"]
         kept = [c for c in configs
-                if c.kwargs["BLOCK_M"] <= max(bucket, 64) and c.kwargs["BLOCK_N"] <= max(bucket, 64)]
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(bucket, 64)]
         return kept or configs[:1]
 
     # H100-oriented: 64/128 blocks, 4/8 warps, 2/3 stages; BLOCK_N=256 keeps all of a T<=256
@@ -366,13 +368,14 @@ if triton is not None:
 
     def _tuned(configs):
         def wrap(fn):
-            return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
+            return triton.autotune(configs, key=_KEY,
+                                   prune_configs_by={"early_config_prune": _prune})(fn)
         return wrap
 
     @triton.jit
     def _scores(q, k, bias_ptrs, pad_ptrs, row_ok, key_ok, qk_scale, HAS_BIAS: tl.constexpr,
                 HAS_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-        """BLOCK_M x BLOCK_N logits in base 2: (q k^T * scale + bias) * log2(e), -inf where excluded."""
+        """BLOCK_M x BLOCK_N base-2 logits (q k^T * scale + bias) * log2(e); -inf where excluded."""
         s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(bias_ptrs, mask=row_ok[:, None] & key_ok[None, :],
@@ -476,8 +479,10 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         ok = (offs_m < T_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok, other=0.0)
-        do = tl.load(dOut + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
+        o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
+                    mask=ok, other=0.0)
+        do = tl.load(dOut + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :],
+                     mask=ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(Delta + bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
 
@@ -502,8 +507,10 @@ if triton is not None:
         d_ok = offs_d < HEAD_DIM
         key_ok = offs_n < T_K
         kv_ok = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
         q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
         do_ptrs = dOut + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :]
         bias_ptrs = Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn
@@ -562,9 +569,10 @@ if triton is not None:
         row_ok = offs_m < T_Q
         d_ok = offs_d < HEAD_DIM
         q_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
-        do = tl.load(dOut + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=q_ok,
-                     other=0.0)
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
+                    mask=q_ok, other=0.0)
+        do = tl.load(dOut + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
+                     mask=q_ok, other=0.0)
         lse = tl.load(Lse + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0)
         k_ptrs = K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]
@@ -598,7 +606,7 @@ if triton is not None:
         PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """d(bias) of a bias shared over the batch: one H x BLOCK_M x BLOCK_N tile, summed over b."""
+        """d(bias) of a bias shared over the batch: one BLOCK_M x BLOCK_N tile, summed over b."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         h = tl.program_id(2).to(tl.int64)

@@ -43,12 +43,12 @@ D = 64, large B*H):
   precision   fp32 accumulation and softmax statistics; fp32 inputs use IEEE fp32 dots
               (input_precision="ieee"), never TF32.
 Block sizes are autotuned on CUDA (keyed on next_power_of_2(T), so variable-length audio does not
-retune every batch); the interpreter uses one small config (INTERPRET_BLOCKS).
+retune every batch); the interpreter uses INTERPRET_BLOCKS, by default one tile spanning the whole
+sequence (up to 256).
 """
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import torch
@@ -63,9 +63,12 @@ except ImportError:  # no Triton: every call takes flash_attn or SDPA
 BACKENDS = ("triton", "flash_attn", "sdpa")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 128
-# (BLOCK_M, BLOCK_N) for every kernel under TRITON_INTERPRET=1: small enough that the tests' odd T
-# (19, 37, 197) span several blocks, large enough to keep the interpreter quick.
-INTERPRET_BLOCKS = (32, 16)
+# (BLOCK_M, BLOCK_N) for every kernel under TRITON_INTERPRET=1. None: one tile spans the whole
+# sequence (up to 256), so each program runs its loop once -- the interpreter's cost is per op, not
+# per element, and the models run interpreted in the test suite. Tests set small blocks to cover the
+# multi-block paths.
+INTERPRET_BLOCKS = None
+_INTERPRET_MAX_BLOCK = 256
 _LOG2E = 1.4426950408889634
 
 
@@ -118,7 +121,8 @@ def attention_reference(q, k, v, key_padding_mask=None, attn_bias=None, scale=No
 
 
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0):
-    """B x H x Tq x D (fp16/bf16/fp32), B x Tk bool (True = ignore), H|B x H x Tq x Tk -> B x H x Tq x Dv."""
+    """q, k, v B x H x T x D (fp16/bf16/fp32), B x Tk bool (True = ignore), bias H x Tq x Tk or
+    B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype; dispatched as attention_backend says."""
     _check(q, k, v, key_padding_mask, attn_bias)
     backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -141,7 +145,9 @@ def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
     v = k if v is None else v
     order = list(BACKENDS)
     forced = os.environ.get("D2V_ATTENTION")
-    if forced in BACKENDS:
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"D2V_ATTENTION must be one of {BACKENDS}, got {forced!r}")
+    if forced:
         order.remove(forced)
         order.insert(0, forced)
     for name in order:
@@ -246,17 +252,22 @@ def _bias_args(attn_bias, like):
     return (attn_bias,) + attn_bias.stride()
 
 
-def _precision(dtype) -> str:
-    """tl.dot input precision: IEEE for fp32 (never TF32); ignored by the MMA for 16-bit inputs."""
+def _dot_args(dtype) -> dict:
+    """tl.dot operand dtype and input precision: IEEE for fp32 (never TF32; ignored by the MMA for
+    16-bit inputs). The interpreter's bf16 tl.dot is wrong (triton 3.9), so there bf16 operands are
+    widened to fp32 first -- exactly, so the products are those of the bf16 MMA; compiled code casts
+    to the operands' own dtype, a no-op."""
     if dtype == torch.bfloat16 and _interpret():
-        return "bf16_upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+        return dict(PRECISION="ieee", DOT_DTYPE=tl.float32)
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_DTYPE=_TL_DTYPES[dtype])
 
 
-def _launch(kernel, grid, args, **meta):
-    """Interpreter: the raw kernel with INTERPRET_BLOCKS; CUDA: its autotuned twin picks blocks."""
+def _launch(kernel, grid, args, t_q, t_k, **meta):
+    """Interpreter: the raw kernel with INTERPRET_BLOCKS (or whole-sequence tiles); CUDA: its
+    autotuned twin picks blocks."""
     if _interpret():
-        block_m, block_n = INTERPRET_BLOCKS
+        block_m, block_n = INTERPRET_BLOCKS or (min(_t_bucket(t_q), _INTERPRET_MAX_BLOCK),
+                                                min(_t_bucket(t_k), _INTERPRET_MAX_BLOCK))
         kernel.fn[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
     else:
         kernel[grid](*args, **meta)
@@ -280,9 +291,9 @@ def flash_forward(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dr
         q, k, v, bias, pad, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sbb, sbh, sbm, sbn, spb, spn,
-        H, Tq, Tk, D, scale * _LOG2E, dropout_p, seed, _t_bucket(max(Tq, Tk))),
+        H, Tq, Tk, D, scale * _LOG2E, dropout_p, seed, _t_bucket(max(Tq, Tk))), Tq, Tk,
         HAS_BIAS=attn_bias is not None, HAS_PAD=key_padding_mask is not None,
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=_head_block(D))
+        DROPOUT=dropout_p > 0, **_dot_args(q.dtype), BLOCK_D=_head_block(D))
     return out, lse
 
 
@@ -313,26 +324,28 @@ def flash_backward(dout, q, k, v, key_padding_mask, attn_bias, out, lse, scale, 
         sbb, sbh, sbm, sbn, spb, spn,
         H, Tq, Tk, D, scale * _LOG2E, dropout_p, seed, _t_bucket(max(Tq, Tk)))
     meta = dict(HAS_BIAS=attn_bias is not None, HAS_PAD=key_padding_mask is not None,
-                DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+                DROPOUT=dropout_p > 0, **_dot_args(q.dtype), BLOCK_D=block_d)
     _launch(_bwd_dkdv_kernel,
             lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
             (q, k, v, bias, pad, dout, lse, delta, dk, dv, dbias_arg,
-             *dk.stride()[:3], *dv.stride()[:3], *sdb, scale, *common),
+             *dk.stride()[:3], *dv.stride()[:3], *sdb, scale, *common), Tq, Tk,
             BIAS_GRAD=batched_bias_grad, **meta)
     _launch(_bwd_dq_kernel,
             lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
-            (q, k, v, bias, pad, dout, lse, delta, dq, *dq.stride()[:3], scale, *common), **meta)
+            (q, k, v, bias, pad, dout, lse, delta, dq, *dq.stride()[:3], scale, *common), Tq, Tk,
+            **meta)
     if need_bias_grad and not batched_bias_grad:
         _launch(_bwd_dbias_kernel,
                 lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), triton.cdiv(Tq, m["BLOCK_M"]), H),
                 (q, k, v, bias, pad, dout, lse, delta, dbias, *dbias.stride(), B, *common),
-                **meta)
+                Tq, Tk, **meta)
     return dq, dk, dv, (dbias if need_bias_grad else None)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     def _configs(shapes):
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -342,7 +355,7 @@ if triton is not None:
         """Drop blocks far larger than the sequence (T=197 needs no 256 x 256 tiles of work)."""
         bucket = named_args["T_BUCKET"]
         kept = [c for c in configs
-                if c.kwargs["BLOCK_M"] <= max(bucket, 64) and c.kwargs["BLOCK_N"] <= max(bucket, 64)]
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(bucket, 64)]
         return kept or configs[:1]
 
     # H100-oriented: 64/128 blocks, 4/8 warps, 2/3 stages; BLOCK_N=256 keeps all of a T<=256
@@ -355,27 +368,18 @@ if triton is not None:
 
     def _tuned(configs):
         def wrap(fn):
-            return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
+            return triton.autotune(configs, key=_KEY,
+                                   prune_configs_by={"early_config_prune": _prune})(fn)
         return wrap
 
     @triton.jit
-    def _mm(a, b, PRECISION: tl.constexpr):
-        """a @ b with fp32 accumulation. PRECISION "bf16_upcast" exists only for the interpreter,
-        whose bf16 tl.dot is wrong (triton 3.9): the bf16 operands are widened exactly to fp32,
-        which gives the same products as the bf16 MMA."""
-        if PRECISION == "bf16_upcast":
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b, input_precision=PRECISION)
-
-    @triton.jit
-    def _scores(q, k, bias_ptrs, pad_ptrs, offs_m, offs_n, T_Q, T_K, qk_scale,
-                HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr):
-        """BLOCK_M x BLOCK_N logits in base 2: (q k^T * scale + bias) * log2(e), -inf where excluded."""
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale
-        key_ok = offs_n < T_K
+    def _scores(q, k, bias_ptrs, pad_ptrs, row_ok, key_ok, qk_scale, HAS_BIAS: tl.constexpr,
+                HAS_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """BLOCK_M x BLOCK_N base-2 logits (q k^T * scale + bias) * log2(e); -inf where excluded."""
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
-            tile_ok = (offs_m[:, None] < T_Q) & key_ok[None, :]
-            s += tl.load(bias_ptrs, mask=tile_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            s += tl.load(bias_ptrs, mask=row_ok[:, None] & key_ok[None, :],
+                         other=0.0).to(tl.float32) * 1.4426950408889634
         if HAS_PAD:
             key_ok = key_ok & (tl.load(pad_ptrs, mask=key_ok, other=1) == 0)
         return tl.where(key_ok[None, :], s, float("-inf"))
@@ -383,8 +387,26 @@ if triton is not None:
     @triton.jit
     def _keep(seed, bh, offs_m, offs_n, T_K, dropout_p):
         """The dropout keep mask of one tile: philox keyed by (seed, b*H + h), counter i*Tk + j."""
-        offsets = offs_m[:, None] * T_K + offs_n[None, :]
+        offsets = (offs_m[:, None] * T_K + offs_n[None, :]).to(tl.int32)
         return tl.rand(seed + bh, offsets) >= dropout_p
+
+    @triton.jit
+    def _tile_grads(q, k, v, do, lse, delta, bias_ptrs, pad_ptrs, offs_m, offs_n, row_ok, key_ok,
+                    seed, bh, T_K, qk_scale, dropout_p, HAS_BIAS: tl.constexpr,
+                    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
+        """One tile's (P after dropout, dS = d loss / d logits): both BLOCK_M x BLOCK_N fp32."""
+        s = _scores(q, k, bias_ptrs, pad_ptrs, row_ok, key_ok, qk_scale, HAS_BIAS, HAS_PAD,
+                    PRECISION, DOT_DTYPE)
+        # L = +inf on rows without keys (and on rows past T_Q): P = 0 there, never NaN.
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
+        p_drop = p
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m, offs_n, T_K, dropout_p)
+            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        return p_drop, p * (dp - delta[:, None])
 
     @triton.jit
     def _fwd_kernel(
@@ -393,32 +415,34 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         row_ok = offs_m < T_Q
         d_ok = offs_d < HEAD_DIM
         q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_ptrs = K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]
+        v_ptrs = V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :]
+        bias_ptrs = Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn
+        pad_ptrs = Pad + b * s_pb + offs_n * s_pn
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, T_K, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_ok = (offs_n < T_K)[:, None] & d_ok[None, :]
-            k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            s = _scores(q, k, Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm
-                        + offs_n[None, :] * s_bn, Pad + b * s_pb + offs_n * s_pn,
-                        offs_m, offs_n, T_Q, T_K, qk_scale, HAS_BIAS, HAS_PAD, PRECISION)
+            key_ok = offs_n < T_K - start_n
+            kv_ok = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            s = _scores(q, k, bias_ptrs, pad_ptrs, row_ok, key_ok, qk_scale, HAS_BIAS, HAS_PAD,
+                        PRECISION, DOT_DTYPE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Until a row has seen an admissible key its max is -inf; subtracting 0 instead keeps
             # exp2(-inf - -inf) = NaN out (p and alpha are then exactly 0).
@@ -427,9 +451,14 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                p = tl.where(_keep(seed, bh, offs_m, offs_n, T_K, dropout_p), p, 0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+                p = tl.where(_keep(seed, bh, offs_m, start_n + offs_n, T_K, dropout_p), p, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE),
+                                                input_precision=PRECISION)
             m_i = m_new
+            k_ptrs += BLOCK_N * s_kn
+            v_ptrs += BLOCK_N * s_vn
+            bias_ptrs += BLOCK_N * s_bn
+            pad_ptrs += BLOCK_N * s_pn
         empty = l_i == 0.0
         inv_l = 1.0 / tl.where(empty, 1.0, l_i)
         if DROPOUT:
@@ -447,32 +476,15 @@ if triton is not None:
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         ok = (offs_m < T_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
-                    mask=ok, other=0.0).to(tl.float32)
+                    mask=ok, other=0.0)
         do = tl.load(dOut + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :],
-                     mask=ok, other=0.0).to(tl.float32)
-        tl.store(Delta + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
-
-    @triton.jit
-    def _tile_grads(q, k, v, do, lse, delta, bias_ptrs, pad_ptrs, offs_m, offs_n, seed, bh,
-                    T_Q, T_K, qk_scale, dropout_p,
-                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                    PRECISION: tl.constexpr):
-        """One tile's (P after dropout, dS = dLogits): both BLOCK_M x BLOCK_N fp32."""
-        s = _scores(q, k, bias_ptrs, pad_ptrs, offs_m, offs_n, T_Q, T_K, qk_scale,
-                    HAS_BIAS, HAS_PAD, PRECISION)
-        # L = +inf on rows without keys (and on rows past T_Q): P = 0 there, never NaN.
-        p = tl.exp2(s - lse[:, None])
-        dp = _mm(do, tl.trans(v), PRECISION)
-        p_drop = p
-        if DROPOUT:
-            keep = _keep(seed, bh, offs_m, offs_n, T_K, dropout_p)
-            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        return p_drop, p * (dp - delta[:, None])
+                     mask=ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
 
     @triton.jit
     def _bwd_dkdv_kernel(
@@ -482,44 +494,56 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         BIAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         d_ok = offs_d < HEAD_DIM
-        kv_ok = (offs_n < T_K)[:, None] & d_ok[None, :]
+        key_ok = offs_n < T_K
+        kv_ok = key_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
                     mask=kv_ok, other=0.0)
         v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
                     mask=kv_ok, other=0.0)
+        q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
+        do_ptrs = dOut + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :]
+        bias_ptrs = Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn
+        dbias_ptrs = dBias + b * s_gb + h * s_gh + offs_m[:, None] * s_gm + offs_n[None, :] * s_gn
+        pad_ptrs = Pad + b * s_pb + offs_n * s_pn
+        lse_ptrs = Lse + bh.to(tl.int64) * T_Q + offs_m
+        delta_ptrs = Delta + bh.to(tl.int64) * T_Q + offs_m
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_m in range(0, T_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < T_Q
+            row_ok = offs_m < T_Q - start_m
             q_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
-                        mask=q_ok, other=0.0)
-            do = tl.load(dOut + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
-                         mask=q_ok, other=0.0)
-            lse = tl.load(Lse + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0)
-            p_drop, ds = _tile_grads(
-                q, k, v, do, lse, delta,
-                Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                Pad + b * s_pb + offs_n * s_pn, offs_m, offs_n, seed, bh, T_Q, T_K, qk_scale,
-                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION)
-            dv += _mm(tl.trans(p_drop.to(do.dtype)), do, PRECISION)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+            q = tl.load(q_ptrs, mask=q_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=q_ok, other=0.0)
+            lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+            p_drop, ds = _tile_grads(q, k, v, do, lse, delta, bias_ptrs, pad_ptrs,
+                                     start_m + offs_m, offs_n, row_ok, key_ok, seed, bh, T_K,
+                                     qk_scale, dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION,
+                                     DOT_DTYPE)
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)).to(DOT_DTYPE), do.to(DOT_DTYPE),
+                         input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)).to(DOT_DTYPE), q.to(DOT_DTYPE),
+                         input_precision=PRECISION)
             if BIAS_GRAD:
-                tl.store(dBias + b * s_gb + h * s_gh + offs_m[:, None] * s_gm
-                         + offs_n[None, :] * s_gn, ds.to(dBias.dtype.element_ty),
-                         mask=row_ok[:, None] & (offs_n < T_K)[None, :])
+                tl.store(dbias_ptrs, ds.to(dBias.dtype.element_ty),
+                         mask=row_ok[:, None] & key_ok[None, :])
+            q_ptrs += BLOCK_M * s_qm
+            do_ptrs += BLOCK_M * s_om
+            bias_ptrs += BLOCK_M * s_bm
+            dbias_ptrs += BLOCK_M * s_gm
+            lse_ptrs += BLOCK_M
+            delta_ptrs += BLOCK_M
         tl.store(dK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
                  (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
         tl.store(dV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
@@ -532,15 +556,16 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         row_ok = offs_m < T_Q
         d_ok = offs_d < HEAD_DIM
         q_ok = row_ok[:, None] & d_ok[None, :]
@@ -550,20 +575,24 @@ if triton is not None:
                      mask=q_ok, other=0.0)
         lse = tl.load(Lse + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0)
+        k_ptrs = K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]
+        v_ptrs = V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :]
+        bias_ptrs = Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn
+        pad_ptrs = Pad + b * s_pb + offs_n * s_pn
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, T_K, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_ok = (offs_n < T_K)[:, None] & d_ok[None, :]
-            k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            _, ds = _tile_grads(
-                q, k, v, do, lse, delta,
-                Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                Pad + b * s_pb + offs_n * s_pn, offs_m, offs_n, seed, bh, T_Q, T_K, qk_scale,
-                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION)
-            dq += _mm(ds.to(k.dtype), k, PRECISION)
+            key_ok = offs_n < T_K - start_n
+            kv_ok = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            _, ds = _tile_grads(q, k, v, do, lse, delta, bias_ptrs, pad_ptrs, offs_m,
+                                start_n + offs_n, row_ok, key_ok, seed, bh, T_K, qk_scale,
+                                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION, DOT_DTYPE)
+            dq += tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k.to(DOT_DTYPE), input_precision=PRECISION)
+            k_ptrs += BLOCK_N * s_kn
+            v_ptrs += BLOCK_N * s_vn
+            bias_ptrs += BLOCK_N * s_bn
+            pad_ptrs += BLOCK_N * s_pn
         tl.store(dQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
                  (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
 
@@ -574,42 +603,50 @@ if triton is not None:
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         H, T_Q, T_K, HEAD_DIM, qk_scale, dropout_p, seed, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """d(bias) of a bias shared over the batch: one H x BLOCK_M x BLOCK_N tile, summed over b."""
+        """d(bias) of a bias shared over the batch: one BLOCK_M x BLOCK_N tile, summed over b."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         h = tl.program_id(2).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         row_ok = offs_m < T_Q
+        key_ok = offs_n < T_K
         d_ok = offs_d < HEAD_DIM
         q_ok = row_ok[:, None] & d_ok[None, :]
-        kv_ok = (offs_n < T_K)[:, None] & d_ok[None, :]
+        kv_ok = key_ok[:, None] & d_ok[None, :]
+        q_ptrs = Q + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
+        do_ptrs = dOut + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :]
+        k_ptrs = K + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]
+        v_ptrs = V + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :]
+        bias_ptrs = Bias + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn
+        pad_ptrs = Pad + offs_n * s_pn
+        lse_ptrs = Lse + h * T_Q + offs_m
+        delta_ptrs = Delta + h * T_Q + offs_m
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for b32 in range(0, B):
-            b = h * 0 + b32  # int64, also when the interpreter hands out a Python int
-            bh = b * H + h
-            q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
-                        mask=q_ok, other=0.0)
-            do = tl.load(dOut + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
-                         mask=q_ok, other=0.0)
-            k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            lse = tl.load(Lse + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0)
-            _, ds = _tile_grads(
-                q, k, v, do, lse, delta,
-                Bias + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                Pad + b * s_pb + offs_n * s_pn, offs_m, offs_n, seed, bh, T_Q, T_K, qk_scale,
-                dropout_p, HAS_BIAS, HAS_PAD, DROPOUT, PRECISION)
+        for b in range(0, B):
+            q = tl.load(q_ptrs, mask=q_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=q_ok, other=0.0)
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+            _, ds = _tile_grads(q, k, v, do, lse, delta, bias_ptrs, pad_ptrs, offs_m, offs_n,
+                                row_ok, key_ok, seed, b * H + h, T_K, qk_scale, dropout_p,
+                                HAS_BIAS, HAS_PAD, DROPOUT, PRECISION, DOT_DTYPE)
             acc += ds
+            q_ptrs += s_qb
+            do_ptrs += s_ob
+            k_ptrs += s_kb
+            v_ptrs += s_vb
+            pad_ptrs += s_pb
+            lse_ptrs += H * T_Q
+            delta_ptrs += H * T_Q
         tl.store(dBias + h * s_gh + offs_m[:, None] * s_gm + offs_n[None, :] * s_gn,
-                 acc.to(dBias.dtype.element_ty), mask=row_ok[:, None] & (offs_n < T_K)[None, :])
+                 acc.to(dBias.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
 
     _fwd_kernel = _tuned(_FWD_CONFIGS)(_fwd_kernel)
     _bwd_dkdv_kernel = _tuned(_BWD_CONFIGS)(_bwd_dkdv_kernel)

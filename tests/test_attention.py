@@ -1,4 +1,5 @@
-"""kernels.attention: the SDPA dispatcher against the plain math and an independent float64 formula."""
+"""kernels.attention: the dispatcher, the interpreted Triton kernels and the plain math against an
+independent float64 formula."""
 import pytest
 import torch
 
@@ -98,3 +99,162 @@ def test_attention_rejects_bad_shapes():
             fn(q, k, v, attn_bias=torch.zeros(3, 19, 19, dtype=torch.float64))
         with pytest.raises(ValueError, match="B x H x T x D"):
             fn(q[0], k[0], v[0])
+
+
+# ----------------------------------------------------------------------------- the Triton path
+# conftest sets TRITON_INTERPRET=1: CPU fp16/bf16/fp32 tensors run the Triton kernels interpreted.
+# Outputs and gradients are compared with float64 math on the same (rounded) inputs.
+from kernels import attention as attention_module  # noqa: E402
+from kernels.attention import attention_backend, flash_backward, flash_forward  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Sets the interpreter's (BLOCK_M, BLOCK_N); None: one tile per sequence."""
+    return lambda b: monkeypatch.setattr(attention_module, "INTERPRET_BLOCKS", b)
+
+
+def _inputs(b, h, tq, tk, d, dtype, lengths, bias_kind, seed, bias_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g).to(dtype).requires_grad_()
+    k, v = [torch.randn(b, h, tk, d, generator=g).to(dtype).requires_grad_() for _ in range(2)]
+    pad = None if lengths is None else _padding(b, tk, lengths)
+    bias = None
+    if bias_kind is not None:
+        shape = (h, tq, tk) if bias_kind == "shared" else (b, h, tq, tk)
+        bias = torch.randn(shape, generator=g).to(bias_dtype).requires_grad_()
+    return q, k, v, pad, bias
+
+
+def _empty_safe_formula(q, k, v, pad, bias, scale):
+    """float64 math with rows of no admissible key set to 0 (the contract), as a leaf graph."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    if pad is not None:
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    return probs @ v.double()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+CASES = [  # B, H, Tq, Tk, D, dtype, key lengths, bias, interpreter blocks
+    (2, 2, 19, 19, 32, torch.float32, None, None, (32, 16)),
+    (2, 2, 37, 37, 64, torch.float32, [37, 30], "shared", (32, 16)),
+    (2, 1, 37, 37, 32, torch.float32, [25, 37], "batched", (16, 16)),
+    (1, 2, 19, 37, 32, torch.float32, [30], "batched", (16, 16)),
+    (1, 1, 19, 19, 128, torch.float32, None, "shared", None),
+    (2, 2, 19, 19, 64, torch.bfloat16, [19, 11], "shared", None),
+    (2, 1, 37, 37, 32, torch.float16, [37, 20], "batched", (32, 16)),
+    (1, 1, 197, 197, 64, torch.bfloat16, [150], "shared", (64, 64)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[2]}x{c[3]}-D{c[4]}-{str(c[5])[6:]}"
+                         f"-{'pad' if c[6] else 'nopad'}-{c[7]}")
+def test_triton_output_and_grads_match_float64_math(case, blocks):
+    b, h, tq, tk, d, dtype, lengths, bias_kind, block = case
+    blocks(block)
+    q, k, v, pad, bias = _inputs(b, h, tq, tk, d, dtype, lengths, bias_kind, seed=tq * d)
+    assert attention_backend(q, k, v, pad, bias) == "triton"
+    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias, scale=0.3)
+    expect = _empty_safe_formula(q, k, v, pad, bias, 0.3)
+    assert out.dtype == dtype and out.shape == (b, h, tq, d)
+    tol = TOL[dtype]
+    assert _rel(out, expect) < tol, f"{case}: output rel err {_rel(out, expect):.2e}"
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    leaves = [x for x in (q, k, v, bias) if x is not None]
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = torch.autograd.grad(expect, leaves, dout.double())
+    for name, got, want in zip(["q", "k", "v", "bias"], grads, refs):
+        assert got.dtype == want.dtype or got.dtype in (dtype, torch.float32)
+        assert torch.isfinite(got).all(), f"{case}: non-finite d{name}"
+        assert _rel(got, want) < tol, f"{case}: d{name} rel err {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("bias_kind", ["shared", "batched"])
+def test_triton_writes_every_output_element_of_poisoned_buffers(bias_kind, blocks):
+    """A missed tail block, padded row or bias tile would stay NaN."""
+    blocks((16, 16))
+    q, k, v, pad, bias = _inputs(3, 2, 37, 37, 32, torch.float32, [37, 0, 21], bias_kind, seed=9)
+    q, k, v, bias = (x.detach() for x in (q, k, v, bias))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((3, 2, 37), float("nan"))
+    flash_forward(q, k, v, pad, bias, 0.2, out=out, lse=lse)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    expect = _empty_safe_formula(q, k, v, pad, bias, 0.2)
+    assert _rel(out, expect) < 1e-5
+    dout = torch.randn_like(out)
+    bufs = [torch.full_like(x, float("nan")) for x in (q, k, v, bias)]
+    flash_backward(dout, q, k, v, pad, bias, out, lse, 0.2, need_bias_grad=True, dq=bufs[0],
+                   dk=bufs[1], dv=bufs[2], dbias=bufs[3])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, bias)]
+    refs = torch.autograd.grad(_empty_safe_formula(*leaves[:3], pad, leaves[3], 0.2), leaves,
+                               dout.double())
+    for name, got, want in zip(["q", "k", "v", "bias"], bufs, refs):
+        assert not torch.isnan(got).any(), f"d{name} left NaN (unwritten) elements"
+        assert _rel(got, want) < 1e-5, f"d{name} rel err {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fully_padded_rows_give_zero_output_and_finite_grads(dtype, blocks):
+    blocks((16, 16))
+    q, k, v, pad, bias = _inputs(2, 2, 19, 19, 32, dtype, [19, 0], "shared", seed=3)
+    with torch.no_grad():  # a bias row of -inf also leaves its query without keys
+        bias[1, 4] = float("-inf")
+    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
+    assert not torch.isnan(out).any()
+    assert out[1].abs().max().item() == 0, "the all-padding sample's output is not 0"
+    assert out[0, 1, 4].abs().max().item() == 0, "the all -inf bias row's output is not 0"
+    assert out[0, 0].abs().max().item() > 0
+    grads = torch.autograd.grad(out.float().square().sum(), [q, k, v, bias])
+    for name, gr in zip(["q", "k", "v", "bias"], grads):
+        assert torch.isfinite(gr).all(), f"non-finite d{name}"
+    assert grads[0][1].abs().max().item() == 0, "the empty sample's queries got a gradient"
+    assert grads[1][1].abs().max().item() == 0 and grads[2][1].abs().max().item() == 0
+
+
+def test_triton_dropout_is_seeded_inverted_dropout_with_exact_gradients(blocks):
+    blocks((16, 16))
+    t, d, p = 19, 32, 0.3
+    q, k, v, pad, bias = _inputs(1, 2, t, t, d, torch.float32, [15], "shared", seed=11)
+    eye = torch.eye(t, d).expand(1, 2, t, d)
+    torch.manual_seed(123)
+    dropped = attention(q.detach(), k.detach(), eye, pad, bias.detach(), dropout_p=p)[..., :t]
+    probs = _empty_safe_formula(q, k, eye, pad, bias, d ** -0.5)[..., :t].detach()
+    keep = dropped != 0
+    admissible = probs > 0
+    frac = (keep & admissible).sum().item() / admissible.sum().item()
+    assert 0.55 < frac < 0.85, f"kept fraction {frac:.3f}, expected about {1 - p}"
+    torch.testing.assert_close(dropped.double(), torch.where(keep, probs / (1 - p), 0.0),
+                               rtol=1e-5, atol=1e-6)
+    torch.manual_seed(123)  # same seed: same mask whatever v is
+    out = attention(q, k, v, pad, bias, dropout_p=p)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5 + bias.double()
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    expect = (torch.softmax(scores, -1) * keep / (1 - p)) @ v.double()
+    assert _rel(out, expect) < 1e-5
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v, bias], dout)
+    refs = torch.autograd.grad(expect, [q, k, v, bias], dout.double())
+    for name, got, want in zip(["q", "k", "v", "bias"], grads, refs):
+        assert _rel(got, want) < 1e-5, f"d{name} rel err {_rel(got, want):.2e}"
+    torch.manual_seed(124)
+    other = attention(q.detach(), k.detach(), eye, pad, bias.detach(), dropout_p=p)[..., :t]
+    assert ((other != 0) != keep).any(), "another seed gave the same dropout mask"
+
+
+def test_attention_backend_picks_triton_for_what_it_supports(monkeypatch):
+    q = torch.zeros(1, 2, 5, 64)
+    assert attention_backend(q) == "triton"
+    assert attention_backend(q.double()) == "sdpa"
+    assert attention_backend(torch.zeros(1, 2, 5, 256)) == "sdpa"
+    assert attention_backend(q, attn_bias=torch.zeros(2, 5, 5, dtype=torch.long)) == "sdpa"
+    monkeypatch.setenv("D2V_ATTENTION", "sdpa")
+    assert attention_backend(q) == "sdpa"

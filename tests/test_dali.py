@@ -110,6 +110,24 @@ def test_dali_images_shape_dtype_range_labels_and_agree_with_pil():
         assert a["padding_mask"] is None and a["bad_files"] == []
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_dali_cpu_images_are_the_pil_pixels(augment):
+    """On the CPU, DALI decodes and torch's uint8 antialiased resize stands in for PIL's
+    BILINEAR: the same crop, flip and filter, so the same pixels up to one level of 255 (the two
+    JPEG decoders round chroma differently) and mostly identical."""
+    ds = build_dataset(DataConfig(path=str(PHOTOS), img_size=24, crop_scale=[0.2, 1.0],
+                                  augment=augment), "image")
+    dali, ref = run(DaliImageLoader, ds, 4, 4, max_steps=3), torch_run(ds, 4, 4, max_steps=3)
+    assert len(dali) == len(ref) == 3
+    for a, b in zip(dali, ref):
+        assert torch.equal(a["position"], b["position"])
+        assert a["source"].abs().max() > 0.5  # real pixels, not a blank batch
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        levels = ((a["source"] - b["source"]) * std * 255).abs()
+        assert levels.max() < 1.01, f"DALI CPU and PIL differ by {levels.max():.2f} levels"
+        assert (levels < 0.01).float().mean() > 0.9, "DALI CPU and PIL differ at most pixels"
+
+
 def test_dali_images_eval_flat_folder_and_dtype():
     ds = build_dataset(DataConfig(path=str(PHOTOS), img_size=24, augment=False), "image")
     out = run(DaliImageLoader, ds, 4, 4, max_steps=1, dtype=torch.bfloat16)

@@ -12,6 +12,7 @@ is resampled when data.resample, else a bad file; several channels are always a 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +26,34 @@ from engine.errors import DataError
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 
 
-def _wav_format(data: bytes) -> tuple[int, int, int, int, memoryview]:
-    """(format code, channels, rate, bits, payload) of a RIFF/WAVE file; ValueError if damaged."""
+def _wav_chunks(data: bytes, total: int) -> tuple[bytes, int, int]:
+    """(fmt chunk, data offset, data size) of a RIFF/WAVE file whose first len(data) of `total`
+    bytes are `data`; ValueError if damaged or truncated. The walk stops at the data chunk when
+    the rest of the file is not in `data` (the header alone was read)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise ValueError("not a RIFF/WAVE file")
-    view = memoryview(data)
     fmt, payload, pos = None, None, 12
     while pos + 8 <= len(data):
         chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if pos + 8 + size > len(data):
+        end = pos + 8 + size
+        if end > total or (end > len(data) and chunk != b"data"):
             raise ValueError(f"'{chunk.decode('latin-1')}' chunk truncated")
         if chunk == b"fmt ":
-            fmt = data[pos + 8:pos + 8 + size]
+            fmt = data[pos + 8:end]
         elif chunk == b"data":
-            payload = view[pos + 8:pos + 8 + size]
-        pos += 8 + size + (size & 1)  # chunks are word-aligned
+            payload = (pos + 8, size)
+            if end > len(data):
+                break
+        pos = end + (size & 1)  # chunks are word-aligned
     if fmt is None or len(fmt) < 16 or payload is None:
         raise ValueError("missing fmt or data chunk")
+    return fmt, *payload
+
+
+def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """(format code, channels, rate, bits, data offset, data size) of a RIFF/WAVE file (its first
+    bytes `data` of `total`, or all of it); ValueError if damaged or not 16-bit PCM / float32."""
+    fmt, offset, size = _wav_chunks(data, len(data) if total is None else total)
     code = int.from_bytes(fmt[0:2], "little")
     channels = int.from_bytes(fmt[2:4], "little")
     rate = int.from_bytes(fmt[4:8], "little")
@@ -53,35 +65,51 @@ def _wav_format(data: bytes) -> tuple[int, int, int, int, memoryview]:
     if (code, bits) not in ((_PCM, 16), (_FLOAT, 32)):
         raise ValueError(f"unsupported encoding (format {code}, {bits} bits); "
                          "use 16-bit PCM or 32-bit float")
-    return code, channels, rate, bits, payload
+    return code, channels, rate, bits, offset, size
 
 
-def _flac_info(data: bytes) -> tuple[int, int, int]:
-    """(rate, channels, frames) from a FLAC file's STREAMINFO block; ValueError if damaged."""
+def _flac_info(data: bytes, total: int | None = None) -> tuple[int, int, int]:
+    """(rate, channels, frames) from a FLAC file's STREAMINFO block (in its first bytes `data` of
+    `total`); ValueError if damaged."""
     if len(data) < 42 or data[:4] != b"fLaC" or data[4] & 0x7F != 0:
         raise ValueError("not a FLAC file (no fLaC marker and STREAMINFO block)")
     bits = int.from_bytes(data[18:26], "big")  # rate 20 | channels-1 3 | bps-1 5 | frames 36
     rate, channels, frames = bits >> 44, ((bits >> 41) & 7) + 1, bits & ((1 << 36) - 1)
     if rate == 0 or frames == 0:
         raise ValueError("FLAC STREAMINFO has no sample rate or no total sample count")
-    if len(data) <= 42:
+    if (len(data) if total is None else total) <= 42:
         raise ValueError("FLAC file has no audio frames")
     return rate, channels, frames
 
 
-def audio_info(data: bytes) -> tuple[int, int, int]:
-    """(sample rate, channels, frames) of a WAV or FLAC file from its header alone (no decoding);
-    ValueError for anything else, a truncated WAV or an empty file."""
+def audio_info(data: bytes, total: int | None = None) -> tuple[int, int, int]:
+    """(sample rate, channels, frames) of a WAV or FLAC file from its header alone (no decoding):
+    `data` is the whole file, or its first bytes when `total` gives the file size; ValueError for
+    anything else, a truncated WAV or an empty file."""
+    if total == 0 or not data:
+        raise ValueError("empty file")
     if data[:4] == b"fLaC":
-        return _flac_info(data)
-    code, channels, rate, bits, payload = _wav_format(data)
-    return rate, channels, len(payload) // (bits // 8) // channels
+        return _flac_info(data, total)
+    code, channels, rate, bits, _, size = _wav_format(data, total)
+    return rate, channels, size // (bits // 8) // channels
+
+
+_HEAD_BYTES = 1 << 16  # WAV fmt/data chunk headers and FLAC's STREAMINFO sit well inside this
+
+
+def audio_file_info(path: Path | str) -> tuple[int, int, int]:
+    """audio_info of a file from its first bytes and its size, without reading the samples."""
+    with open(path, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        return audio_info(f.read(_HEAD_BYTES), total)
 
 
 def read_wav(path: Path | str) -> tuple[np.ndarray, int, int]:
     """(samples as float32 in [-1, 1] of shape L x channels, sample rate, channels) of a RIFF/WAVE
     file holding 16-bit PCM or 32-bit float; ValueError for anything else or a damaged file."""
-    code, channels, rate, bits, payload = _wav_format(Path(path).read_bytes())
+    data = Path(path).read_bytes()
+    code, channels, rate, bits, offset, size = _wav_format(data)
+    payload = memoryview(data)[offset:offset + size]
     if code == _PCM:
         samples = np.frombuffer(payload, dtype="<i2", count=len(payload) // 2)
         samples = samples.astype(np.float32) / 32768.0

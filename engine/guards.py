@@ -47,16 +47,25 @@ class UpdateGuard:
         self.cfg, self.log = cfg, log
         self.skipped_steps = 0
         self.bad_in_a_row = 0
+        self.empty_steps = 0
+        self.empty_in_a_row = 0
 
     def state_dict(self) -> dict:
-        return {"skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
+        return {"skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
+                "empty_steps": self.empty_steps, "empty_in_a_row": self.empty_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.empty_steps = state.get("empty_steps", 0)
+        self.empty_in_a_row = state.get("empty_in_a_row", 0)
 
-    def update_ok(self, done: int, loss: float, grad_norm: float) -> bool:
-        """False (skip the update) when the global loss or gradient norm is not finite."""
+    def update_ok(self, done: int, loss: float, grad_norm: float, masked: float = 1.0) -> bool:
+        """False (skip the update) when the global loss or gradient norm is not finite, or when
+        no rank had a readable sample in this step (`masked` == 0: every file was skipped)."""
+        if masked <= 0 and math.isfinite(loss):
+            return self._empty(done)
+        self.empty_in_a_row = 0
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.bad_in_a_row = 0
             return True
@@ -75,6 +84,23 @@ class UpdateGuard:
                 f"{self.cfg.run_dir} is {_newest(self.cfg.run_dir)}: resume from it with a lower "
                 f"optim.lr, optim.clip_norm > 0 or train.precision=fp32"
             )
+        return False
+
+    def _empty(self, done: int) -> bool:
+        """A step whose every sample was a skipped bad file: nothing to learn from, so no update
+        (an AdamW step on zero gradients would still move the weights); too many in a row means
+        the data is unreadable, not unlucky."""
+        self.empty_steps += 1
+        self.empty_in_a_row += 1
+        self.log.write({"event": "no_data", "step": done, "empty_steps": self.empty_steps,
+                        "in_a_row": self.empty_in_a_row})
+        limit = self.cfg.train.max_bad_steps
+        if self.empty_in_a_row >= limit:
+            self.log.write({"event": "stopped", "step": done, "reason": "no_data"})
+            raise TrainingError(
+                f"every sample of {self.empty_in_a_row} steps in a row was an unreadable file "
+                f"(data.on_bad_file=skip; limit train.max_bad_steps={limit}): check data.path "
+                f"{self.cfg.data.path} (metrics.jsonl lists the first bad files)")
         return False
 
     def check_collapse(self, step: int, target_var: float, pred_var: float) -> None:

@@ -30,12 +30,13 @@ from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
 )
 from engine.config import Config, dump_yaml, to_dict
+from engine.data.common import stand_in_batch
 from engine.data.loader import BatchPlan
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
-from engine.errors import CheckpointError, ConfigError, DataError
+from engine.errors import CheckpointError, ConfigError
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
 from engine.init_from import init_encoder
 from engine.metrics import MetricsLog, Progress, warn_data_wait
@@ -171,13 +172,14 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         run_dir, enabled=dist.is_main, tensorboard=cfg.run.tensorboard, wandb=_wandb(cfg))))
     guard = UpdateGuard(cfg, log)
     saver = CheckpointSaver(cfg, dist.is_main, device, log)
-    start_step = 0
+    start_step, bad_state = 0, {}
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         load_states(model, teacher, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         guard.load_state_dict(state.get("guard", {}))
+        bad_state = state.get("bad_files", {})
         start_step = state["step"]
 
     if dist.is_main:
@@ -205,7 +207,11 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     kill_step = injected_kill_step(dist.rank)
     progress = Progress(cfg.train.max_steps, enabled=dist.is_main and cfg.train.progress)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, bad_files, first_bad, preempted = [], 0, [], False
+    losses, preempted = [], False
+    # Skipped files, all ranks (the count rides the step's all-reduce); the paths are rank 0's,
+    # every rank prints its own to stderr.
+    bad_files, first_bad = bad_state.get("count", 0), list(bad_state.get("first", []))
+    stand_in = None  # this rank's last good micro-batch (see the skipped-files case below)
     last_log_time, last_log_step = time.time(), start_step
     cycle_start, data_wait, last_wait_warning = time.perf_counter(), 0.0, -1e9
 
@@ -216,19 +222,27 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         masked = torch.zeros((), device=device)
+        step_bad = 0
         for micro in range(plan.accumulation):
             wait_start = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - wait_start
             if batch["bad_files"]:
-                bad_files += len(batch["bad_files"])
+                step_bad += len(batch["bad_files"])
                 first_bad += batch["bad_files"][:max(0, 10 - len(first_bad))]
                 print(f"d2v-engine: rank {dist.rank} skipped bad files: {batch['bad_files']}",
                       file=sys.stderr)
+            weight = 1.0
             if "source" not in batch:
-                raise DataError(f"every sample of a micro-batch at step {step} was unreadable")
+                # Every file of this micro-batch was skipped: run a stand-in (this rank's last
+                # good micro-batch) with its loss times 0, so the collectives of DDP/FSDP still
+                # see every rank and the step learns only from the samples that were read.
+                batch = stand_in or stand_in_batch(cfg.modality, cfg.data)
+                weight = 0.0
             if buckets:  # a few shapes for the compiled encoders (engine.buckets)
                 batch = bucket_batch(batch, buckets, pad_value)
+            if weight:
+                stand_in = batch
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
             batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
@@ -241,26 +255,30 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 with _autocast(device, cfg.train.precision):
                     out = ddp(batch, teacher.model, seeds)
                 micro_loss = inject_nan(out.loss_sum, step + 1, cfg.train.debug_nan_steps)
+                if not weight:
+                    micro_loss = micro_loss * 0.0
                 micro_loss.backward()
             loss_sum += micro_loss.detach().float()
-            masked += out.masked
+            masked += out.masked * weight
 
         # Fraction of this step's cycle (since the last one) spent waiting for the loader; summed
         # over ranks in the same all-reduce as the loss, so it costs no extra synchronization.
         now = time.perf_counter()
         wait_frac = torch.tensor(data_wait / max(now - cycle_start, 1e-9), device=device)
         cycle_start, data_wait = now, 0.0
-        totals = all_reduce_sum(torch.stack([loss_sum, masked, signals.vote(device), wait_frac]))
+        totals = all_reduce_sum(torch.stack([loss_sum, masked, signals.vote(device), wait_frac,
+                                             torch.tensor(float(step_bad), device=device)]))
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # The step's one host read (engine.guards): skip decision, stop votes, logged numbers.
-        loss_total, masked_total, stop_votes, wait_total, grad_norm = \
+        loss_total, masked_total, stop_votes, wait_total, bad_total, grad_norm = \
             torch.cat([totals, full_tensor(grad_norm).float().reshape(1)]).tolist()
+        bad_files += int(bad_total)
         lr = optimizer.param_groups[0]["lr"]
         done = step + 1
-        apply = guard.update_ok(done, loss_total, grad_norm)
+        apply = guard.update_ok(done, loss_total, grad_norm, masked_total)
         if apply:
             optimizer.step()
         scheduler.step()
@@ -288,6 +306,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 "bad_files": bad_files,
                 "bad_files_first": first_bad,
                 "skipped_steps": guard.skipped_steps,
+                "empty_steps": guard.empty_steps,
                 "data_wait_frac": wait_total / dist.world_size,
             }
             last_wait_warning = warn_data_wait(row, last_wait_warning, dist.is_main)
@@ -305,6 +324,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 "step": done, **states, "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
                 "guard": guard.state_dict(), "launch_id": launch_id(),
+                "bad_files": {"count": bad_files, "first": first_bad},
             }, must_succeed=done == stop or preempted)
         if preempted:
             stop = done

@@ -85,3 +85,23 @@ def test_a_users_omp_num_threads_is_kept_and_ranks_still_pinned(tmp_path):
     assert cpu["cpus"] == usable[:share]
     assert not (tmp_path / "metrics.jsonl").exists()  # a dry run does not train
     assert sum("OMP_NUM_THREADS (user)" in l for l in r.stderr.splitlines()) == 2
+
+
+def test_a_rank_whose_micro_batch_is_all_bad_files_keeps_step_with_the_other(tmp_path):
+    """Two gloo ranks, one sample each per step, one corrupt file in the epoch: the rank that
+    draws it runs a zero-weighted stand-in so DDP's all-reduce still sees both ranks; the run
+    finishes, counts the file (on rank 0's log, whichever rank read it), and no step is empty (the other rank's sample is learned)."""
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for src in sorted((ROOT / "data/images/digits/3").glob("*.jpg"))[:7]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg after all")
+    _torchrun(29541, tmp_path / "run", "configs/tiny_image.yaml", f"data.path={tmp_path / 'images'}",
+              "data.on_bad_file=skip", "train.global_batch=2", "train.max_steps=4",
+              "train.checkpoint_every=0")
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert not [r for r in rows if r.get("event") == "no_data"]
+    assert all(r["loss"] > 0 for r in losses)
+    assert losses[-1]["bad_files"] == 1, "the count is over both ranks, whichever drew the file"

@@ -276,3 +276,23 @@ def test_run_directory_holds_config_command_env_report_metrics_and_dashboards(tm
         assert not (tmp_path / "tensorboard").exists() and "tensorboard not installed" in err
     if not has_wandb:
         assert "wandb is not installed" in err
+
+
+def test_steps_without_any_readable_sample_skip_the_update_and_stop_after_the_limit(tmp_path):
+    from engine.guards import UpdateGuard
+    from engine.metrics import MetricsLog
+    cfg = load_config(ROOT / "configs/tiny_image.yaml",
+                      [f"run.dir={tmp_path}", "train.max_bad_steps=3"])
+    log = MetricsLog(tmp_path)
+    guard = UpdateGuard(cfg, log)
+    assert guard.update_ok(1, 0.0, 0.0, masked=0.0) is False  # nothing read: no update
+    assert guard.update_ok(2, 1.5, 2.0, masked=40.0) is True  # data again: the streak ends
+    assert guard.update_ok(3, 0.0, 0.0, masked=0.0) is False
+    assert guard.update_ok(4, 0.0, 0.0, masked=0.0) is False
+    with pytest.raises(TrainingError, match="unreadable file"):
+        guard.update_ok(5, 0.0, 0.0, masked=0.0)
+    log.close()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("event") == "no_data"] == [1, 3, 4, 5]
+    assert rows[-1] == {"event": "stopped", "step": 5, "reason": "no_data"}
+    assert guard.empty_steps == 4 and guard.skipped_steps == 0

@@ -136,3 +136,67 @@ def test_corrupt_image_is_skipped_and_counted_when_skipping(tmp_path):
                      "train.max_steps=2", "train.global_batch=41"))
     rows = _rows(tmp_path / "run")
     assert out["step"] == 2 and rows[-1]["bad_files"] == 2, rows[-1]
+
+
+def _small_folder_with_a_corrupt_image(tmp_path, good=7):
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for src in sorted((ROOT / "data/images/digits/3").glob("*.jpg"))[:good]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg after all")
+    return tmp_path / "images"
+
+
+def _learned_state(path):
+    """Student and teacher weights and the Adam moments of a checkpoint, as one flat dict."""
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    flat = {f"model.{k}": v for k, v in state["model"].items()}
+    flat.update({f"teacher.{k}": v for k, v in state["teacher"].items()
+                 if torch.is_tensor(v)})
+    for index, moments in state["optimizer"]["state"].items():
+        flat.update({f"adam.{index}.{k}": v for k, v in moments.items() if k != "step"})
+    return flat
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_micro_batch_of_only_bad_files_skips_the_update_and_the_run_goes_on(loader, tmp_path):
+    """One sample per step (micro_batch 1, a common audio setting): the step whose only file is
+    corrupt has nothing to learn from. The run neither dies nor updates on it: the weights and
+    the teacher after that step equal those before it, and the next steps train on."""
+    data = _small_folder_with_a_corrupt_image(tmp_path)
+    out = train(_cfg("image", tmp_path / "run", f"data.path={data}", "data.on_bad_file=skip",
+                     f"data.loader={loader}", "train.global_batch=1", "train.max_steps=8",
+                     "train.checkpoint_every=1", "train.keep_last=8"))
+    rows = _rows(tmp_path / "run")
+    empty = [r for r in rows if r.get("event") == "no_data"]
+    assert out["step"] == 8 and len(empty) == 1, rows
+    step = empty[0]["step"]
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["bad_files"] == 1 and last["empty_steps"] == 1 and last["skipped_steps"] == 0
+    before = tmp_path / "run" / f"checkpoint_{step - 1:08d}.pt"
+    after = tmp_path / "run" / f"checkpoint_{step:08d}.pt"
+    if step > 1:
+        a, b = _learned_state(before), _learned_state(after)
+        assert a.keys() == b.keys() and any(k.startswith("adam.") for k in a)
+        changed = [k for k in a if not a[k].equal(b[k])]
+        assert not changed, f"the empty step changed {changed[:5]}"
+        # ...while an ordinary step does change them
+        c = _learned_state(tmp_path / "run" / f"checkpoint_{step + 1:08d}.pt")
+        assert any(not b[k].equal(c[k]) for k in b if k.startswith("model."))
+    following = [r["loss"] for r in rows if "loss" in r and r["step"] > step]
+    assert all(math.isfinite(x) and x > 0 for x in following)
+
+
+def test_a_bad_micro_batch_among_good_ones_still_updates(tmp_path):
+    """Accumulation 2 of one sample each: a micro-batch whose file is corrupt adds nothing (a
+    stand-in runs with its loss times 0); the step updates from the other micro-batch."""
+    data = _small_folder_with_a_corrupt_image(tmp_path)
+    out = train(_cfg("image", tmp_path / "run", f"data.path={data}", "data.on_bad_file=skip",
+                     "train.global_batch=2", "train.micro_batch=1", "train.max_steps=4",
+                     "train.checkpoint_every=0"))
+    rows = _rows(tmp_path / "run")
+    assert out["step"] == 4 and not [r for r in rows if r.get("event") == "no_data"], rows
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["bad_files"] == 1 and last["empty_steps"] == 0
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows if "loss" in r)

@@ -43,3 +43,16 @@ def with_labels(batch: dict, samples: list[dict]) -> dict:
     if samples and all("label" in s for s in samples):
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
     return batch
+
+
+def stand_in_batch(modality: str, data_cfg) -> dict:
+    """A one-sample batch of zeros, for a micro-batch whose every file was skipped before this
+    rank has seen a good one. The trainer runs forward and backward on it with the loss times 0,
+    so this rank still takes part in the step's collectives and adds nothing to it."""
+    if modality == "image":
+        source = torch.zeros(1, 3, data_cfg.img_size, data_cfg.img_size)
+    elif modality == "audio":
+        source = torch.zeros(1, min(data_cfg.max_sample_size, 2 * data_cfg.sample_rate))
+    else:
+        raise DataError(f"no readable sample in a micro-batch of {modality} data")
+    return {"source": source, "padding_mask": None, "position": torch.zeros(1, dtype=torch.long)}

@@ -5,7 +5,10 @@ student and the EMA teacher alike; the module objects, their parameters and stat
 they are (no `_orig_mod.` prefixes, checkpoints are interchangeable with eager runs). Masking,
 teacher targets and the loss at masked positions stay eager: the loss gathers a data-dependent
 number of positions, which would break the graph anyway, and our kernels there are single launches
-(kernels.ops registers them as custom ops for whoever compiles a larger region).
+(kernels.ops registers them as custom ops for whoever compiles a larger region). Attention is
+inside the compiled encoders: its Triton path enters the graph as the d2v::attention_forward /
+d2v::attention_backward op pair (dynamo would break the graph at the kernel launches), SDPA is
+traced natively.
 
 With model.layerdrop > 0 the block loop draws a random number per block on the host side of a
 branch, which dynamo cannot keep in one graph; then each block is compiled on its own instead

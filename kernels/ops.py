@@ -13,11 +13,13 @@ that gives the output shapes, and calls our dispatcher at run time.
 
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
 attn_bias, scale) -> (out, lse B x H x Tq fp32, fp64 for fp64 inputs), backward(grad_out, q, k, v, out, lse, ...) ->
-(dq, dk, dv, dbias). The implementation behind the pair is pluggable (`register_attention_kernel`):
-the fused Triton kernels plug in there; until then the pair runs a plain-PyTorch forward that keeps
-the log-sum-exp and a backward that recomputes the probabilities from it. Because that default
-materializes T x T scores, `attention()` takes the custom-op path only once a kernel is registered
-(or `use_custom_op=True` is passed); otherwise it calls kernels.attention.attention, which is
+(dq, dk, dv, dbias). The op carries the name of the implementation: "triton" (our flash kernels;
+kernels.attention routes its Triton path through the pair while torch.compile traces, since dynamo
+breaks the graph at the kernel launches behind an autograd.Function), "math" (a plain-PyTorch
+forward that keeps the log-sum-exp and a backward that recomputes the probabilities from it), or a
+pair plugged in with `register_attention_kernel`. Because "math" materializes T x T scores,
+`attention()` takes the custom-op path only when asked (impl=, use_custom_op=True) or once a kernel
+is registered; otherwise it calls kernels.attention.attention, which is
 torch's scaled_dot_product_attention plus elementwise ops that dynamo traces natively (no graph
 break, and inductor picks SDPA's flash / efficient backends). Dropout inside attention always takes
 that traced path: replaying a dropout mask in a separate backward op needs the RNG offset contract
@@ -183,38 +185,53 @@ def _scores(q, k, key_padding_mask, attn_bias, scale):
     return s
 
 
-_kernel: dict = {"forward": attention_forward_math, "backward": attention_backward_math,
-                 "registered": False}
+def triton_attention_forward(q, k, v, key_padding_mask, attn_bias, scale):
+    """The Triton flash forward (kernels.attention) behind the op pair; its lse is base 2, which
+    only its own backward reads."""
+    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale)
+
+
+def triton_attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale):
+    return _attention.flash_backward(grad_out, q, k, v, key_padding_mask, attn_bias, out, lse,
+                                     scale, need_bias_grad=attn_bias is not None)
+
+
+# The implementations the op pair can run, by name; the op carries the name, so the forward and
+# the backward of one call always come from the same pair.
+_kernels: dict = {"math": (attention_forward_math, attention_backward_math),
+                  "triton": (triton_attention_forward, triton_attention_backward)}
+_default: dict = {"impl": None}  # set by register_attention_kernel
 
 
 def register_attention_kernel(forward: AttentionForward, backward: AttentionBackward) -> None:
-    """Plugs a fused attention (e.g. the Triton flash kernels) behind d2v::attention_*.
+    """Plugs a fused attention behind d2v::attention_* as the default of attention().
 
     forward(q, k, v, key_padding_mask, attn_bias, scale) -> (out B x H x Tq x D, lse B x H x Tq
     fp32, +inf or any value with exp(s - lse) = 0 on rows with no key);
     backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale) -> (dq, dk, dv,
     dbias or None). From then on attention() takes the custom-op path by default.
     """
-    _kernel.update(forward=forward, backward=backward, registered=True)
+    _kernels["registered"] = (forward, backward)
+    _default["impl"] = "registered"
 
 
 def reset_attention_kernel() -> None:
     """Back to the plain-PyTorch pair, and attention() back to the traced SDPA path."""
-    _kernel.update(forward=attention_forward_math, backward=attention_backward_math,
-                   registered=False)
+    _kernels.pop("registered", None)
+    _default["impl"] = None
 
 
 @torch.library.custom_op("d2v::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_padding_mask: Optional[torch.Tensor],
-                          attn_bias: Optional[torch.Tensor], scale: float
+                          attn_bias: Optional[torch.Tensor], scale: float, impl: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _kernel["forward"](q, k, v, key_padding_mask, attn_bias, scale)
+    out, lse = _kernels[impl][0](q, k, v, key_padding_mask, attn_bias, scale)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, key_padding_mask, attn_bias, scale):
+def _(q, k, v, key_padding_mask, attn_bias, scale, impl):
     b, h, tq, _ = q.shape
     return q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=_acc(q))
 
@@ -223,50 +240,51 @@ def _(q, k, v, key_padding_mask, attn_bias, scale):
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            key_padding_mask: Optional[torch.Tensor],
-                           attn_bias: Optional[torch.Tensor], scale: float
+                           attn_bias: Optional[torch.Tensor], scale: float, impl: str
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dbias = _kernel["backward"](grad_out, q, k, v, out, lse, key_padding_mask,
-                                            attn_bias, scale)
+    dq, dk, dv, dbias = _kernels[impl][1](grad_out, q, k, v, out, lse, key_padding_mask,
+                                          attn_bias, scale)
     if dbias is None:  # a custom op returns tensors: an empty one stands for "no bias"
         dbias = q.new_empty((0,))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale):
+def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl):
     dbias = q.new_empty((0,)) if attn_bias is None else torch.empty_like(attn_bias)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_bias, scale = inputs
+    q, k, v, key_padding_mask, attn_bias, scale, impl = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias)
-    ctx.scale = scale
+    ctx.scale, ctx.impl = scale, impl
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_padding_mask, attn_bias = ctx.saved_tensors
     dq, dk, dv, dbias = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
-                                               key_padding_mask, attn_bias, ctx.scale)
-    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None
+                                               key_padding_mask, attn_bias, ctx.scale, ctx.impl)
+    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None
 
 
 _attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
-              use_custom_op=None):
-    """kernels.attention's contract; the d2v::attention_* pair when a kernel is registered (or
-    use_custom_op=True) and there is no dropout, else the traceable kernels.attention.attention."""
-    if use_custom_op is None:
-        use_custom_op = _kernel["registered"]
-    if not use_custom_op or dropout_p > 0:
+              use_custom_op=None, impl=None):
+    """kernels.attention's contract. The d2v::attention_* pair runs `impl` ("math", "triton" or
+    a registered pair; default: the registered one, or "math" with use_custom_op=True) when there
+    is no dropout; otherwise, and by default, the traceable kernels.attention.attention."""
+    if impl is None and use_custom_op is not False:
+        impl = _default["impl"] or ("math" if use_custom_op else None)
+    if impl is None or dropout_p > 0:
         return _attention.attention(q, k, v, key_padding_mask=key_padding_mask,
                                     attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
-    check = getattr(_attention, "_check", None)  # the shape checks of the public op
-    if check is not None:
-        check(q, k, v, key_padding_mask, attn_bias)
+    if impl not in _kernels:
+        raise ValueError(f"attention impl must be one of {sorted(_kernels)}, got {impl!r}")
+    _attention._check(q, k, v, key_padding_mask, attn_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale)
+    out, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale, impl)
     return out

@@ -261,13 +261,15 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             loss_sum += micro_loss.detach().float()
             masked += out.masked * weight
 
-        # Fraction of this step's cycle (since the last one) spent waiting for the loader; summed
-        # over ranks in the same all-reduce as the loss, so it costs no extra synchronization.
+        # Fraction of this step's cycle (since the last one) spent waiting for the loader, and the
+        # files skipped: summed over ranks in the same all-reduce as the loss (one small copy to
+        # the device, no extra synchronization).
         now = time.perf_counter()
-        wait_frac = torch.tensor(data_wait / max(now - cycle_start, 1e-9), device=device)
+        host_values = torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(step_bad)],
+                                   device=device)
         cycle_start, data_wait = now, 0.0
-        totals = all_reduce_sum(torch.stack([loss_sum, masked, signals.vote(device), wait_frac,
-                                             torch.tensor(float(step_bad), device=device)]))
+        totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, masked, signals.vote(device)]),
+                                           host_values]))
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")

@@ -9,11 +9,11 @@ linear, antialiased filter (PIL's BILINEAR), flips and normalizes with the Image
 fn.crop_mirror_normalize: B x 3 x S x S float32 on the loader's device (cast to `dtype` there).
 Without data.augment: short side to img_size, then the central square, as the PIL path.
 
-On the CPU (device_id=None) DALI decodes only (the crop region, on its threads) and the resize runs
-in torch's uint8 antialiased bilinear kernel (the same filter as PIL's BILINEAR): DALI's CPU
-resampler measured 4-5 ms per 500x375 -> 224 image on one core here, torch's 0.2 ms, so DALI's
-resize alone made the CPU loader slower than the PIL fallback. The flip and the normalization
-follow on the whole uint8 batch. On the GPU everything stays in the DALI graph.
+On the CPU (device_id=None) DALI decodes the crop region and flips it on its threads, and the
+resize runs in torch's uint8 antialiased bilinear kernel (the same filter as PIL's BILINEAR):
+DALI's CPU resampler measured 4-5 ms per 500x375 -> 224 image on one core here, torch's 0.2 ms,
+so DALI's resize alone made the CPU loader slower than the PIL fallback. The normalization then
+runs once over the batch. On the GPU everything stays in the DALI graph.
 
 Bad files found before DALI sees them: missing, empty, not an image PIL can identify, a JPEG
 without its end-of-image marker (truncated). Anything else the decoder rejects is found by
@@ -31,7 +31,8 @@ from PIL import Image
 from engine.data.common import bad_file
 from engine.data.dali_common import DaliLoader, one_torch_thread
 from engine.data.images import (
-    CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, random_resized_crop_box,
+    CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, center_crop_geometry,
+    random_resized_crop_box,
 )
 
 _JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some cameras pad after it)
@@ -149,12 +150,8 @@ class DaliImageLoader(DaliLoader):
             if self.cfg.augment:
                 img = _resize(nchw, size, size)
             else:  # as images.resize_center_crop: short side to size, then the central square
-                height, width = hwc.shape[:2]
-                new_h, new_w = ((int(size * height / width), size) if width <= height
-                                else (size, int(size * width / height)))
-                img = _resize(nchw, new_h, new_w)
-                top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-                img = img[..., top:top + size, left:left + size]
+                new_w, new_h, left, top = center_crop_geometry(hwc.shape[1], hwc.shape[0], size)
+                img = _resize(nchw, new_h, new_w)[..., top:top + size, left:left + size]
             pixels[i] = img[0]
         source = pixels.float()
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -109,15 +109,20 @@ def random_resized_crop_box(width: int, height: int, scale, ratio, rng: np.rando
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Short side to `size` (torchvision Resize(int)), then the central size x size square."""
-    width, height = img.size
+def center_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top): the short side to `size` (torchvision
+    Resize(int)), then the central size x size square of that."""
     if width <= height:
         new_w, new_h = size, int(size * height / width)
     else:
         new_w, new_h = int(size * width / height), size
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Short side to `size` (torchvision Resize(int)), then the central size x size square."""
+    new_w, new_h, left, top = center_crop_geometry(*img.size, size)
     img = img.resize((new_w, new_h), Image.BILINEAR)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 

@@ -127,11 +127,12 @@ def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropou
     backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
-        if dropout_p == 0 and torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             # dynamo breaks the graph at the launches inside _FlashAttention; the custom op pair
             # (kernels.ops) is one opaque node each way, running these same kernels.
             from kernels import ops
-            return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, impl="triton")
+            return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
+                                 impl="triton")
         seed = int(torch.randint(0, 2**30, ())) if dropout_p > 0 else 0
         return _FlashAttention.apply(q, k, v, key_padding_mask, attn_bias, scale,
                                      float(dropout_p), seed)

@@ -21,9 +21,9 @@ pair plugged in with `register_attention_kernel`. Because "math" materializes T 
 `attention()` takes the custom-op path only when asked (impl=, use_custom_op=True) or once a kernel
 is registered; otherwise it calls kernels.attention.attention, which is
 torch's scaled_dot_product_attention plus elementwise ops that dynamo traces natively (no graph
-break, and inductor picks SDPA's flash / efficient backends). Dropout inside attention always takes
-that traced path: replaying a dropout mask in a separate backward op needs the RNG offset contract
-of the kernel that made it.
+break, and inductor picks SDPA's flash / efficient backends). Dropout runs in the pair only with
+"triton", whose kernels draw the mask from a seed the op pair carries to the backward; with the
+other implementations dropout takes that traced path.
 """
 from __future__ import annotations
 
@@ -185,15 +185,24 @@ def _scores(q, k, key_padding_mask, attn_bias, scale):
     return s
 
 
-def triton_attention_forward(q, k, v, key_padding_mask, attn_bias, scale):
+def triton_attention_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p=0.0,
+                             seed=0):
     """The Triton flash forward (kernels.attention) behind the op pair; its lse is base 2, which
-    only its own backward reads."""
-    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale)
+    only its own backward reads. Dropout is drawn in-kernel from (seed, position), so the
+    backward op recreates the same mask from the same seed."""
+    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, seed)
 
 
-def triton_attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale):
+def triton_attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale,
+                              dropout_p=0.0, seed=0):
     return _attention.flash_backward(grad_out, q, k, v, key_padding_mask, attn_bias, out, lse,
-                                     scale, need_bias_grad=attn_bias is not None)
+                                     scale, dropout_p, seed,
+                                     need_bias_grad=attn_bias is not None)
+
+
+def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]) -> dict:
+    """Only the Triton pair takes dropout (attention() sends no other pair a dropout_p > 0)."""
+    return {"dropout_p": dropout_p, "seed": int(seed)} if dropout_p > 0 else {}
 
 
 # The implementations the op pair can run, by name; the op carries the name, so the forward and
@@ -224,14 +233,16 @@ def reset_attention_kernel() -> None:
 @torch.library.custom_op("d2v::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_padding_mask: Optional[torch.Tensor],
-                          attn_bias: Optional[torch.Tensor], scale: float, impl: str
+                          attn_bias: Optional[torch.Tensor], scale: float, impl: str,
+                          dropout_p: float, seed: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _kernels[impl][0](q, k, v, key_padding_mask, attn_bias, scale)
+    out, lse = _kernels[impl][0](q, k, v, key_padding_mask, attn_bias, scale,
+                                 **_dropout_args(dropout_p, seed))
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, key_padding_mask, attn_bias, scale, impl):
+def _(q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed):
     b, h, tq, _ = q.shape
     return q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=_acc(q))
 
@@ -240,33 +251,35 @@ def _(q, k, v, key_padding_mask, attn_bias, scale, impl):
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            key_padding_mask: Optional[torch.Tensor],
-                           attn_bias: Optional[torch.Tensor], scale: float, impl: str
+                           attn_bias: Optional[torch.Tensor], scale: float, impl: str,
+                           dropout_p: float, seed: Optional[torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, dbias = _kernels[impl][1](grad_out, q, k, v, out, lse, key_padding_mask,
-                                          attn_bias, scale)
+                                          attn_bias, scale, **_dropout_args(dropout_p, seed))
     if dbias is None:  # a custom op returns tensors: an empty one stands for "no bias"
         dbias = q.new_empty((0,))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl):
+def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl, dropout_p, seed):
     dbias = q.new_empty((0,)) if attn_bias is None else torch.empty_like(attn_bias)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_bias, scale, impl = inputs
+    q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias)
-    ctx.scale, ctx.impl = scale, impl
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias, seed)
+    ctx.scale, ctx.impl, ctx.dropout_p = scale, impl, dropout_p
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, attn_bias = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, attn_bias, seed = ctx.saved_tensors
     dq, dk, dv, dbias = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
-                                               key_padding_mask, attn_bias, ctx.scale, ctx.impl)
-    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None
+                                               key_padding_mask, attn_bias, ctx.scale, ctx.impl,
+                                               ctx.dropout_p, seed)
+    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None, None, None
 
 
 _attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -275,16 +288,19 @@ _attention_forward_op.register_autograd(_attention_backward, setup_context=_atte
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
               use_custom_op=None, impl=None):
     """kernels.attention's contract. The d2v::attention_* pair runs `impl` ("math", "triton" or
-    a registered pair; default: the registered one, or "math" with use_custom_op=True) when there
-    is no dropout; otherwise, and by default, the traceable kernels.attention.attention."""
+    a registered pair; default: the registered one, or "math" with use_custom_op=True); dropout
+    only with "triton". Otherwise, and by default, the traceable kernels.attention.attention."""
     if impl is None and use_custom_op is not False:
         impl = _default["impl"] or ("math" if use_custom_op else None)
-    if impl is None or dropout_p > 0:
+    if impl is None or (dropout_p > 0 and impl != "triton"):
         return _attention.attention(q, k, v, key_padding_mask=key_padding_mask,
                                     attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     if impl not in _kernels:
         raise ValueError(f"attention impl must be one of {sorted(_kernels)}, got {impl!r}")
     _attention._check(q, k, v, key_padding_mask, attn_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale, impl)
+    # A CPU tensor, drawn from torch's generator: traceable, and no device sync to read it.
+    seed = torch.randint(0, 2**30, ()) if dropout_p > 0 else None
+    out, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale, impl,
+                                   float(dropout_p), seed)
     return out

@@ -89,3 +89,27 @@ def test_compiled_triton_attention_is_one_graph_and_matches_float64(bias):
     assert _rel(out, ref) < 1e-5
     for name, g, r in zip("q k v bias".split(), grads, ref_grads):
         assert _rel(g, r) < 1e-5, name
+
+
+def test_compiled_triton_attention_with_dropout_is_one_graph_with_the_eager_masks():
+    """Dropout also stays in the op pair: the seed is drawn from torch's generator as in eager,
+    so with the same manual seed the compiled forward and gradients are the eager ones."""
+    q, k, v, mask, b = _inputs(2, 2, 19, 32, torch.float32, True, "shared", seed=5)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, b)]
+        torch.manual_seed(123)
+        out = fn(*leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        return out, torch.autograd.grad(out, leaves, grad_out)
+
+    def eager(q, k, v, b, p=0.3):
+        return attention(q, k, v, key_padding_mask=mask, attn_bias=b, dropout_p=p)
+
+    compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
+    (out_e, grads_e), (out_c, grads_c) = run(eager), run(compiled)
+    out_plain, _ = run(lambda *a: eager(*a, p=0.0))
+    assert _rel(out_c, out_plain) > 0.05, "dropout did nothing"
+    assert _rel(out_c, out_e) < 1e-6
+    for name, gc_, ge in zip("q k v bias".split(), grads_c, grads_e):
+        assert _rel(gc_, ge) < 1e-6, name

@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -477,6 +478,10 @@ def run(tiny: bool = False, modalities=MODALITIES, steps: int | None = None,
         # of three variants x three modalities would take most of the run).
         compile_backend = "inductor" if dev.type == "cuda" else "aot_eager"
     steps = steps or (20 if dev.type == "cuda" else 2)
+    if dev.type != "cuda" and "D2V_ATTENTION" not in os.environ:
+        # Interpreted, our attention costs minutes per model step on the CPU; bench_attention
+        # times it on its own. Masking and targets still take our (interpreted) kernels.
+        os.environ["D2V_ATTENTION"] = "sdpa"
     peak, _ = common.matmul_peak_tflops(dev.type)
     cases = TINY if tiny else CASES
     records, info = [], {"compile_backend": compile_backend, "steps": steps}

@@ -154,6 +154,14 @@ def print_table(env: dict, rows) -> None:
               f"{r['max_rel_err']:>10.1e}")
 
 
+def available(impls) -> list:
+    """`impls` without "cuda" where our CUDA extension cannot load (saying so)."""
+    if "cuda" in impls and _cuda.load()[0] is None:
+        print(f"no cuda column: the CUDA extension is {_cuda.status()}")
+        return [i for i in impls if i != "cuda"]
+    return list(impls)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU check)")
@@ -165,9 +173,7 @@ def main(argv=None) -> None:
     unknown = set(impls) - set(IMPLS)
     if unknown:
         parser.error(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
-    if "cuda" in impls and _cuda.load()[0] is None:
-        print(f"no cuda column: the CUDA extension is {_cuda.status()}")
-        impls = [i for i in impls if i != "cuda"]
+    impls = available(impls)
     cases = TINY if args.tiny else CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases.split(",")]
@@ -191,9 +197,9 @@ def run(tiny: bool = False) -> list[dict]:
     from benchmarks import common
     device = _device()
     copy_gbps = copy_bandwidth_gbps(device)
-    records = []
+    records, impls = [], available(IMPLS)
     for case in (TINY if tiny else CASES):
-        rows = {r["impl"]: r for r in run_case(case, IMPLS, device, copy_gbps)}
+        rows = {r["impl"]: r for r in run_case(case, impls, device, copy_gbps)}
         shape = f"{case.name} K={case.K} B={case.B} T={case.T} C={case.C} bf16"
         for peer in ("eager", "compiled"):
             records.append(common.record("targets", shape, rows["ours"]["gbps"], peer,

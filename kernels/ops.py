@@ -263,8 +263,9 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl, dropout_p, seed):
-    dbias = q.new_empty((0,)) if attn_bias is None else torch.empty_like(attn_bias)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    # Contiguous, as the real op returns them (empty_like would copy a transposed q's strides)
+    dbias = q.new_empty((0,)) if attn_bias is None else attn_bias.new_empty(attn_bias.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _attention_setup(ctx, inputs, output):

@@ -93,7 +93,7 @@ def test_exported_model_matches_with_padding(modality, runs, tmp_path):
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_load_encoder_round_trips_the_checkpoint(modality, runs):
     ckpt = sorted(Path(runs[modality]).glob("checkpoint_*.pt"))[-1]
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     enc = load_encoder(ckpt)
     for name, value in enc.encoder.state_dict().items():
         assert torch.equal(value, state["model"][f"encoder.{name}"]), name

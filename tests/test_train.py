@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from engine.trainer import train
 
@@ -150,7 +151,7 @@ def _small_folder_with_a_corrupt_image(tmp_path, good=7):
 def _learned_state(path):
     """Student and teacher weights and the Adam moments of a checkpoint, as one flat dict."""
     import torch
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     flat = {f"model.{k}": v for k, v in state["model"].items()}
     flat.update({f"teacher.{k}": v for k, v in state["teacher"].items()
                  if torch.is_tensor(v)})

@@ -16,8 +16,8 @@ Skipped and counted by reason in OUT/report.json (with the first paths and byte 
 decompressed file; for .jsonl the offset of the record's line):
   not_utf8 (--errors replace keeps the document, invalid bytes as U+FFFD), empty (a file or record
   with no text but white space), duplicate (the same text as an earlier document, by hash;
-  --no-dedup keeps it), too_short (fewer than --min-tokens tokens before </s>), and corrupt /
-  truncated .gz, not_json / no_text_field .jsonl records.
+  --no-dedup keeps it), too_short (fewer than --min-tokens tokens before </s>), corrupt /
+  truncated .gz, not_json / no_text_field .jsonl records, and unreadable files.
 The BPE is trained on the train documents (or --tokenizer is used as given); --valid-percent
 holds out that fraction of the documents that pass the byte checks (before --min-tokens), a
 seeded draw as audio does. Exit 0 when a document was accepted; exit 2, with report.json and no
@@ -34,15 +34,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from engine.errors import ConfigError, DataError
 from engine.prepare import (CORRUPT, TOO_SHORT, TRUNCATED, ProgressBar, build_report, check_all,
                             find_files, split_valid, write_report)
 
 TEXT_EXTENSIONS = tuple(e + gz for e in (".txt", ".md", ".jsonl") for gz in ("", ".gz"))
 DOC_MODES = ("file", "paragraphs", "lines")
-ENCODE_CHUNK = 4096  # documents per encode_batch call (one progress-bar step)
 
 # Rejection reasons (report.json keys), besides corrupt / truncated / too_short of engine.prepare.
 NOT_UTF8 = "not_utf8"

@@ -48,6 +48,7 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "hf": ["transformers", "safetensors"],
         "audio": ["soundfile"],  # FLAC and non-16-bit WAV in engine.prepare and the loader
+        "text": ["tokenizers>=0.15.1"],  # engine.prepare text (encode_special_tokens)
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

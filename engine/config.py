@@ -140,7 +140,11 @@ class DataConfig:
     resample: bool = False  # other rates are resampled to sample_rate; False: they are bad files
     pad_audio: bool = False  # False: crop a batch to its shortest sample (the reference)
     # text
-    max_tokens: int = 512  # tokens per sample, <s> and </s> included
+    max_tokens: int = 512  # tokens per sample, <s> included (fairseq tokens_per_sample)
+    # How unlabelled text is cut into samples (fairseq's TokenBlockDataset): "none" = the token
+    # stream in blocks of max_tokens - 1, across documents; "complete_doc" = blocks inside one
+    # document (a longer one is split), shorter samples padded (the text v1 recipe).
+    sample_break_mode: Literal["none", "complete_doc"] = "none"
 
 
 @dataclass

@@ -71,10 +71,10 @@ def data_summary(cfg: Config, dataset) -> dict:
         out["max_sample_size"] = cfg.data.max_sample_size
     elif cfg.modality == "text":
         if getattr(dataset, "labels", None) is not None:
-            out["tokens"] = int(sum(min(len(dataset.body(i)), dataset.block) + 2
-                                    for i in range(len(dataset))))
+            out["tokens"] = int(dataset.sizes.sum())
         else:
             out["tokens"] = int(len(dataset.tokens))
+            out["sample_break_mode"] = cfg.data.sample_break_mode
         out["max_tokens"] = cfg.data.max_tokens
     return out
 

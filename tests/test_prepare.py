@@ -3,7 +3,6 @@ and the loaders read what it writes."""
 import json
 import subprocess
 import sys
-import types
 import wave
 from pathlib import Path
 
@@ -172,17 +171,6 @@ def test_image_report_counts_list_and_loader(image_src, tmp_path):
         data = build_dataset(DataConfig(path=str(path), img_size=16), "image")
         assert len(data) == 3 and data.labels == [0, 0, 1] and data.classes == ["cat", "dog"]
         assert data.load(2, np.random.default_rng(0))["source"].shape == (3, 16, 16)
-
-
-def test_text_forwards_to_the_tokenizer_or_says_it_is_missing(monkeypatch, capsys):
-    seen = []
-    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
-    monkeypatch.setitem(sys.modules, "engine.data.tokenize", fake)
-    assert main(["text", "corpus/", "out/", "--vocab-size", "8000"]) == 0
-    assert seen == [["corpus/", "out/", "--vocab-size", "8000"]]
-    monkeypatch.setitem(sys.modules, "engine.data.tokenize", None)
-    assert main(["text", "corpus/", "out/"]) == 2
-    assert "engine.data.tokenize" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):

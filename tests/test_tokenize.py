@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
+
+Tokenizer = pytest.importorskip("tokenizers").Tokenizer
 
 from engine.config import DataConfig
 from engine.data import build_dataset

@@ -278,21 +278,20 @@ def export(checkpoint: str | Path, out_dir: str | Path,
            tokenizer_file: str | Path | None = None) -> Path:
     """Writes the student encoder of `checkpoint` (file or run dir), its processor and model card
     to out_dir; returns out_dir. Text: the tokenizer is tokenizer_file, else data.path's."""
-    from engine.export_processors import find_tokenizer, write_processor
+    from engine.export_processors import build_processor, save_processor
     from engine.model_card import write_model_card
 
     wrapper = load_encoder(checkpoint)
-    if wrapper.cfg.modality == "text":
-        find_tokenizer(wrapper.cfg, tokenizer_file)  # fails before anything is written
     model = to_hf_model(wrapper)
+    processor, facts = build_processor(wrapper.cfg, tokenizer_file)  # checked before writing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    processor = write_processor(wrapper.cfg, out_dir, tokenizer_file)
+    save_processor(wrapper.cfg, processor, out_dir)
     command = " ".join(["python -m engine.export", str(checkpoint), str(out_dir)]
                        + (["--tokenizer", str(tokenizer_file)] if tokenizer_file else []))
     write_model_card(out_dir, wrapper.cfg, wrapper.checkpoint_path, wrapper.step,
-                     sum(p.numel() for p in model.parameters()), processor, command)
+                     sum(p.numel() for p in model.parameters()), facts, command)
     return out_dir
 
 

@@ -33,49 +33,37 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_NAMES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
 
 
-def _copy_remote_code(out_dir: Path) -> None:
-    shutil.copyfile(Path(__file__).with_name("hf_processing.py"), out_dir / f"{REMOTE_MODULE}.py")
-
-
-def _add_auto_map(config_file: Path, auto_class: str, class_name: str, extra: dict) -> None:
+def _add_auto_map(config_file: Path, auto_class: str, class_name: str) -> None:
     """Adds our exact class to a saved processor config; the stock class it names stays the
     default for loaders without trust_remote_code."""
     data = json.loads(config_file.read_text())
-    data.update(extra)
     data["auto_map"] = {auto_class: f"{REMOTE_MODULE}.{class_name}"}
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_audio_processor(cfg: Config, out_dir: Path) -> dict:
-    """preprocessor_config.json of a Wav2Vec2FeatureExtractor as our eval path; its dict."""
+def audio_processor(cfg: Config):
+    """A Wav2Vec2FeatureExtractor as our eval path (normalize_eps for D2VFeatureExtractor)."""
     from transformers import Wav2Vec2FeatureExtractor
 
     extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=cfg.data.sample_rate, padding_value=0.0,
         do_normalize=cfg.data.normalize, return_attention_mask=True)
-    path = Path(extractor.save_pretrained(out_dir)[0])
-    _add_auto_map(path, "AutoFeatureExtractor", "D2VFeatureExtractor",
-                  {"normalize_eps": AUDIO_NORMALIZE_EPS})
-    _copy_remote_code(out_dir)
-    return json.loads(path.read_text())
+    extractor.normalize_eps = AUDIO_NORMALIZE_EPS  # saved with the config; read by our class
+    return extractor
 
 
-def write_image_processor(cfg: Config, out_dir: Path) -> dict:
-    """preprocessor_config.json of BEiT's image processor as our eval path; its dict."""
+def image_processor(cfg: Config):
+    """BEiT's PIL image processor as our eval path."""
     from transformers.image_utils import PILImageResampling
     from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 
     size = cfg.data.img_size
-    processor = BeitImageProcessorPil(
+    return BeitImageProcessorPil(
         do_resize=True, size={"shortest_edge": size}, resample=PILImageResampling.BILINEAR,
         do_center_crop=True, crop_size={"height": size, "width": size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
         do_reduce_labels=False)
-    path = Path(processor.save_pretrained(out_dir)[0])
-    _add_auto_map(path, "AutoImageProcessor", "D2VImageProcessor", {})
-    _copy_remote_code(out_dir)
-    return json.loads(path.read_text())
 
 
 def _resolve(path: str) -> Path | None:
@@ -107,9 +95,9 @@ def find_tokenizer(cfg: Config, tokenizer_file: str | Path | None = None) -> tup
     return path, meta
 
 
-def write_tokenizer(cfg: Config, out_dir: Path, tokenizer_file: str | Path | None = None) -> dict:
-    """tokenizer.json + tokenizer_config.json: our ids, <s> ... </s> around each input; returns
-    {"tokenizer_file", "special_ids"}. DataError when the tokenizer does not fit the run."""
+def text_tokenizer(cfg: Config, tokenizer_file: str | Path | None = None) -> tuple[object, dict]:
+    """(PreTrainedTokenizerFast with our ids, putting <s> ... </s> around each input,
+    {"tokenizer_file", "special_ids"}); DataError when the tokenizer does not fit the run."""
     from tokenizers import Tokenizer
     from tokenizers.processors import RobertaProcessing
     from transformers import PreTrainedTokenizerFast
@@ -138,14 +126,25 @@ def write_tokenizer(cfg: Config, out_dir: Path, tokenizer_file: str | Path | Non
         unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
         model_max_length=cfg.model.max_positions, padding_side="right",
         model_input_names=["input_ids", "attention_mask"])
-    hf.save_pretrained(out_dir)
-    return {"tokenizer_file": str(path), "special_ids": ids}
+    return hf, {"tokenizer_file": str(path), "special_ids": ids}
 
 
-def write_processor(cfg: Config, out_dir: Path, tokenizer_file: str | Path | None = None) -> dict:
-    """The processor files of the run's modality in out_dir; a dict describing them."""
+def build_processor(cfg: Config, tokenizer_file: str | Path | None = None) -> tuple[object, dict]:
+    """(processor of the run's modality, facts for the model card), checked against the run
+    before anything is written."""
     if cfg.modality == "audio":
-        return write_audio_processor(cfg, out_dir)
+        return audio_processor(cfg), {}
     if cfg.modality == "image":
-        return write_image_processor(cfg, out_dir)
-    return write_tokenizer(cfg, out_dir, tokenizer_file)
+        return image_processor(cfg), {}
+    return text_tokenizer(cfg, tokenizer_file)
+
+
+def save_processor(cfg: Config, processor, out_dir: Path) -> None:
+    """The processor's files in out_dir; audio and image also name our exact class (auto_map)."""
+    saved = processor.save_pretrained(out_dir)
+    if cfg.modality == "text":
+        return
+    auto = {"audio": ("AutoFeatureExtractor", "D2VFeatureExtractor"),
+            "image": ("AutoImageProcessor", "D2VImageProcessor")}[cfg.modality]
+    _add_auto_map(Path(saved[0]), *auto)
+    shutil.copyfile(Path(__file__).with_name("hf_processing.py"), out_dir / f"{REMOTE_MODULE}.py")

@@ -24,13 +24,12 @@ from pathlib import Path
 from engine.config import Config
 from engine.data.images import IMAGENET_MEAN, IMAGENET_STD
 from engine.data.text import read_meta
+from engine.data.tokenize import SPECIAL_KEYS
 from engine.errors import DataError
 
 REMOTE_MODULE = "d2v_processing"
 AUDIO_NORMALIZE_EPS = 1e-5  # F.layer_norm's default: engine.data.audio and dali_audio use it
 ROOT = Path(__file__).resolve().parent.parent
-# Our ids and names (engine.data.tokenize.SPECIAL_KEYS); cls/sep are RoBERTa's aliases of <s>/</s>.
-TOKEN_NAMES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
 
 
 def _add_auto_map(config_file: Path, auto_class: str, class_name: str) -> None:
@@ -66,7 +65,7 @@ def image_processor(cfg: Config):
         do_reduce_labels=False)
 
 
-def _resolve(path: str) -> Path | None:
+def resolve_data_path(path: str) -> Path | None:
     """data.path as the run saw it: absolute, else from the current folder or the repository."""
     p = Path(path).expanduser()
     for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, ROOT / p]):
@@ -78,7 +77,7 @@ def _resolve(path: str) -> Path | None:
 def find_tokenizer(cfg: Config, tokenizer_file: str | Path | None = None) -> tuple[Path, dict]:
     """(tokenizer.json, the token folder's meta.json or {}) of a text run: the given file, else
     tokenizer.json in the run's data.path; DataError when neither exists."""
-    folder = _resolve(cfg.data.path) if cfg.data.path else None
+    folder = resolve_data_path(cfg.data.path) if cfg.data.path else None
     meta = read_meta(folder) if folder is not None and (folder / "meta.json").is_file() else {}
     if tokenizer_file is not None:
         path = Path(tokenizer_file)
@@ -104,13 +103,14 @@ def text_tokenizer(cfg: Config, tokenizer_file: str | Path | None = None) -> tup
 
     path, meta = find_tokenizer(cfg, tokenizer_file)
     tok = Tokenizer.from_file(str(path))
-    ids = {key: tok.token_to_id(name) for key, name in TOKEN_NAMES.items()}
-    missing = [TOKEN_NAMES[k] for k, v in ids.items() if v is None]
+    ids = {key: tok.token_to_id(name) for key, name in SPECIAL_KEYS.items()}
+    missing = [SPECIAL_KEYS[k] for k, v in ids.items() if v is None]
     if missing:
         raise DataError(f"{path}: lacks the special tokens {missing}")
-    wrong = {k: (ids[k], meta[k]) for k in TOKEN_NAMES if k in meta and meta[k] != ids[k]}
+    ours = {**ids, "vocab_size": tok.get_vocab_size()}
+    wrong = {k: (v, meta[k]) for k, v in ours.items() if k in meta and meta[k] != v}
     if wrong:
-        raise DataError(f"{path} does not match its token folder's meta.json: special ids "
+        raise DataError(f"{path} does not match its token folder's meta.json: "
                         f"(tokenizer, meta.json) {wrong}")
     if ids["pad"] != cfg.model.pad_id:
         raise DataError(f"{path}: <pad> is id {ids['pad']}, config key 'model.pad_id' is "
@@ -121,6 +121,7 @@ def text_tokenizer(cfg: Config, tokenizer_file: str | Path | None = None) -> tup
     # Our loader puts <s> and </s> around every sample (engine.data.text); so does this, with
     # our ids, whatever post-processor the file had.
     tok.post_processor = RobertaProcessing(("</s>", ids["eos"]), ("<s>", ids["bos"]))
+    # cls/sep: RoBERTa's names for <s> and </s>, which HF's RoBERTa-style models look up.
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 
 from engine.config import Config, load_config
-from engine.export_processors import ROOT, _resolve
+from engine.export_processors import ROOT, resolve_data_path
 
-HF_CLASS = {"audio": "Data2VecAudioModel", "image": "Data2VecVisionModel", "text": "Data2VecTextModel"}
+HF_CLASS = {"audio": "Data2VecAudioModel", "image": "Data2VecVisionModel",
+            "text": "Data2VecTextModel"}
 HEAD_CLASS = {"audio": "Data2VecAudioForSequenceClassification",
               "image": "Data2VecVisionForImageClassification",
               "text": "Data2VecTextForSequenceClassification"}
@@ -44,10 +45,12 @@ def recipe_file(cfg: Config) -> Path:
     return ROOT / "configs" / f"{cfg.modality}_{name}.yaml"
 
 
-def recipe_differences(cfg: Config) -> tuple[Path, list[tuple[str, object, object]]]:
+def recipe_differences(cfg: Config) -> tuple[Path, list[tuple[str, object, object]] | None]:
     """(recipe config file, [(key, this run's value, the recipe's)]) over every key that changes
-    what is learned (BOOKKEEPING left out)."""
+    what is learned (BOOKKEEPING left out); None when the recipe file is not there."""
     path = recipe_file(cfg)
+    if not path.is_file():
+        return path, None
     ours = _flat(dataclasses.asdict(cfg))
     theirs = _flat(dataclasses.asdict(load_config(path)))
     diffs = [(k, ours[k], theirs.get(k)) for k in sorted(ours)
@@ -73,7 +76,7 @@ def final_loss(run_dir: Path, step: int) -> tuple[int, float] | None:
 
 def data_facts(cfg: Config) -> list[str]:
     """Lines on the pretraining data: prepare report counts and hours, or what the data says."""
-    path = _resolve(cfg.data.path) if cfg.data.path else None
+    path = resolve_data_path(cfg.data.path) if cfg.data.path else None
     if path is None:
         return [f"`data.path`: `{cfg.data.path}` (not found at export time)"]
     lines = [f"`data.path`: `{cfg.data.path}`"]
@@ -145,7 +148,8 @@ def _objective(cfg: Config) -> str:
 
 def _inputs(cfg: Config, processor: dict) -> list[str]:
     if cfg.modality == "audio":
-        return [f"`AutoFeatureExtractor`: Wav2Vec2FeatureExtractor, {cfg.data.sample_rate} Hz mono, "
+        return [f"`AutoFeatureExtractor`: Wav2Vec2FeatureExtractor, {cfg.data.sample_rate} Hz "
+                f"mono, "
                 f"per-utterance normalization {'on' if cfg.data.normalize else 'off'}, attention "
                 "mask returned (1 = keep; pad with 0.0).",
                 "Exact to our loader with `trust_remote_code=True` (d2v_processing.py: "
@@ -178,14 +182,17 @@ def _bullets(items: list[str]) -> str:
 
 
 def write_model_card(out_dir: Path, cfg: Config, checkpoint: Path, step: int, num_params: int,
-                     processor: dict, command: str) -> Path:
-    """Writes out_dir/README.md; returns its path."""
+                     processor_facts: dict, command: str) -> Path:
+    """Writes out_dir/README.md; returns its path. processor_facts: from build_processor."""
     run_dir = Path(checkpoint).parent
     m = cfg.modality
     version = "2.0" if cfg.objective.mode == "v2" else "1.0"
     loss = final_loss(run_dir, step)
-    loss_text = (f"{loss[1]:.4f} (metrics.jsonl, step {loss[0]})" if loss and isinstance(loss[1], float)
-                 else f"{loss[1]} (step {loss[0]})" if loss else "not logged (no metrics.jsonl)")
+    if loss is None:
+        loss_text = "not logged (no metrics.jsonl row)"
+    else:  # a non-finite loss is logged as a string
+        value = f"{loss[1]:.4f}" if isinstance(loss[1], float) else str(loss[1])
+        loss_text = f"{value} (metrics.jsonl, step {loss[0]})"
     train_cmd = run_dir / "command.txt"
     train_cmd = train_cmd.read_text().strip() if train_cmd.is_file() else "not recorded"
     probe = run_dir / "probe.json"
@@ -193,12 +200,22 @@ def write_model_card(out_dir: Path, cfg: Config, checkpoint: Path, step: int, nu
         p = json.loads(probe.read_text())
         probe_text = (f"linear probe (`python -m engine.probe`, {p['num_train']} train / "
                       f"{p['num_test']} test, checkpoint {Path(p['checkpoint']).name}): accuracy "
-                      f"{p['checkpoint_accuracy']:.4f}, random init {p['random_init_accuracy']:.4f}")
+                      f"{p['checkpoint_accuracy']:.4f}, random init "
+                      f"{p['random_init_accuracy']:.4f}")
     else:
         probe_text = "no linear probe recorded (run `python -m engine.probe RUN_DIR`)"
     recipe, diffs = recipe_differences(cfg)
-    rows = "\n".join(f"| `{k}` | `{ours}` | `{theirs}` |" for k, ours, theirs in diffs)
-    load = {"audio": "AutoFeatureExtractor", "image": "AutoImageProcessor", "text": "AutoTokenizer"}[m]
+    if diffs is None:
+        differences = f"The recipe config `{recipe.name}` was not found at export time."
+    else:
+        rows = "\n".join(f"| `{k}` | `{ours}` | `{theirs}` |" for k, ours, theirs in diffs)
+        differences = (f"Keys whose value differs from `configs/{recipe.name}` (logging and "
+                       "scheduling keys left out):\n\n| key | this run | recipe |\n"
+                       f"| --- | --- | --- |\n{rows or '| (none) | | |'}")
+    load = {"audio": "AutoFeatureExtractor", "image": "AutoImageProcessor",
+            "text": "AutoTokenizer"}[m]
+    remote = "" if m == "text" else ", trust_remote_code=True"
+    head_note = "  # a new, untrained head" if m == "audio" else ""
     card = f"""---
 library_name: transformers
 tags: [data2vec, self-supervised, {m}, d2v-engine]
@@ -212,7 +229,8 @@ Pretrained with d2v-engine, exported from `{checkpoint}` by `{command}`.
 
 ## Pretraining
 - objective: {_objective(cfg)}
-- steps: {step} (train.max_steps {cfg.train.max_steps}), global batch {cfg.train.global_batch}, peak lr {cfg.optim.lr}
+- steps: {step} (train.max_steps {cfg.train.max_steps}), global batch \
+{cfg.train.global_batch}, optim.lr {cfg.optim.lr}
 - final loss: {loss_text}
 - command: `{train_cmd}`
 - {probe_text}
@@ -221,22 +239,18 @@ Pretrained with d2v-engine, exported from `{checkpoint}` by `{command}`.
 {_bullets(data_facts(cfg))}
 
 ## Inputs
-{_bullets(_inputs(cfg, processor))}
+{_bullets(_inputs(cfg, processor_facts))}
 
 ```python
 from transformers import AutoModel, {load}, pipeline
 model = AutoModel.from_pretrained(PATH)
-processor = {load}.from_pretrained(PATH{"" if m == "text" else ", trust_remote_code=True"})
-pipe = pipeline("{PIPELINE[m]}", model=PATH{"" if m == "text" else ", trust_remote_code=True"}){"  # a new, untrained head" if m == "audio" else ""}
+processor = {load}.from_pretrained(PATH{remote})
+pipe = pipeline("{PIPELINE[m]}", model=PATH{remote}){head_note}
 ```
 Fine-tuning: `{HEAD_CLASS[m]}.from_pretrained(PATH, num_labels=N)` (a new head).
 
 ## Differences from the paper's recipe
-Keys whose value differs from `{recipe.relative_to(ROOT)}` (logging and scheduling keys left out):
-
-| key | this run | recipe |
-| --- | --- | --- |
-{rows if rows else "| (none) | | |"}
+{differences}
 """
     path = Path(out_dir) / "README.md"
     path.write_text(card)

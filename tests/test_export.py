@@ -197,8 +197,9 @@ def test_image_processor_gives_our_eval_inputs(runs, exports):
     from engine.data import build_dataset
     from engine.data.images import center_crop_geometry
 
-    exact = transformers.AutoImageProcessor.from_pretrained(exports["image"], trust_remote_code=True)
-    stock = transformers.AutoImageProcessor.from_pretrained(exports["image"], backend="pil")
+    auto = transformers.AutoImageProcessor
+    exact = auto.from_pretrained(exports["image"], trust_remote_code=True)
+    stock = auto.from_pretrained(exports["image"], backend="pil")
     assert type(exact).__name__ == "D2VImageProcessor"
     digits = _eval_datasets(runs["image"])[0]
     photos_cfg = copy.deepcopy(digits.cfg)
@@ -237,14 +238,16 @@ def test_tokenizer_gives_our_loader_ids(runs, exports):
     for i, text in enumerate(texts):
         want = ds.load(i, rng)["source"].tolist()
         assert tok(text, truncation=True, max_length=max_tokens)["input_ids"] == want, i
-    batch = tok(texts[:5], truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+    batch = tok(texts[:5], truncation=True, max_length=max_tokens, padding=True,
+                return_tensors="pt")
     ours = ds.collate([ds.load(i, rng) for i in range(5)], rng)
     assert torch.equal(batch["input_ids"], ours["source"])
     assert torch.equal(batch["attention_mask"].bool(), ~ours["padding_mask"])
     # Fresh raw text, as engine.data.tokenize encodes a document (no specials) then <s> ... </s>.
     ours_tok = Tokenizer.from_file(str(ROOT / "data/text/tokenizer.json"))
-    for text in ("  Leading spaces,\ttabs and a newline\nhere.", "Unicode: naïve café – 東京 🙂",
-                 "def f(x):\n    return x ** 2  # <mask> stays text"):
+    for text in ("  Leading spaces,\ttabs and a newline\nhere.",
+                 "Unicode: naïve café – 東京 🙂",
+                 "def f(x):\n    return x ** 2  # a <mask> in raw text: the mask id in both"):
         body = ours_tok.encode(text, add_special_tokens=False).ids
         assert tok(text)["input_ids"] == [ids["bos"], *body, ids["eos"]], text
 
@@ -298,7 +301,8 @@ out = {}
 model = transformers.AutoModel.from_pretrained(paths["image"]).eval()
 proc = transformers.AutoImageProcessor.from_pretrained(paths["image"], trust_remote_code=True)
 with torch.no_grad():
-    out["image_model"] = model(**proc(Image.open(image_file), return_tensors="pt")).last_hidden_state.tolist()
+    inputs = proc(Image.open(image_file), return_tensors="pt")
+    out["image_model"] = model(**inputs).last_hidden_state.tolist()
 pipe = pipeline("image-feature-extraction", model=paths["image"], trust_remote_code=True)
 out["image_pipeline"] = pipe(Image.open(image_file))
 model = transformers.AutoModel.from_pretrained(paths["audio"]).eval()
@@ -306,7 +310,8 @@ fe = transformers.AutoFeatureExtractor.from_pretrained(paths["audio"], trust_rem
 from engine.data.audio import read_audio
 wav = read_audio(audio_file)[0][:, 0]
 with torch.no_grad():
-    out["audio_model"] = model(**fe(wav, sampling_rate=16000, return_tensors="pt")).last_hidden_state.tolist()
+    inputs = fe(wav, sampling_rate=16000, return_tensors="pt")
+    out["audio_model"] = model(**inputs).last_hidden_state.tolist()
 pipe = pipeline("audio-classification", model=paths["audio"], trust_remote_code=True)
 out["audio_pipeline"] = pipe({"raw": wav, "sampling_rate": 16000}, top_k=None)
 out["audio_pipeline_classes"] = [type(pipe.model).__name__, type(pipe.feature_extractor).__name__]

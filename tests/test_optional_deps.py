@@ -1,6 +1,7 @@
-"""Optional dependencies make tests skip where they are absent, and fail under D2V_REQUIRE_OPTIONAL=1
-(CI). Each check runs pytest in a subprocess whose launcher hides modules (sys.modules[name] =
-None: import raises ModuleNotFoundError and find_spec answers None, as for a missing package)."""
+"""Optional dependencies make tests skip where they are absent and fail under
+D2V_REQUIRE_OPTIONAL=1 (CI). Each check runs pytest in a subprocess whose launcher hides modules
+(sys.modules[name] = None: import raises ModuleNotFoundError and find_spec answers None, as for a
+missing package)."""
 import os
 import shutil
 import subprocess
@@ -21,7 +22,13 @@ def test_other_skips_stay_skips():
 def test_plain():
     assert True
 '''
-MODULE_LEVEL = 'import pytest\npytest.importorskip("tokenizers")\n\ndef test_never_runs():\n    pass\n'
+MODULE_LEVEL = '''
+import pytest
+pytest.importorskip("tokenizers")
+
+def test_never_runs():
+    pass
+'''
 
 
 def _pytest(args, hide, require, cwd):

@@ -14,7 +14,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(if $(HAS_GPU),--system-site-packages) $(VENV)
 	@if [ -z "$(HAS_GPU)" ]; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev,hf,dali]'
+	$(PY) -m pip install -q -e '.[dev,hf,dali,audio,tensorboard]'
 	@touch $(STAMP)
 
 install: $(STAMP)

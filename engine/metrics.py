@@ -27,9 +27,15 @@ def _tensorboard_writer(run_dir: Path):
         print("d2v-engine: tensorboard not installed: metrics.jsonl only (pip install tensorboard)",
               file=sys.stderr)
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+    except Exception as e:  # installed but broken (a dependency missing or of the wrong version)
+        reason = (str(e).splitlines() or [""])[0]
+        print(f"d2v-engine: tensorboard installed but unusable ({type(e).__name__}: {reason}): "
+              "metrics.jsonl only", file=sys.stderr)
+        return None
 
 
 def _wandb_run(run_dir: Path, wandb: dict):

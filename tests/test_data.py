@@ -238,6 +238,20 @@ def test_audio_reads_float32_wav_like_pcm16(tmp_path):
     assert ds.num_labels == 0 and "label" not in ds.load(0, rng())
 
 
+def test_audio_reads_flac_and_24_bit_wav_through_soundfile_like_pcm16(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    x = np.sin(np.linspace(0, 60, 5000)).astype(np.float32) * 0.5
+    write_wav(tmp_path / "a.wav", x)
+    soundfile.write(tmp_path / "b.flac", x, 16000, subtype="PCM_16")
+    soundfile.write(tmp_path / "c.wav", x, 16000, subtype="PCM_24")
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\nb.flac\t5000\nc.wav\t5000\n")
+    ds = build_dataset(cfg(tmp_path / "m.tsv", normalize=False, augment=False), "audio")
+    a = ds.load(0, rng())["source"]
+    for i in (1, 2):
+        b = ds.load(i, rng())["source"]
+        assert b.shape == a.shape == (5000,) and (a - b).abs().max() < 1e-4, (i, (a - b).abs().max())
+
+
 # ---------------------------------------------------------------- text
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
+
+Tokenizer = pytest.importorskip("tokenizers").Tokenizer
 
 from engine.config import DataConfig, load_config
 from engine.data import build_dataset

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+import pytest
+
+Tokenizer = pytest.importorskip("tokenizers").Tokenizer
 
 from engine.config import DataConfig
 from engine.data import build_dataset

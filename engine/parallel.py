@@ -6,11 +6,23 @@ find_unused_parameters=True only with layerdrop (which skips blocks at random). 
 off: with it, 2 gloo ranks drifted from 1 rank x 2 accumulation by ~3e-5 relative after one update
 (tests/test_distributed.py), which breaks the world-size invariance the trainer promises.
 
-FSDP2: `fully_shard` on every transformer block, then on the root module, for the student. The EMA
-teacher is sharded the same way (same blocks, same mesh), so each rank's teacher shard lines up with
-its student shard and the EMA update is local: lerp of local shards, no collective. The teacher's
-only collectives are the parameter all-gathers of its own forward (embed / encode are registered as
-FSDP forward methods), as for any sharded model; it has no gradients, so no reduce-scatter.
+FSDP2: `fully_shard` on every transformer block, then on the root module, for the student; each
+parameter is sharded on its first dimension (no flattening, no dtype change: no mixed-precision
+policy, so the bf16 autocast casts exactly as under DDP). Parameters outside the blocks (feature
+encoder, embeddings, positional conv, CLS, relative bias, final norms, head / decoder) form the
+root's group. The EMA teacher is sharded the same way (same blocks, same mesh), so each rank's
+teacher shard lines up with its student shard and the EMA update is local: lerp (or copy, for the
+parts ema_scope shares) of local shards, no collective. The teacher's only collectives are the
+parameter all-gathers of its own forward (embed / encode are registered as FSDP forward methods),
+in the same order on every rank; it has no gradients, so no reduce-scatter.
+
+The teacher's root is sharded with reshard_after_forward=True. FSDP2 otherwise leaves a root
+unsharded after its forward (the backward would gather it again at once) and reshards it only at
+the end of the backward, which the teacher never runs: its root parameters stayed the tensors
+gathered at the first step while the EMA wrote to the shards, so the teacher's embeddings /
+feature encoder / positional conv / final norms never moved (ema_scope made no difference).
+Resharding after each forward makes every embed / encode gather the current shards.
+
 Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0, so a
 checkpoint does not depend on the world size or on DDP vs FSDP.
 """
@@ -54,11 +66,11 @@ def shard_student_and_teacher(model: torch.nn.Module, teacher, cfg, dist) -> Non
     fully_shard(model, mesh=mesh)
     for block in teacher.model.blocks.blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(teacher.model, mesh=mesh)
+    # Explicit True: no backward reshards the teacher's root (module docstring).
+    fully_shard(teacher.model, mesh=mesh, reshard_after_forward=True)
     # Data2Vec calls the teacher's embed / encode, not its forward: they unshard the root too.
     register_fsdp_forward_method(teacher.model, "embed")
     register_fsdp_forward_method(teacher.model, "encode")
-    teacher.refresh()
 
 
 def wrap_ddp(model: torch.nn.Module, cfg, dist, accumulation: int) -> torch.nn.Module:

@@ -48,6 +48,11 @@ class Block(nn.Module):
 
     The FFN branch is fairseq's "fc" layer result: post-LN, fc2's output before dropout (wav2vec 2.0
     and fairseq TransformerEncoderLayer); pre-LN, BEiT's fc_feature = drop_path(gamma_2 * mlp).
+    It is returned only when asked for (`branch`, the teacher's return_layers), else None: fc2's
+    output on B x T x C is a view (linear folds to 2-D and views back), and FSDP2 registers its
+    pre-backward hook on every grad-requiring output of a sharded block, warning for views since an
+    in-place op on one would drop the hook. The student never uses the branch, so it is not
+    returned, and the teacher asks for it under no_grad, where FSDP2 registers no hook.
     """
 
     def __init__(self, dim, heads, ffn_dim, pre_ln, dropout=0.0, attention_dropout=0.0,
@@ -72,8 +77,8 @@ class Block(nn.Module):
     def _mlp(self, x):
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
 
-    def forward(self, x, key_padding_mask=None, attn_bias=None):
-        """x: B x T x C -> (B x T x C output, B x T x C FFN branch)."""
+    def forward(self, x, key_padding_mask=None, attn_bias=None, branch=True):
+        """x: B x T x C -> (B x T x C output, B x T x C FFN branch, or None without `branch`)."""
         if self.pre_ln:
             a = self.dropout(self.attn(self.attn_norm(x), key_padding_mask, attn_bias))
             if self.gamma_1 is not None:
@@ -83,10 +88,10 @@ class Block(nn.Module):
             if self.gamma_2 is not None:
                 fc = self.gamma_2 * fc
             fc = drop_path(fc, self.drop_path, self.training)
-            return x + fc, fc
+            return x + fc, fc if branch else None
         x = self.attn_norm(x + self.dropout(self.attn(x, key_padding_mask, attn_bias)))
         fc = self._mlp(x)
-        return self.ffn_norm(x + self.dropout(fc)), fc
+        return self.ffn_norm(x + self.dropout(fc)), fc if branch else None
 
 
 class BlockStack(nn.Module):
@@ -119,9 +124,9 @@ class BlockStack(nn.Module):
                     continue
             if self.checkpoint and self.training and torch.is_grad_enabled():
                 x, fc = torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
-                                                          use_reentrant=False)
+                                                          return_layers, use_reentrant=False)
             else:
-                x, fc = block(x, key_padding_mask, attn_bias)
+                x, fc = block(x, key_padding_mask, attn_bias, return_layers)
             if return_layers:
                 ffn_out.append(fc)
                 block_out.append(x)

@@ -24,14 +24,16 @@ feature encoder / positional conv / final norms never moved (ema_scope made no d
 Resharding after each forward makes every embed / encode gather the current shards.
 
 Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0, so a
-checkpoint does not depend on the world size or on DDP vs FSDP.
+checkpoint does not depend on the world size or on DDP vs FSDP. The optimizer's is torch's own
+form without FSDP (parameters numbered in optimizer order) and keyed by parameter name with it
+(torch.distributed.checkpoint's form); loading converts one to the other where needed.
 """
 from __future__ import annotations
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.errors import ConfigError
+from engine.errors import CheckpointError, ConfigError
 
 
 def is_fsdp(cfg) -> bool:
@@ -122,15 +124,48 @@ def load_states(model, teacher, optimizer, state: dict) -> None:
     if not _sharded(model):
         model.load_state_dict(state["model"])
         teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_optimizer_by_index(state["optimizer"], optimizer, model))
         return
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state["model"], options=opts)
     set_model_state_dict(teacher.model, state["teacher"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    set_optimizer_state_dict(model, optimizer, _optimizer_by_name(state["optimizer"], optimizer, model),
+                             options=opts)
 
 
 def _sharded(model) -> bool:
     return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def _param_order(optimizer, model) -> list[str]:
+    """The names of the optimizer's parameters, in the order torch numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_by_name(sd: dict, optimizer, model) -> dict:
+    """An optimizer state dict keyed by parameter name (a DDP / one-process checkpoint's numbers
+    become the names FSDP's loader looks up)."""
+    if all(isinstance(k, str) for g in sd["param_groups"] for k in g["params"]):
+        return sd
+    order = _param_order(optimizer, model)
+    return {"state": {order[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                             for g in sd["param_groups"]]}
+
+
+def _optimizer_by_index(sd: dict, optimizer, model) -> dict:
+    """An optimizer state dict in torch's numbering (an FSDP checkpoint's names become numbers:
+    torch's load_state_dict would pair them with parameters by position only)."""
+    if all(isinstance(k, int) for g in sd["param_groups"] for k in g["params"]):
+        return sd
+    index = {n: i for i, n in enumerate(_param_order(optimizer, model))}
+    unknown = [n for g in sd["param_groups"] for n in g["params"] if n not in index]
+    if unknown:
+        raise CheckpointError(f"checkpoint's optimizer state holds parameters this model's "
+                              f"optimizer does not: {', '.join(unknown[:3])}")
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in sd["param_groups"]]}

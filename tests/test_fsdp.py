@@ -23,8 +23,14 @@ from typing import get_args, get_type_hints
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from engine.config import ObjectiveConfig, load_config
+from engine.errors import CheckpointError
+from engine.export import export
 from engine.models import build_model
+from engine.optim import param_groups
+from engine.parallel import _optimizer_by_index, _optimizer_by_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ("image", "audio", "text")
@@ -137,8 +143,6 @@ def test_fsdp_ddp_and_one_process_train_alike_resume_alike_and_export_alike(vers
                 [uninterrupted[s] for s in resumed], rel=1e-5), f"{mode} resume of {modality}"
 
         # The export of the FSDP run matches the export of the DDP run (same seed).
-        from safetensors.torch import load_file
-        from engine.export import export
         exported = {}
         for mode in ("fsdp", "ddp"):
             out = export(tmp_path / mode / f"{modality}_{default[modality]}",
@@ -151,3 +155,29 @@ def test_fsdp_ddp_and_one_process_train_alike_resume_alike_and_export_alike(vers
     warned = [line for line in runs["fsdp"].stderr.splitlines()
               if re.search(r"Warning\b|\bWARNING\b", line)]
     assert not warned, "\n".join(warned)
+
+
+def test_optimizer_state_converts_between_torch_numbering_and_parameter_names():
+    """FSDP's full optimizer state dict is keyed by parameter name, torch's by position: a
+    checkpoint of either kind loads into the other (engine.parallel.load_states converts)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
+    model(torch.randn(5, 3)).square().sum().backward()
+    opt.step()
+    numbered = opt.state_dict()
+    named = _optimizer_by_name(numbered, opt, model)
+    # Decay group first (matrices), then biases and norms: names follow the optimizer's order.
+    assert named["param_groups"][0]["params"] == ["0.weight", "2.weight"]
+    assert named["param_groups"][1]["params"] == ["0.bias", "1.weight", "1.bias", "2.bias"]
+    assert torch.equal(named["state"]["2.weight"]["exp_avg"], numbered["state"][1]["exp_avg"])
+    back = _optimizer_by_index(named, opt, model)
+    assert back["param_groups"] == numbered["param_groups"]
+    assert back["state"].keys() == numbered["state"].keys()
+    for i, moments in numbered["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(back["state"][i][key], value)
+    assert _optimizer_by_name(named, opt, model) is named  # already by name: as is
+    assert _optimizer_by_index(numbered, opt, model) is numbered
+    foreign = {**named, "param_groups": [{**named["param_groups"][0], "params": ["head.weight"]}]}
+    with pytest.raises(CheckpointError, match="head.weight"):
+        _optimizer_by_index(foreign, opt, model)

@@ -23,6 +23,12 @@ gathered at the first step while the EMA wrote to the shards, so the teacher's e
 feature encoder / positional conv / final norms never moved (ema_scope made no difference).
 Resharding after each forward makes every embed / encode gather the current shards.
 
+Layerdrop: ranks draw their own skips, but FSDP's all-gathers (and reduce-scatters) need every
+rank to run every block. Under FSDP a dropped block runs at weight 0 (BlockStack.run_dropped), and
+a block that no rank ran in the step loses its (zero) gradient before clipping and the update
+(forget_unused_blocks), as under DDP and in one process, where it has none: so no weight decay and
+no Adam-moment decay for it. A dropped block then costs its compute under FSDP.
+
 Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0, so a
 checkpoint does not depend on the world size or on DDP vs FSDP. The optimizer's is torch's own
 form without FSDP (parameters numbered in optimizer order) and keyed by parameter name with it
@@ -33,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine.distributed import all_reduce_sum
 from engine.errors import CheckpointError, ConfigError
 
 
@@ -66,6 +73,7 @@ def shard_student_and_teacher(model: torch.nn.Module, teacher, cfg, dist) -> Non
     for block in model.encoder.blocks.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    model.encoder.blocks.run_dropped = model.encoder.blocks.layerdrop > 0
     for block in teacher.model.blocks.blocks:
         fully_shard(block, mesh=mesh)
     # Explicit True: no backward reshards the teacher's root (module docstring).
@@ -99,6 +107,21 @@ def no_sync(wrapped: torch.nn.Module, model: torch.nn.Module, last_micro: bool):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-sharded module
         model.set_requires_gradient_sync(last_micro)
     return contextlib.nullcontext()
+
+
+def forget_unused_blocks(model: torch.nn.Module) -> None:
+    """FSDP with layerdrop, after the step's backward: the gradients of the blocks that no rank
+    ran in any micro-batch become None (module docstring). One small all-reduce and host read;
+    nothing without run_dropped."""
+    blocks = model.encoder.blocks
+    if not blocks.run_dropped:
+        return
+    runs = torch.tensor(blocks.runs, dtype=torch.float32, device=next(blocks.parameters()).device)
+    blocks.runs = [0] * len(blocks.runs)
+    for block, n in zip(blocks.blocks, all_reduce_sum(runs).tolist()):
+        if n == 0:
+            for p in block.parameters():
+                p.grad = None
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

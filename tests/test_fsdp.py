@@ -3,6 +3,7 @@
 - FSDP, DDP and one process with two micro-batches follow one trajectory (losses to 1e-5
   relative over 5 steps) and end with the same EMA teacher (1e-6) for every modality and every
   objective.ema_scope, and the teacher follows the scope (shared parts copied, the rest averaged);
+  likewise with layerdrop (audio), where each rank drops its own blocks;
 - the step-3 checkpoint of the FSDP run resumes under FSDP, DDP and in one process onto the
   losses of steps 4 and 5 of the uninterrupted run, and the export of the FSDP run's last
   checkpoint matches the export of the DDP run's;
@@ -29,11 +30,13 @@ from engine.config import ObjectiveConfig, load_config
 from engine.errors import CheckpointError
 from engine.export import export
 from engine.models import build_model
+from engine.models.transformer import BlockStack
 from engine.optim import param_groups
 from engine.parallel import _optimizer_by_index, _optimizer_by_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ("image", "audio", "text")
+MODES = ("fsdp", "ddp", "one")  # 2 gloo ranks each for fsdp and ddp; one: 1 process x 2 micro
 SCOPES = get_args(get_type_hints(ObjectiveConfig)["ema_scope"])
 STEPS, CUT = 5, 3
 # model.dropout=0.0 turns off every random source in the model (tiny_image's drop path included),
@@ -86,41 +89,48 @@ def _close(a, b, tol, what):
                                    msg=lambda m: f"{what}: {name}: {m}")
 
 
+def _same_run(root, name, what):
+    """Losses (1e-5 relative) and final teacher (1e-6) of run `name` agree across the modes;
+    returns the final checkpoints by mode."""
+    losses = {mode: _losses(root / mode / name) for mode in MODES}
+    print(f"\n{what}: " + "; ".join(f"{m} {list(l.values())}" for m, l in losses.items()))
+    states = {mode: _checkpoint(root / mode / name, STEPS) for mode in MODES}
+    for mode in ("ddp", "one"):
+        assert list(losses[mode]) == list(range(1, STEPS + 1)), what
+        assert list(losses[mode].values()) == pytest.approx(
+            list(losses["fsdp"].values()), rel=1e-5), f"{what}: {losses}"
+        _close(states[mode]["teacher"], states["fsdp"]["teacher"], 1e-6,
+               f"{what} teacher, {mode} vs fsdp")
+    return states
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_fsdp_ddp_and_one_process_train_alike_resume_alike_and_export_alike(version, tmp_path):
-    def job(mode, modality, scope, resume=False):
+    def job(mode, modality, name, *overrides, resume_from=None):
         dist = [] if mode == "one" else [f"train.distributed={mode}"]
         return {"config": _config(modality, version),
-                "overrides": [*COMMON, *EXTRA.get(modality, []), *dist,
-                              f"objective.ema_scope={scope}"],
-                "run_dir": str(tmp_path / mode / (f"resume_{modality}" if resume
-                                                  else f"{modality}_{scope}")),
-                **({"resume_from": str(tmp_path / "fsdp" / f"{modality}_{scope}"
-                                       / f"checkpoint_{CUT:08d}.pt")} if resume else {})}
+                "overrides": [*COMMON, *EXTRA.get(modality, []), *dist, *overrides],
+                "run_dir": str(tmp_path / mode / name),
+                **({"resume_from": str(resume_from)} if resume_from else {})}
 
     default = {m: load_config(_config(m, version)).objective.ema_scope for m in MODALITIES}
     runs = {}
-    for mode in ("fsdp", "ddp", "one"):
-        jobs = [job(mode, m, s) for m in MODALITIES for s in SCOPES]
-        jobs += [job(mode, m, default[m], resume=True) for m in MODALITIES]
+    for mode in MODES:
+        jobs = [job(mode, m, f"{m}_{s}", f"objective.ema_scope={s}")
+                for m in MODALITIES for s in SCOPES]
+        # Layerdrop (audio_base's 0.05, here 0.3): each rank drops its own blocks.
+        jobs.append(job(mode, "audio", "audio_layerdrop", "model.layerdrop=0.3"))
+        jobs += [job(mode, m, f"resume_{m}", resume_from=tmp_path / "fsdp" / f"{m}_{default[m]}"
+                     / f"checkpoint_{CUT:08d}.pt") for m in MODALITIES]
         runs[mode] = _run(mode, jobs, tmp_path / f"{mode}.json")
 
+    _same_run(tmp_path, "audio_layerdrop", f"{version} audio, layerdrop 0.3")
     for modality in MODALITIES:
         cfg = load_config(_config(modality, version))
         shared = build_model(cfg.model, modality).feature_encoder_prefixes()
         for scope in SCOPES:
             name = f"{modality}_{scope}"
-            losses = {mode: _losses(tmp_path / mode / name) for mode in runs}
-            print(f"\n{version} {name}: " + "; ".join(f"{m} {list(l.values())}"
-                                                     for m, l in losses.items()))
-            for mode in ("ddp", "one"):
-                assert list(losses[mode]) == list(range(1, STEPS + 1))
-                assert list(losses[mode].values()) == pytest.approx(
-                    list(losses["fsdp"].values()), rel=1e-5), f"{version} {name}: {losses}"
-            states = {mode: _checkpoint(tmp_path / mode / name, STEPS) for mode in runs}
-            for mode in ("ddp", "one"):
-                _close(states[mode]["teacher"], states["fsdp"]["teacher"], 1e-6,
-                       f"{version} {name} teacher, {mode} vs fsdp")
+            states = _same_run(tmp_path, name, f"{version} {name}")
             for mode, state in states.items():
                 # The scope's rule: the shared parts are the student's, the rest its average.
                 before = _checkpoint(tmp_path / mode / name, CUT)["model"]
@@ -136,7 +146,7 @@ def test_fsdp_ddp_and_one_process_train_alike_resume_alike_and_export_alike(vers
 
         # A checkpoint written under FSDP resumes under FSDP, DDP and in one process.
         uninterrupted = _losses(tmp_path / "fsdp" / f"{modality}_{default[modality]}")
-        for mode in runs:
+        for mode in MODES:
             resumed = _losses(tmp_path / mode / f"resume_{modality}")
             assert list(resumed) == list(range(CUT + 1, STEPS + 1))
             assert list(resumed.values()) == pytest.approx(
@@ -181,3 +191,47 @@ def test_optimizer_state_converts_between_torch_numbering_and_parameter_names():
     foreign = {**named, "param_groups": [{**named["param_groups"][0], "params": ["head.weight"]}]}
     with pytest.raises(CheckpointError, match="head.weight"):
         _optimizer_by_index(foreign, opt, model)
+
+
+def _stack(*overrides):
+    return BlockStack(load_config(_config("audio", "v1"), list(overrides)).model, pre_ln=False)
+
+
+def test_a_student_block_returns_no_view_for_fsdp_to_hook():
+    """FSDP2 hooks every grad-requiring output of a sharded block and warns on views (an in-place
+    op on one would drop the hook): the student's call returns the block output alone, not fc2's
+    output, which linear returns as a view of its 2-D product."""
+    stack = _stack().train()
+    x = torch.randn(2, 7, stack.blocks[0].fc1.in_features, requires_grad=True)
+    out, fc = stack.blocks[0](x, branch=False)
+    assert fc is None and out._base is None
+    out, fc = stack.blocks[0](x)  # the teacher's call (under no_grad, where FSDP2 hooks nothing)
+    assert fc._base is not None, "fc2's output is a view: why the student must not return it"
+
+
+def test_a_dropped_block_run_at_weight_zero_is_a_skip_with_zero_parameter_gradients():
+    """FSDP runs a layerdropped block at weight 0 (every rank must gather every block): output,
+    input gradient and later random draws are those of skipping it; its parameters get zero
+    gradients where skipping leaves none. Dropout on: the kept blocks draw from the same RNG."""
+    skip = _stack("model.layerdrop=0.5", "model.dropout=0.1").train()
+    ran = _stack("model.layerdrop=0.5", "model.dropout=0.1").train()
+    ran.load_state_dict(skip.state_dict())
+    ran.run_dropped = True
+    results = []
+    for stack in (skip, ran):
+        torch.manual_seed(3)
+        x = torch.randn(2, 9, stack.blocks[0].fc1.in_features, requires_grad=True)
+        y = stack(x)[0]
+        (y * torch.randn_like(y)).sum().backward()
+        results.append((y.detach(), x.grad, torch.rand(4),
+                        [b.fc1.weight.grad for b in stack.blocks]))
+    (y0, g0, r0, w0), (y1, g1, r1, w1) = results
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and torch.equal(r0, r1)
+    dropped = [i for i, g in enumerate(w0) if g is None]
+    assert dropped and len(dropped) < len(w0), "seed 3 should drop some blocks, not all"
+    for i, g in enumerate(w1):
+        if i in dropped:
+            assert torch.count_nonzero(g) == 0
+        else:
+            assert torch.equal(g, w0[i])
+    assert ran.runs == [0 if i in dropped else 1 for i in range(len(w0))]

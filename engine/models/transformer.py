@@ -94,6 +94,13 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.dropout(fc)), fc if branch else None
 
 
+def _rng_restored(device: torch.device):
+    """Restores the CPU RNG state (and `device`'s, for an accelerator) on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
 class BlockStack(nn.Module):
     """cfg.depth blocks; drop path rises linearly from 0 to cfg.drop_path with depth (BEiT)."""
 
@@ -110,23 +117,41 @@ class BlockStack(nn.Module):
                   k_bias=k_bias)
             for i in range(cfg.depth)
         )
+        # FSDP (engine.parallel sets it): every rank must gather every block in the same order,
+        # but each rank draws its own layerdrop. A dropped block then still runs, its output
+        # weighted 0: x + 0 * (block(x) - x) is x and passes x's gradient through unchanged, as
+        # skipping does, and gives the block's parameters a zero gradient on this rank (which is
+        # what DDP reduces for a parameter this rank did not use). The RNG state is restored
+        # after it, so later dropout and layerdrop draws are those of a skip. `runs` counts, per
+        # block, the micro-batches that kept it since engine.parallel.forget_unused_blocks last
+        # read it.
+        self.run_dropped = False
+        self.runs = [0] * len(self.blocks)
+
+    def _block(self, block, x, key_padding_mask, attn_bias, return_layers):
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
+                                                     return_layers, use_reentrant=False)
+        return block(x, key_padding_mask, attn_bias, return_layers)
 
     def forward(self, x, key_padding_mask=None, attn_bias=None, return_layers=False):
         """x: B x T x C -> (output, per-block FFN branches, per-block outputs); lists only when
         return_layers, else empty."""
         ffn_out, block_out = [], []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             # fairseq skips a layerdropped block and records no result for it; its teacher runs in
             # eval mode, so every target layer exists. return_layers (the teacher's call) likewise
             # runs every block, so layer_results always has one entry per block.
             if self.training and not return_layers and self.layerdrop > 0:
                 if torch.rand(()) < self.layerdrop:
+                    if self.run_dropped:
+                        with _rng_restored(x.device):
+                            y, _ = self._block(block, x, key_padding_mask, attn_bias, False)
+                        x = x + (y.to(x.dtype) - x) * 0.0
                     continue
-            if self.checkpoint and self.training and torch.is_grad_enabled():
-                x, fc = torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
-                                                          return_layers, use_reentrant=False)
-            else:
-                x, fc = block(x, key_padding_mask, attn_bias, return_layers)
+                if self.run_dropped:
+                    self.runs[i] += 1
+            x, fc = self._block(block, x, key_padding_mask, attn_bias, return_layers)
             if return_layers:
                 ffn_out.append(fc)
                 block_out.append(x)

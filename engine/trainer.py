@@ -47,7 +47,8 @@ from engine.preemption import (
 )
 from engine.optim import build_optimizer, describe_optimizer
 from engine.parallel import (
-    full_tensor, gather_states, load_states, no_sync, shard_student_and_teacher, wrap_ddp,
+    forget_unused_blocks, full_tensor, gather_states, load_states, no_sync,
+    shard_student_and_teacher, wrap_ddp,
 )
 from engine.schedule import lr_factor, scaled_lr
 from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
@@ -270,6 +271,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         cycle_start, data_wait = now, 0.0
         totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, masked, signals.vote(device)]),
                                            host_values]))
+        forget_unused_blocks(model)  # FSDP with layerdrop: no gradient where no rank ran a block
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")

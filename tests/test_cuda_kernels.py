@@ -353,3 +353,34 @@ def test_token_mask_bit_identical_at_base_batch(name):
                                                   m.mask_length, tuple(m.replace), exclude)
     assert torch.equal(got.cpu(), want), f"{(got.cpu() != want).sum()} tokens differ"
     assert torch.equal(got_sel.cpu(), want_sel), f"{(got_sel.cpu() != want_sel).sum()} differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host traffic: the step's host-made tensors reach the GPU without a host synchronization
+
+
+def test_seed_copies_do_not_synchronize_the_host():
+    """The trainer's per-micro-batch seeds and the masks' int-seed path copy through pinned memory
+    (non_blocking); a copy from pageable memory would synchronize, which sync-debug mode turns
+    into an error. Each op runs once first: compilation and cached tables may synchronize."""
+    from engine.seeding import STREAM_MASK, sample_seeds
+    from engine.trainer import _host_to_device
+    lengths = torch.full((4,), 60, device="cuda")
+
+    def step():
+        seeds = _host_to_device(sample_seeds(1, 2, torch.arange(4), STREAM_MASK),
+                                torch.device("cuda"))
+        masking.span_mask(lengths, 60, 0.5, 5, seed=7)
+        masking.block_mask(4, (14, 14), 0.6, seed=7, device="cuda")
+        masking.span_mask(lengths, 60, 0.5, 5, seed=seeds)
+        return seeds
+
+    want = step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want) and torch.equal(got.cpu(), sample_seeds(1, 2, range(4),
+                                                                          STREAM_MASK))

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -375,7 +376,7 @@ def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, st
         common.sync(dev)
         step_ms = (time.perf_counter() - start) * 1e3 / steps
         timer, phases = PhaseTimer(dev), {}
-        repeats = 0 if step.v2 else max(1, min(steps, 2 if regional else 5))
+        repeats = 0 if step.v2 else max(1, min(steps, 2 if regional else 5))  # breakdown passes
         for i in range(repeats):
             timer.start()
             step.phased(batch, 100 + i, timer.mark)
@@ -501,13 +502,15 @@ def run(tiny: bool = False, modalities=None, steps: int | None = None,
         # Inductor on the GPU; on the CPU the suite check uses aot_eager (inductor's C++ compile
         # of three variants x three modalities would take most of the run).
         compile_backend = "inductor" if dev.type == "cuda" else "aot_eager"
-    steps = steps or ((6 if quick else 20) if dev.type == "cuda" else 2)
+    steps = steps or ((6 if quick else 20) if dev.type == "cuda" else (1 if quick else 2))
     if dev.type != "cuda" and "D2V_ATTENTION" not in os.environ:
         # Interpreted, our attention costs minutes per model step on the CPU; bench_attention
         # times it on its own. Masking and targets still take our (interpreted) kernels.
         os.environ["D2V_ATTENTION"] = "sdpa"
     peak, _ = common.matmul_peak_tflops(dev.type)
     cases = TINY if tiny else CASES
+    if quick and dev.type != "cuda":  # make gpu-check --cpu: 2 samples (the interpreter is slow)
+        cases = {name: dataclasses.replace(case, batch=2) for name, case in cases.items()}
     records, info = [], {"compile_backend": compile_backend, "steps": steps,
                          "compile": "regional (one block graph)" if quick else "whole encoders"}
     for modality in modalities:

@@ -372,18 +372,16 @@ if triton is not None:
         return kept or configs[:1]
 
     # Each list holds only configs that compile for the H100 (sm_90) without register spills at
-    # the base configs' launches (python -m kernels.compile_check, with triton 3.6 and CI's). With
+    # the base configs' launches (python -m kernels.compile_check, with triton 3.6 and 3.9). With
     # the relative-position bias and dropout (image v1's student) the 128-row tiles and the
     # 64 x 64 tiles with 4 warps spilled in the forward, dK/dV and d(bias) kernels (255 registers,
-    # 0.1-4 KB of spill stores): those lists hold 32- and 64-row tiles, 8 warps for 64 x 64, and
-    # keep the larger tiles (the second list of _tuned) for launches without bias and dropout
-    # (the EMA teacher's forward, image v2). The first config of a list is _prune's fallback.
-    _FWD_CONFIGS = [(64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)], [(128, 64, 8, 3),
-                                                                      (128, 128, 8, 2)]
-    _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], [(64, 64, 4, 2),
-                                                                       (128, 64, 8, 2)]
-    _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3), (64, 64, 8, 2),
-                   (64, 32, 4, 2)], []
+    # 0.1-4 KB of spill stores), 64 x 256 everywhere, 32 x 128 (dQ) and 32 x 64 (forward) at
+    # text's shapes: the lists hold 32- and 64-row tiles, 8 warps for a 64 x 64 forward, and keep
+    # the larger forward tiles (the second list of _tuned) for launches without bias and dropout
+    # (the EMA teacher, image v2). The first config of a list is _prune's fallback.
+    _FWD_CONFIGS = [(64, 64, 8, 3), (64, 32, 4, 3)], [(128, 64, 8, 3), (128, 128, 8, 2)]
+    _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], []
+    _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)], []
     _DBIAS_CONFIGS = [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], []
     _KEY = ["T_BUCKET", "BLOCK_D", "HAS_BIAS", "HAS_PAD", "DROPOUT"]
 

@@ -94,7 +94,7 @@ def _visible(cfg, tokens: int) -> int:
     return tokens - int(mk.mask_prob * tokens)
 
 
-def _attention_launches(cfg, dtype, torch):
+def _attention_launches(cfg):
     """(role, B, H, T, D, bias kind, padded, dropout, backward) of the student and the teacher."""
     m = cfg.model
     v2 = cfg.objective.mode == "v2"
@@ -205,7 +205,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
         launches += [(f"{name}", rec) for rec in sink]
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            for launch in _attention_launches(cfg, dtype, torch):
+            for launch in _attention_launches(cfg):
                 sink = []
                 with _recorded(attention, attention_kernels, sink):
                     _run_attention(launch, dtype, torch, attention)

@@ -390,8 +390,9 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
-def run(tiny: bool = False) -> list[dict]:
-    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop."""
+def run(tiny: bool = False, quick: bool = False) -> list[dict]:
+    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop
+    (quick: the same cases, the base configs' full batches, are already the headline ones)."""
     from benchmarks import common
     device = _device()
     records = []

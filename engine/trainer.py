@@ -70,6 +70,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor made in the step on `device`: to CUDA through pinned memory, non_blocking (a
+    copy from pageable memory would synchronize the host with the device every micro-batch)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
     """Checks resume/fresh against what run_dir holds; returns the checkpoint to resume from."""
     run_dir = cfg.run_dir
@@ -244,7 +252,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 batch = bucket_batch(batch, buckets, pad_value)
             if weight:
                 stand_in = batch
-            seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
+            seeds = _host_to_device(sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK),
+                                    device)
             batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
             # dropout does not depend on the world size either.
@@ -263,11 +272,11 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             masked += out.masked * weight
 
         # Fraction of this step's cycle (since the last one) spent waiting for the loader, and the
-        # files skipped: summed over ranks in the same all-reduce as the loss (one small copy to
-        # the device, no extra synchronization).
+        # files skipped: summed over ranks in the same all-reduce as the loss (one small pinned
+        # copy to the device, no extra synchronization).
         now = time.perf_counter()
-        host_values = torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(step_bad)],
-                                   device=device)
+        host_values = _host_to_device(
+            torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(step_bad)]), device)
         cycle_start, data_wait = now, 0.0
         totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, masked, signals.vote(device)]),
                                            host_values]))

@@ -1,8 +1,10 @@
 """Test-session set-up.
 
 Triton decides at import time whether it interprets kernels, so TRITON_INTERPRET=1 is set here,
-before any test module imports triton: every Triton kernel then runs (interpreted) on CPU tensors
-in the whole suite, the end-to-end runs included.
+before any test module imports triton, and only where no CUDA device exists: there every Triton
+kernel runs (interpreted) on CPU tensors in the whole suite, the end-to-end runs included. Where
+CUDA exists the kernels stay compiled: tests/test_cuda_kernels.py runs them on CUDA tensors, and the
+tests that need the interpreter (CPU tensors through the Triton path) are skipped with that reason.
 
 Optional dependencies (DALI, transformers, tokenizers, accelerate, soundfile): a test that needs
 one calls pytest.importorskip, so where it is not installed the test is skipped with the import
@@ -12,8 +14,10 @@ skip into a failure: CI never silently runs fewer tests. Other skips ("needs CUD
 import os
 
 import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REQUIRE_OPTIONAL = os.environ.get("D2V_REQUIRE_OPTIONAL") == "1"

@@ -124,6 +124,13 @@ def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropou
     """q, k, v B x H x T x D (fp16/bf16/fp32), B x Tk bool (True = ignore), bias H x Tq x Tk or
     B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype; dispatched as attention_backend says."""
     _check(q, k, v, key_padding_mask, attn_bias)
+    if _shape_only(q):
+        # Meta or fake tensors: the plan counting FLOPs and memory (engine.flops). The d2v op
+        # pair stands in for the flash kernels: one node each way, counted by FlashAttention's
+        # convention (kernels.ops), saving what the kernels save (out and lse, no T x T scores).
+        from kernels import ops
+        return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
+                             impl="triton")
     backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
@@ -164,6 +171,13 @@ def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
         if name == "sdpa":
             return name
     return "sdpa"
+
+
+def _shape_only(q: torch.Tensor) -> bool:
+    """Tensors with shapes and no data (meta device, or FakeTensorMode's)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return q.device.type == "meta" or is_fake(q)
 
 
 def _triton_runs_on(device: torch.device) -> bool:

@@ -19,7 +19,9 @@ over the device's dense bf16 peak (PEAK_TFLOPS, or train.peak_tflops).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import json
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -174,9 +176,22 @@ def count_at_depth(cfg: Config, special_ids: Optional[dict] = None,
     return out
 
 
+_counted: dict = {}  # one count per model and shapes in a process (tests train many runs)
+
+
 def count_flops(cfg: Config, special_ids: Optional[dict] = None) -> tuple[dict, FlopModel]:
     """Counts one sample's step at the plan's length (and at half of it for audio / text, to fit
     the length model); returns (plan.json's "flops" per sample, the FlopModel)."""
+    key = json.dumps([cfg.modality, cfg.seed, asdict(cfg.model), asdict(cfg.objective),
+                      asdict(cfg.masking), asdict(cfg.data), special_ids], sort_keys=True,
+                     default=str)
+    if key not in _counted:
+        _counted[key] = _count_flops(cfg, special_ids)
+    info, model = _counted[key]
+    return copy.deepcopy(info), model
+
+
+def _count_flops(cfg: Config, special_ids: Optional[dict]) -> tuple[dict, FlopModel]:
     depth = cfg.model.depth
     shadows = [build_shadow(cfg, special_ids, fake=False, depth=d)
                for d in ((1, 2) if depth > 2 else (depth,))]

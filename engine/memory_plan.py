@@ -40,6 +40,11 @@ GB = 1e9  # the plan's unit: decimal gigabytes (train.device_memory_gb)
 _CUDA_BLOCK = 512  # the CUDA caching allocator's smallest block
 
 
+def fmt_bytes(nbytes: float) -> str:
+    """1.23 GB, or 45.6 MB below 0.1 GB."""
+    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1e6:.1f} MB"
+
+
 def _rounded(nbytes: int) -> int:
     return math.ceil(nbytes / _CUDA_BLOCK) * _CUDA_BLOCK
 
@@ -230,19 +235,22 @@ def largest_fitting(mm: MemoryModel, share: int, limit: float,
 
 def describe_memory(m: dict, budget: Optional[dict]) -> list[str]:
     """The plan's memory lines."""
-    g = {k: m[k] / GB for k in ("params", "grads", "optimizer", "teacher", "activations",
-                               "peak")}
+    f = {k: fmt_bytes(m[k]) for k in ("params", "grads", "optimizer", "teacher", "activations",
+                                      "peak")}
     lines = [f"  memory per rank at micro-batch {m['micro_batch']} ({m['precision']}, "
              f"{m['sharding']}{', activation checkpointing' if m['checkpointing'] else ''}): "
-             f"peak {g['peak']:.2f} GB = params {g['params']:.2f} + grads {g['grads']:.2f} + "
-             f"optimizer {g['optimizer']:.2f} + teacher {g['teacher']:.2f} + activations "
-             f"{g['activations']:.2f}"]
+             f"peak {f['peak']} = params {f['params']} + grads {f['grads']} + optimizer "
+             f"{f['optimizer']} + teacher {f['teacher']} + activations {f['activations']}"]
     if budget:
-        lines.append(f"  budget {budget['limit_gb']:.1f} GB = train.memory_fraction "
-                     f"{budget['fraction']} x {budget['device_gb']:.1f} GB ({budget['source']})")
+        lines.append(f"  budget {_budget(budget)} ({budget['source']})")
     if m.get("auto"):
         lines.append(f"  train.micro_batch=auto: {m['auto']}")
     return lines
+
+
+def _budget(budget: dict) -> str:
+    return (f"train.memory_fraction {budget['fraction']} x {fmt_bytes(budget['device_gb'] * GB)}"
+            f" = {fmt_bytes(budget['limit_gb'] * GB)}")
 
 
 def plan_memory(cfg: Config, share: int, world_size: int, device_type: str,
@@ -263,10 +271,10 @@ def plan_memory(cfg: Config, share: int, world_size: int, device_type: str,
         larger = [m for m in tried if m["micro_batch"] > best["micro_batch"]]
         why = (f"chose {best['micro_batch']} of {candidates(share)} (the divisors of the "
                f"per-rank share {share} that are multiples of 8, or below 8): "
-               f"{best['peak'] / GB:.2f} GB fits {budget['limit_gb']:.1f} GB")
+               f"{fmt_bytes(best['peak'])} fits {fmt_bytes(limit)}")
         if larger:
             nxt = min(larger, key=lambda m: m["micro_batch"])
-            why += f", {nxt['micro_batch']} needs {nxt['peak'] / GB:.2f} GB"
+            why += f", {nxt['micro_batch']} needs {fmt_bytes(nxt['peak'])}"
         elif best["micro_batch"] == share:
             why += " (the whole share: no accumulation)"
         result = dict(best, auto=why)
@@ -291,15 +299,14 @@ def _sharding(cfg: Config, world_size: int) -> str:
 
 
 def _parts(m: dict) -> str:
-    return ", ".join(f"{k} {m[k] / GB:.2f}" for k in ("params", "grads", "optimizer", "teacher",
-                                                       "activations"))
+    return ", ".join(f"{k} {fmt_bytes(m[k])}" for k in ("params", "grads", "optimizer", "teacher",
+                                                         "activations"))
 
 
 def _too_big(m: dict, best: dict, budget: dict) -> str:
     return (f"config key 'train.micro_batch': {m['micro_batch']} needs an estimated "
-            f"{m['peak'] / GB:.2f} GB per rank ({_parts(m)}), more than train.memory_fraction "
-            f"{budget['fraction']} x {budget['device_gb']:.1f} GB = {budget['limit_gb']:.1f} GB; "
-            f"micro-batch {best['micro_batch']} fits ({best['peak'] / GB:.2f} GB): set "
+            f"{fmt_bytes(m['peak'])} per rank ({_parts(m)}), more than {_budget(budget)}; "
+            f"micro-batch {best['micro_batch']} fits ({fmt_bytes(best['peak'])}): set "
             f"train.micro_batch={best['micro_batch']} or auto")
 
 
@@ -309,6 +316,5 @@ def _nothing_fits(cfg: Config, m: dict, budget: dict) -> str:
     if cfg.train.distributed != "fsdp":
         hints.append("train.distributed=fsdp on several ranks")
     return (f"config key 'train.micro_batch': even micro-batch {m['micro_batch']} needs an "
-            f"estimated {m['peak'] / GB:.2f} GB per rank ({_parts(m)}), more than "
-            f"train.memory_fraction {budget['fraction']} x {budget['device_gb']:.1f} GB = "
-            f"{budget['limit_gb']:.1f} GB; try {' or '.join(hints + ['a larger device'])}")
+            f"estimated {fmt_bytes(m['peak'])} per rank ({_parts(m)}), more than "
+            f"{_budget(budget)}; try {' or '.join(hints + ['a larger device'])}")

@@ -109,7 +109,7 @@ def count_sample(shadow: Shadow, length: Optional[int] = None) -> dict:
 
         loss, student_out = forward(shadow, batch, mark)
         # The gradient reaches the student's output once the head / decoder backward is done.
-        student_out.register_hook(lambda grad: mark(_other_phase(shadow.cfg)))
+        student_out.register_hook(lambda grad: mark(_other_phase_of(shadow.cfg.objective.mode)))
         loss.backward()
         mark("student")
     shadow.model.zero_grad(set_to_none=True)
@@ -120,9 +120,9 @@ def count_sample(shadow: Shadow, length: Optional[int] = None) -> dict:
     return counts
 
 
-def _other_phase(cfg: Config) -> str:
+def _other_phase_of(mode: str) -> str:
     """What follows the student's encoder: v1's regression head, v2's decoder."""
-    return "decoder" if cfg.objective.mode == "v2" else "head"
+    return "decoder" if mode == "v2" else "head"
 
 
 @dataclass
@@ -231,18 +231,26 @@ def step_info(per_sample_info: dict, global_batch: int, world_size: int) -> dict
     return out
 
 
+def fmt_flops(flops: float) -> str:
+    """FLOPs with a unit: 141.2 GFLOP, 2.03 PFLOP."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.{2 if unit == 'PFLOP' else 1}f} {unit}"
+    return f"{flops:.0f} FLOP"
+
+
 def describe_flops(info: dict, modality: str, mode: str) -> list[str]:
     """The plan's FLOP lines."""
     s, st = info["per_sample"], info["per_step"]
     unit = {"image": "image", "audio": "crop", "text": "sequence"}[modality]
-    other = "decoder" if mode == "v2" else "head"
+    other = _other_phase_of(mode)
     at = {"image": "", "audio": f" at {info['length']} samples (the longest crop; shorter "
           f"batches cost less)", "text": f" at {info['length']} tokens"}[modality]
     tok = info["tokens_per_sample"]
+    g = {k: f"{v / 1e9:.1f}" for k, v in s.items()}
     return [
-        f"  FLOPs per {unit}{at}: {s['total'] / 1e9:.1f} G = teacher fwd "
-        f"{s['teacher'] / 1e9:.1f} + student fwd+bwd {s['student'] / 1e9:.1f} + {other} "
-        f"fwd+bwd {s[other] / 1e9:.1f}",
-        f"  FLOPs per step: {st['total'] / 1e12:.1f} T ({info['per_rank_step'] / 1e12:.1f} T per "
+        f"  FLOPs per {unit}{at}: {fmt_flops(s['total'])} = teacher fwd {g['teacher']} G + "
+        f"student fwd+bwd {g['student']} G + {other} fwd+bwd {g[other]} G",
+        f"  FLOPs per step: {fmt_flops(st['total'])} ({fmt_flops(info['per_rank_step'])} per "
         f"rank); tokens encoded per {unit}: teacher {tok['teacher']}, student {tok['student']}",
     ]

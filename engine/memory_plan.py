@@ -61,20 +61,24 @@ def _bytes(tensors) -> int:
 
 class PeakTracker(TorchDispatchMode):
     """Bytes of the storages created inside it that are still alive, and their peak; the part of
-    the peak that was gradients of `params`."""
+    the peak that was gradients of `params`. Tensors in `existing` (parameters, optimizer state:
+    counted by the caller) are known: a view of one (a transposed weight) allocates nothing."""
 
-    def __init__(self, params=()):
+    def __init__(self, params=(), existing=(), block: int = _CUDA_BLOCK):
         super().__init__()
+        self.block = block  # sizes round up to a multiple of this (1: exact bytes)
         self.live = self.peak = self.grads = self.grads_at_peak = 0
         self._alive: dict[int, list] = {}  # id(storage) -> [bytes, is_grad, weakref]
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad) for p in params]
+        for t in existing:
+            self.add(t, counted=False)
 
-    def add(self, t: torch.Tensor) -> None:
+    def add(self, t: torch.Tensor, counted: bool = True) -> None:
         st = t.untyped_storage()
         key = id(st)
         if key in self._alive:
             return
-        nbytes = _rounded(st.nbytes())
+        nbytes = -(-st.nbytes() // self.block) * self.block if counted else 0
         self._alive[key] = [nbytes, False, weakref.ref(st, lambda _, k=key: self._free(k))]
         self.live += nbytes
         if self.live > self.peak:
@@ -150,13 +154,12 @@ class MemoryModel:
                     p.grad = torch.zeros_like(p)
             state = [t for s in self.optimizer.state.values() for t in s.values()
                      if isinstance(t, torch.Tensor) and t.device.type != "meta"]
-            static = {
-                "params": _bytes(list(model.parameters()) + list(model.buffers())),
-                "teacher": _bytes(list(teacher.parameters()) + list(teacher.buffers())),
-                "optimizer": _bytes(state),
-                "grads": _bytes(p.grad for p in params if p.grad is not None),
-            }
-            tracker = PeakTracker(params)
+            grads = [p.grad for p in params if p.grad is not None]
+            parts = {"params": list(model.parameters()) + list(model.buffers()),
+                     "teacher": list(teacher.parameters()) + list(teacher.buffers()),
+                     "optimizer": state, "grads": grads}
+            static = {k: _bytes(v) for k, v in parts.items()}
+            tracker = PeakTracker(params, [t for v in parts.values() for t in v])
             with tracker:
                 for t in (batch.source, batch.padding_mask, batch.mask, batch.flat_masked,
                           batch.keep, batch.masked_at, batch.masked_source):

@@ -171,15 +171,21 @@ def make_batch(shadow: Shadow, samples: int, length: Optional[int] = None) -> Sh
                        fake(keep), fake(masked_at), samples, tokens, visible)
 
 
+def random_text(cfg: Config, ids: dict, samples: int, tokens: int) -> torch.Tensor:
+    """samples x tokens int64 ids: <s>, ordinary tokens drawn with the run's seed, </s>."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    source = torch.randint(len(DEFAULT_SPECIAL_IDS) + 1, max(cfg.model.vocab_size - 1, 6),
+                           (samples, tokens), generator=gen)
+    source[:, 0], source[:, -1] = ids["bos"], ids["eos"]
+    return source
+
+
 def _text_mask(shadow: Shadow, samples: int, tokens: int, seeds: torch.Tensor):
     """Data2Vec's text masking on random ids: the masked ids and the positions that became
     <mask> (those the loss reads)."""
     cfg, ids = shadow.cfg, shadow.special_ids
     m = cfg.masking
-    gen = torch.Generator().manual_seed(cfg.seed)
-    source = torch.randint(len(DEFAULT_SPECIAL_IDS) + 1, max(cfg.model.vocab_size - 1, 6),
-                           (samples, tokens), generator=gen)
-    source[:, 0], source[:, -1] = ids["bos"], ids["eos"]
+    source = random_text(cfg, ids, samples, tokens)
     special = (source == ids["bos"]) | (source == ids["pad"]) | (source == ids["eos"])
     masked_source, selected = token_mask(
         source, m.mask_prob, special, ids["mask"], cfg.model.vocab_size, seed=seeds,

@@ -1,18 +1,21 @@
 """One training micro-batch at the shape level, for the plan (engine.flops, engine.memory_plan).
 
-The student, its objective (v1 head or v2 decoder) and the teacher are built on the meta device and
-materialized as FakeTensorMode tensors: shapes and dtypes, no data, no memory, no GPU. `forward`
-runs what Data2Vec.forward / Data2VecV2.forward run, with the same modules (encoder.embed / encode,
-encode_visible, the decoder, the head), in the same order. What depends on values is taken out:
+The student, its objective (v1 head or v2 decoder) and the teacher are built on the meta device;
+the FLOP count runs them there, the memory plan materializes them as FakeTensorMode tensors
+(dtypes and storage sizes, no data: autocast and the memory tracker work on them). No memory, no
+GPU. `forward` runs what Data2Vec.forward / Data2VecV2.forward run, with the same modules
+(encoder.embed / encode, encode_visible, the decoder, the head), in the same order. What depends
+on values is taken out:
   - the masks are computed for real, on the CPU, by the objective's own mask functions with the
     trainer's seeds (cheap: B x T bools), so the masked / visible counts are the run's;
   - positions picked by a mask (v1's `hidden[mask]`, v2's split_indices) come from those real
     masks as index tensors of the same size;
   - the teacher targets go through the d2v::teacher_targets op (its fake gives the shape);
   - attention goes through the d2v::attention_* op pair (kernels.attention routes meta and fake
-    tensors there), with the memory and the FLOPs of the flash kernels;
-  - layerdrop skips no block (the count is the upper bound: every block runs).
-tests/test_flops.py checks that the counted FLOPs equal those of the real objective on real tensors.
+    tensors there): the flash kernels' saved tensors and FlashAttention's FLOP count;
+  - layerdrop skips no block (a skip is a random draw; every block runs: the upper bound).
+tests/test_flops.py checks that the counted FLOPs equal the real objective's on real tensors, and
+tests/test_memory_plan.py that the fake step's peak equals the real step's.
 
 Shapes: images at model.img_size; audio crops of data.max_sample_size samples (the longest crop a
 batch can have: shorter batches cost less, engine.flops scales by the batch's length); text blocks

@@ -8,9 +8,10 @@ to the first path that supports the arguments (`attention_backend` says which on
                 fp16/bf16/fp32, D == Dv <= 128, any mask / bias / dropout;
   "flash_attn"  the flash-attn package when installed: CUDA fp16/bf16, no bias, no padding;
   "sdpa"        torch's scaled_dot_product_attention (everything else, e.g. float64, CPU).
-D2V_ATTENTION=triton|flash_attn|sdpa moves that path to the front (it still needs to support
-the arguments). A query row whose every key is excluded (a fully padded sample, or a bias row of
--inf) attends to nothing: its output is 0, and neither its output nor its gradients are NaN.
+Meta and fake tensors (the plan's FLOP and memory counts) take the d2v op pair of kernels.ops
+instead. D2V_ATTENTION=triton|flash_attn|sdpa moves that path to the front (it still needs to
+support the arguments). A query row whose every key is excluded (a fully padded sample, or a bias
+row of -inf) attends to nothing: its output is 0, and neither its output nor its gradients are NaN.
 
 Algorithm (FlashAttention-2 style, written for data2vec's shapes: no causal mask, T ~ 50-1000,
 D = 64, large B*H):

@@ -11,6 +11,10 @@ that gives the output shapes, and calls our dispatcher at run time.
   token_mask       d2v::token_mask        no gradient
   attention        d2v::attention_forward + d2v::attention_backward, tied by register_autograd
 
+FLOPs: torch.utils.flop_counter.FlopCounterMode sees the attention pair as two opaque nodes;
+the formulas registered below count them as FlashAttention does (engine.flops counts the plan's
+step with them).
+
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
 attn_bias, scale) -> (out, lse B x H x Tq fp32, fp64 for fp64 inputs), backward(grad_out, q, k, v, out, lse, ...) ->
 (dq, dk, dv, dbias). The op carries the name of the implementation: "triton" (our flash kernels;

@@ -1,4 +1,4 @@
-"""The plan's peak memory per rank (engine.memory_plan), train.micro_batch=auto and the budget check."""
+"""The plan's peak memory per rank (engine.memory_plan), train.micro_batch=auto, the budget."""
 import json
 from pathlib import Path
 

@@ -212,11 +212,11 @@ def candidates(share: int) -> list[int]:
 
 
 def largest_fitting(mm: MemoryModel, share: int, limit: float,
-                    known: Optional[dict] = None) -> tuple[Optional[dict], list[dict]]:
-    """Binary search over candidates(share): (the largest one's estimate that fits under `limit`
-    bytes or None, every estimate made). Peak memory grows with the micro-batch."""
-    known = dict(known or {})
-    tried = []
+                    below: Optional[int] = None) -> tuple[Optional[dict], list[dict]]:
+    """Binary search over candidates(share) (those under `below` only): (the largest one's
+    estimate that fits under `limit` bytes or None, every estimate made). Peak memory grows
+    with the micro-batch."""
+    known, tried = {}, []
 
     def at(b: int) -> dict:
         if b not in known:
@@ -224,7 +224,7 @@ def largest_fitting(mm: MemoryModel, share: int, limit: float,
             tried.append(known[b])
         return known[b]
 
-    options = candidates(share)
+    options = [c for c in candidates(share) if below is None or c < below]
     lo, hi, best = 0, len(options) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -285,7 +285,7 @@ def plan_memory(cfg: Config, share: int, world_size: int, device_type: str,
         micro = t.micro_batch or share
         result = mm.measure(micro, share // micro)
         if limit is not None and result["peak"] > limit:
-            best, _ = largest_fitting(mm, share, limit, {micro: result})
+            best, _ = largest_fitting(mm, share, limit, below=micro)
             raise ConfigError(_too_big(result, best, budget) if best else
                               _nothing_fits(cfg, result, budget))
     result.update(precision=mm.precision, sharding=_sharding(cfg, world_size),

@@ -21,6 +21,7 @@ outside torch.cuda.max_memory_allocated too), the allocator's fragmentation; tra
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import weakref
@@ -143,7 +144,10 @@ class MemoryModel:
         return MemoryModel(shadow, optimizer, plan_precision(cfg, device_type), world_size, fsdp)
 
     def measure(self, micro_batch: int, accumulation: int) -> dict:
-        """Peak bytes per rank of a step at this micro-batch, with its parts at the peak."""
+        """Peak bytes per rank of a step at this micro-batch, with its parts at the peak:
+        params (the student's, buffers included), grads, optimizer (state), teacher, and
+        activations (everything else alive then: the micro-batch, saved activations,
+        temporaries)."""
         sh, cfg = self.shadow, self.shadow.cfg
         model, teacher = sh.model, sh.teacher
         params = [p for p in model.parameters() if p.requires_grad]
@@ -153,7 +157,7 @@ class MemoryModel:
                 for p in params:
                     p.grad = torch.zeros_like(p)
             state = [t for s in self.optimizer.state.values() for t in s.values()
-                     if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+                     if isinstance(t, torch.Tensor)]
             grads = [p.grad for p in params if p.grad is not None]
             parts = {"params": list(model.parameters()) + list(model.buffers()),
                      "teacher": list(teacher.parameters()) + list(teacher.buffers()),
@@ -189,7 +193,6 @@ class MemoryModel:
         return out
 
     def _autocast(self):
-        import contextlib
         if self.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=torch.bfloat16)

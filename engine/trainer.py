@@ -36,8 +36,8 @@ from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
-from engine.flops import device_peak
 from engine.errors import CheckpointError, ConfigError
+from engine.flops import device_peak
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
 from engine.init_from import init_encoder
 from engine.metrics import MetricsLog, Progress, throughput, warn_data_wait

@@ -15,7 +15,7 @@ from engine.flops import (
 from engine.metrics import _scalars
 from engine.models import build_model
 from engine.seeding import STREAM_MASK, sample_seeds
-from engine.shadow import build_shadow, make_batch, random_text
+from engine.shadow import build_shadow, random_text
 from engine.trainer import train
 from kernels import ops
 

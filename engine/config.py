@@ -167,7 +167,12 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000
     global_batch: int = 8
-    micro_batch: int = 0  # per rank and forward; 0: global_batch / world_size
+    # per rank and forward; 0: global_batch / world_size; auto: the largest that fits the memory
+    # budget (engine.memory_plan), a multiple of 8 (or below 8) dividing the per-rank share
+    micro_batch: int | Literal["auto"] = 0
+    device_memory_gb: Optional[float] = None  # memory budget per rank (GB); None: the GPU's, if any
+    memory_fraction: float = 0.9  # of device_memory_gb the plan's estimated peak may use
+    peak_tflops: Optional[float] = None  # the device's dense bf16 peak for MFU; None: engine.flops
     checkpoint_every: int = 0  # 0: only at the end
     stop_at: int = 0  # checkpoint and exit at this step, as a preemption would
     resume: bool = False
@@ -352,7 +357,12 @@ def validate(cfg: Config) -> None:
     need(1 <= o.top_k <= m.depth, "objective.top_k", f"must be in 1..model.depth={m.depth}")
     need(t.max_steps >= 1, "train.max_steps", "must be >= 1")
     need(t.global_batch >= 1, "train.global_batch", "must be >= 1")
-    need(t.micro_batch >= 0, "train.micro_batch", "must be >= 0")
+    need(t.micro_batch == "auto" or t.micro_batch >= 0, "train.micro_batch",
+         "must be >= 0 or auto")
+    need(t.device_memory_gb is None or t.device_memory_gb > 0, "train.device_memory_gb",
+         "must be > 0 (GB per rank) or null")
+    need(0.0 < t.memory_fraction <= 1.0, "train.memory_fraction", "must be in (0, 1]")
+    need(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 or null")
     need(t.stop_at >= 0, "train.stop_at", "must be >= 0")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")

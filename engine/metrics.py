@@ -92,6 +92,18 @@ class MetricsLog:
             self._wandb = None
 
 
+def throughput(flops: float, tokens: float, seconds: float, world_size: int,
+               peak_tflops: float | None) -> dict:
+    """A log row's compute rates from the FLOPs and tokens of all ranks over `seconds` of wall
+    time: tflops_per_gpu, mfu (against the dense bf16 peak; None when it is unknown, e.g. CPU)
+    and tokens_per_s (the tokens the teacher encodes, all ranks: patches + CLS, audio frames,
+    text tokens, padding included)."""
+    tflops = flops / world_size / seconds / 1e12
+    return {"tflops_per_gpu": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None,
+            "tokens_per_s": tokens / seconds}
+
+
 DATA_WAIT_WARN = 0.2  # fraction of a step spent waiting for the loader that earns a warning
 DATA_WAIT_WARN_EVERY_S = 300.0
 

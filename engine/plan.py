@@ -2,10 +2,14 @@
 
 make_plan(cfg, dist) returns what the run will do: the rank layout torchrun gave, the global batch
 cut into ranks x accumulation x micro-batch, the learning rate after scaling, the data left after
-the size filters, steps per epoch and the checkpoints. It raises ConfigError, naming the numbers,
-when a configured train.world_size disagrees with torchrun's, when the global batch does not divide
-into micro-batches over the ranks, or when the size filters leave less than one global batch. The
-trainer prints it, stores it as run.dir/plan.json, and stops there under train.dry_run=true.
+the size filters, steps per epoch and the checkpoints; the FLOPs of a step (engine.flops) and, for
+a dry run or when there is a memory budget, the peak memory per rank (engine.memory_plan), which
+also picks train.micro_batch=auto. It raises ConfigError, naming the numbers, when a configured
+train.world_size disagrees with torchrun's, when the global batch does not divide into
+micro-batches over the ranks, when the size filters leave less than one global batch, or when the
+estimated peak exceeds train.memory_fraction of the budget. The trainer prints it, stores it as
+run.dir/plan.json, and stops there under train.dry_run=true. A dry run whose data.path does not
+exist (planning on another machine than the data's) plans everything but the data.
 """
 from __future__ import annotations
 
@@ -13,12 +17,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from engine.config import Config
 from engine.data import build_dataset
 from engine.data.loader import BatchPlan
 from engine.distributed import DistInfo
 from engine.errors import ConfigError
+from engine.flops import FlopModel, count_flops, describe_flops, step_info
+from engine.memory_plan import GB, describe_memory, plan_memory
 from engine.schedule import scaled_lr
 
 
@@ -28,6 +37,7 @@ class RunPlan:
     lr: float
     dataset: object
     info: dict  # what plan.json holds
+    flops: FlopModel  # a micro-batch's FLOPs from its shape (the trainer's MFU)
 
 
 def check_world_size(cfg: Config, dist: DistInfo) -> None:
@@ -86,23 +96,69 @@ def checkpoint_count(max_steps: int, every: int) -> int:
     return max_steps // every + (1 if max_steps % every else 0)
 
 
+def memory_budget(cfg: Config, device: torch.device) -> Optional[dict]:
+    """The memory a rank may use: train.device_memory_gb, else the visible GPU's; None on CPU."""
+    t = cfg.train
+    if t.device_memory_gb is not None:
+        device_gb, source = t.device_memory_gb, "train.device_memory_gb"
+    elif device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        device_gb, source = props.total_memory / GB, props.name
+    else:
+        return None
+    return {"device_gb": device_gb, "fraction": t.memory_fraction,
+            "limit_gb": t.memory_fraction * device_gb, "source": source}
+
+
+def planned_device(cfg: Config, dist: DistInfo) -> str:
+    """The device type the compute is planned for: the run's; a dry run of a run that may use a
+    GPU (train.device auto or cuda) plans for the GPU even from a machine without one."""
+    if cfg.train.dry_run and cfg.train.device != "cpu":
+        return "cuda"
+    return dist.device.type
+
+
+def _share(cfg: Config, dist: DistInfo) -> int:
+    """Samples per rank and step: the global batch over the ranks."""
+    t = cfg.train
+    if t.global_batch % dist.world_size:
+        raise ConfigError(f"config key 'train.global_batch': {t.global_batch} is not divisible "
+                          f"by the world size ({dist.world_size})")
+    return t.global_batch // dist.world_size
+
+
 def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
-    """Checks the run's arithmetic and data before training; builds the training dataset."""
+    """Checks the run's arithmetic, data, compute and memory before training; builds the
+    training dataset (None in a dry run without the data)."""
     t = cfg.train
     check_world_size(cfg, dist)
-    batch = BatchPlan.make(t.global_batch, t.micro_batch, dist.world_size)
-    if cfg.modality == "audio":
-        _check_audio_filters(cfg)
-    dataset = build_dataset(cfg.data, cfg.modality, "train")
-    data = data_summary(cfg, dataset)
-    if data["samples"] < batch.global_batch:
-        raise ConfigError(
-            f"config key 'train.global_batch': {batch.global_batch} is more than the "
-            f"{data['samples']} samples left after the size filters; lower it or add data")
-    steps_per_epoch = data["samples"] // batch.global_batch
+    if t.micro_batch != "auto":
+        BatchPlan.make(t.global_batch, t.micro_batch, dist.world_size)  # the arithmetic first
+    dataset, data = None, {"path": cfg.data.path, "found": False}
+    no_data = t.dry_run and not (cfg.data.path and Path(cfg.data.path).expanduser().exists())
+    if not no_data:
+        if cfg.modality == "audio":
+            _check_audio_filters(cfg)
+        dataset = build_dataset(cfg.data, cfg.modality, "train")
+        data = data_summary(cfg, dataset)
+        if data["samples"] < t.global_batch:
+            raise ConfigError(
+                f"config key 'train.global_batch': {t.global_batch} is more than the "
+                f"{data['samples']} samples left after the size filters; lower it or add data")
+    special_ids = getattr(dataset, "special_ids", None)
+    flops, flop_model = count_flops(cfg, special_ids)
+    budget = memory_budget(cfg, dist.device)
+    memory = None
+    if t.dry_run or budget is not None or t.micro_batch == "auto":
+        memory = plan_memory(cfg, _share(cfg, dist), dist.world_size, planned_device(cfg, dist),
+                             budget, special_ids)
+    micro = memory["micro_batch"] if t.micro_batch == "auto" else t.micro_batch
+    batch = BatchPlan.make(t.global_batch, micro, dist.world_size)
+    steps_per_epoch = data["samples"] // batch.global_batch if "samples" in data else None
     lr = scaled_lr(cfg.optim, batch.global_batch)
     info = {
         "modality": cfg.modality,
+        "mode": cfg.objective.mode,
         "world_size": dist.world_size,
         "ranks_per_node": dist.local_world_size,
         "nodes": max(1, dist.world_size // max(1, dist.local_world_size)),
@@ -117,17 +173,51 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
         "data": data,
         "max_steps": t.max_steps,
         "steps_per_epoch": steps_per_epoch,
-        "epochs": t.max_steps / steps_per_epoch,
+        "epochs": t.max_steps / steps_per_epoch if steps_per_epoch else None,
         "checkpoint_every": t.checkpoint_every,
         "checkpoints": checkpoint_count(t.max_steps, t.checkpoint_every),
         "checkpoints_kept": min(t.keep_last, checkpoint_count(t.max_steps, t.checkpoint_every)),
         "cpu": dict(dist.cpu) if getattr(dist, "cpu", None) else {},
+        "flops": step_info(flops, batch.global_batch, dist.world_size),
+        "memory": memory,
+        "memory_budget": budget,
     }
-    return RunPlan(batch, lr, dataset, info)
+    return RunPlan(batch, lr, dataset, info, flop_model)
 
 
 def describe_plan(info: dict) -> str:
     """The plan as a few human lines."""
+    d = info["data"]
+    if not d.get("found", True):
+        data_line = f"  data: {d['path'] or '(data.path empty)'} not found: data not planned " \
+                    f"(a dry run only; a real run stops here)"
+        epochs = ""
+    else:
+        data_line, epochs = _data_lines(info)
+    every = f"every {info['checkpoint_every']} steps and at the end" \
+        if info["checkpoints"] > 1 else "at the end"
+    scaling = "" if info["lr_scaling"] == "none" or info["lr_reference_batch"] <= 0 else \
+        f" = optim.lr {info['lr_config']:.3g} at batch {info['lr_reference_batch']}, " \
+        f"{info['lr_scaling']} scaling"
+    lines = [
+        f"plan: world size {info['world_size']} = {info['nodes']} node(s) x "
+        f"{info['ranks_per_node']} rank(s) per node ({info['device']})",
+        f"  global batch {info['global_batch']} = {info['world_size']} rank(s) x "
+        f"{info['accumulation']} accumulation step(s) x {info['micro_batch']} micro-batch",
+        f"  learning rate {info['lr']:.4g}{scaling}",
+        data_line,
+        f"  {info['max_steps']} steps{epochs}; {info['checkpoints']} checkpoint(s) {every}, "
+        f"{info['checkpoints_kept']} kept",
+    ]
+    lines += describe_flops(info["flops"], info["modality"], info.get("mode", "v1"))
+    if info["memory"] is not None:
+        lines += describe_memory(info["memory"], info["memory_budget"])
+    else:
+        lines.append("  memory: not estimated (no budget on this device; a dry run estimates it)")
+    return "\n".join(lines)
+
+
+def _data_lines(info: dict) -> tuple[str, str]:
     d = info["data"]
     amount = ""
     if "seconds" in d:
@@ -135,22 +225,8 @@ def describe_plan(info: dict) -> str:
                  f"data.min_sample_size={d['min_sample_size']} dropped)"
     elif "tokens" in d:
         amount = f" ({d['tokens']} tokens)"
-    scaling = "" if info["lr_scaling"] == "none" or info["lr_reference_batch"] <= 0 else \
-        f" = optim.lr {info['lr_config']:.3g} at batch {info['lr_reference_batch']}, " \
-        f"{info['lr_scaling']} scaling"
-    every = f"every {info['checkpoint_every']} steps and at the end" \
-        if info["checkpoints"] > 1 else "at the end"
-    return "\n".join([
-        f"plan: world size {info['world_size']} = {info['nodes']} node(s) x "
-        f"{info['ranks_per_node']} rank(s) per node ({info['device']})",
-        f"  global batch {info['global_batch']} = {info['world_size']} rank(s) x "
-        f"{info['accumulation']} accumulation step(s) x {info['micro_batch']} micro-batch",
-        f"  learning rate {info['lr']:.4g}{scaling}",
-        f"  data: {d['samples']} samples after the size filters{amount}",
-        f"  {info['max_steps']} steps, {info['steps_per_epoch']} per epoch "
-        f"({info['epochs']:.2f} epochs); {info['checkpoints']} checkpoint(s) {every}, "
-        f"{info['checkpoints_kept']} kept",
-    ])
+    return (f"  data: {d['samples']} samples after the size filters{amount}",
+            f", {info['steps_per_epoch']} per epoch ({info['epochs']:.2f} epochs)")
 
 
 def write_plan(run_dir: Path, info: dict) -> Path:

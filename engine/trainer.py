@@ -37,9 +37,10 @@ from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at
 from engine.errors import CheckpointError, ConfigError
+from engine.flops import device_peak
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
 from engine.init_from import init_encoder
-from engine.metrics import MetricsLog, Progress, warn_data_wait
+from engine.metrics import MetricsLog, Progress, throughput, warn_data_wait
 from engine.models import build_model
 from engine.plan import describe_plan, make_plan, write_plan
 from engine.preemption import (
@@ -202,6 +203,11 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         print(f"d2v-engine: optimizer {describe_optimizer(optimizer)}; "
               + (f"compiled ({cfg.train.compile_mode}, {len(buckets)} length buckets)"
                  if cfg.train.compile else "eager"), file=sys.stderr)
+    peak_name, peak_tflops = device_peak(cfg, device)  # MFU's denominator (engine.flops)
+    if dist.is_main:
+        print(f"d2v-engine: MFU against {peak_name}"
+              + (f" {peak_tflops:.0f} TFLOP/s" if peak_tflops else ": mfu is null"),
+              file=sys.stderr)
 
     ddp = wrap_ddp(model, cfg, dist, plan.accumulation)  # DDP on several ranks (ddp mode)
     pad_value = getattr(dataset, "special_ids", {}).get("pad", 0)
@@ -222,6 +228,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     bad_files, first_bad = bad_state.get("count", 0), list(bad_state.get("first", []))
     stand_in = None  # this rank's last good micro-batch (see the skipped-files case below)
     last_log_time, last_log_step = time.time(), start_step
+    flops_since_log = tokens_since_log = 0.0  # all ranks, from each micro-batch's shape
     cycle_start, data_wait, last_wait_warning = time.perf_counter(), 0.0, -1e9
 
     model.train()
@@ -231,7 +238,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         masked = torch.zeros((), device=device)
-        step_bad = 0
+        step_bad, step_flops, step_tokens = 0, 0.0, 0
         for micro in range(plan.accumulation):
             wait_start = time.perf_counter()
             batch = next(batches)
@@ -254,6 +261,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 stand_in = batch
             seeds = _host_to_device(sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK),
                                     device)
+            micro_flops, micro_tokens = run_plan.flops.batch_flops(batch["source"].shape)
+            step_flops, step_tokens = step_flops + micro_flops, step_tokens + micro_tokens
             batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
             # dropout does not depend on the world size either.
@@ -271,12 +280,13 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             loss_sum += micro_loss.detach().float()
             masked += out.masked * weight
 
-        # Fraction of this step's cycle (since the last one) spent waiting for the loader, and the
-        # files skipped: summed over ranks in the same all-reduce as the loss (one small pinned
-        # copy to the device, no extra synchronization).
+        # Fraction of this step's cycle (since the last one) spent waiting for the loader, the
+        # files skipped, the FLOPs and tokens: summed over ranks in the same all-reduce as the
+        # loss (one small pinned copy to the device, no extra synchronization).
         now = time.perf_counter()
         host_values = _host_to_device(
-            torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(step_bad)]), device)
+            torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(step_bad),
+                          step_flops, float(step_tokens)]), device)
         cycle_start, data_wait = now, 0.0
         totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, masked, signals.vote(device)]),
                                            host_values]))
@@ -286,8 +296,10 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # The step's one host read (engine.guards): skip decision, stop votes, logged numbers.
-        loss_total, masked_total, stop_votes, wait_total, bad_total, grad_norm = \
-            torch.cat([totals, full_tensor(grad_norm).float().reshape(1)]).tolist()
+        loss_total, masked_total, stop_votes, wait_total, bad_total, flops_total, tokens_total, \
+            grad_norm = torch.cat([totals, full_tensor(grad_norm).float().reshape(1)]).tolist()
+        flops_since_log, tokens_since_log = flops_since_log + flops_total, \
+            tokens_since_log + tokens_total
         bad_files += int(bad_total)
         lr = optimizer.param_groups[0]["lr"]
         done = step + 1
@@ -309,9 +321,12 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             target_var, pred_var = (all_reduce_sum(torch.stack(
                 [channel_std(out.target), channel_std(out.pred)])) / dist.world_size).tolist()
             now = time.time()
+            elapsed = max(now - last_log_time, 1e-9)
             row = {
                 "step": done, "loss": loss, "lr": lr, "ema_decay": decay,
-                "samples_per_s": plan.global_batch * (done - last_log_step) / max(now - last_log_time, 1e-9),
+                "samples_per_s": plan.global_batch * (done - last_log_step) / elapsed,
+                **throughput(flops_since_log, tokens_since_log, elapsed, dist.world_size,
+                             peak_tflops),
                 "grad_norm": grad_norm,
                 "target_var": target_var,
                 "pred_var": pred_var,
@@ -324,6 +339,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             }
             last_wait_warning = warn_data_wait(row, last_wait_warning, dist.is_main)
             last_log_time, last_log_step = now, done
+            flops_since_log = tokens_since_log = 0.0
             losses.append(loss)
             log.write(row)
             progress.update(done, row)

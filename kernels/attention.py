@@ -8,9 +8,10 @@ to the first path that supports the arguments (`attention_backend` says which on
                 fp16/bf16/fp32, D == Dv <= 128, any mask / bias / dropout;
   "flash_attn"  the flash-attn package when installed: CUDA fp16/bf16, no bias, no padding;
   "sdpa"        torch's scaled_dot_product_attention (everything else, e.g. float64, CPU).
-D2V_ATTENTION=triton|flash_attn|sdpa moves that path to the front (it still needs to support
-the arguments). A query row whose every key is excluded (a fully padded sample, or a bias row of
--inf) attends to nothing: its output is 0, and neither its output nor its gradients are NaN.
+Meta and fake tensors (the plan's FLOP and memory counts) take the d2v op pair of kernels.ops
+instead. D2V_ATTENTION=triton|flash_attn|sdpa moves that path to the front (it still needs to
+support the arguments). A query row whose every key is excluded (a fully padded sample, or a bias
+row of -inf) attends to nothing: its output is 0, and neither its output nor its gradients are NaN.
 
 Algorithm (FlashAttention-2 style, written for data2vec's shapes: no causal mask, T ~ 50-1000,
 D = 64, large B*H):
@@ -125,6 +126,13 @@ def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropou
     """q, k, v B x H x T x D (fp16/bf16/fp32), B x Tk bool (True = ignore), bias H x Tq x Tk or
     B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype; dispatched as attention_backend says."""
     _check(q, k, v, key_padding_mask, attn_bias)
+    if _shape_only(q):
+        # Meta or fake tensors: the plan counting FLOPs and memory (engine.flops). The d2v op
+        # pair stands in for the flash kernels: one node each way, counted by FlashAttention's
+        # convention (kernels.ops), saving what the kernels save (out and lse, no T x T scores).
+        from kernels import ops
+        return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
+                             impl="triton")
     backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
@@ -165,6 +173,13 @@ def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
         if name == "sdpa":
             return name
     return "sdpa"
+
+
+def _shape_only(q: torch.Tensor) -> bool:
+    """Tensors with shapes and no data (meta device, or FakeTensorMode's)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return q.device.type == "meta" or is_fake(q)
 
 
 def _triton_runs_on(device: torch.device) -> bool:

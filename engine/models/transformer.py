@@ -106,7 +106,8 @@ class BlockStack(nn.Module):
 
     def __init__(self, cfg, pre_ln: bool, k_bias: bool = True):
         super().__init__()
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        # On the CPU explicitly: the plan builds models on the meta device (engine.flops).
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.layerdrop = cfg.layerdrop
         # Recompute each block's activations in backward (memory for compute); only the student's
         # backward pays it, the teacher runs under no_grad.

@@ -247,10 +247,10 @@ def describe_flops(info: dict, modality: str, mode: str) -> list[str]:
     at = {"image": "", "audio": f" at {info['length']} samples (the longest crop; shorter "
           f"batches cost less)", "text": f" at {info['length']} tokens"}[modality]
     tok = info["tokens_per_sample"]
-    g = {k: f"{v / 1e9:.1f}" for k, v in s.items()}
+    g = {k: fmt_flops(v) for k, v in s.items()}
     return [
-        f"  FLOPs per {unit}{at}: {fmt_flops(s['total'])} = teacher fwd {g['teacher']} G + "
-        f"student fwd+bwd {g['student']} G + {other} fwd+bwd {g[other]} G",
+        f"  FLOPs per {unit}{at}: {g['total']} = teacher fwd {g['teacher']} + "
+        f"student fwd+bwd {g['student']} + {other} fwd+bwd {g[other]}",
         f"  FLOPs per step: {fmt_flops(st['total'])} ({fmt_flops(info['per_rank_step'])} per "
         f"rank); tokens encoded per {unit}: teacher {tok['teacher']}, student {tok['student']}",
     ]

@@ -101,11 +101,12 @@ class ObjectiveConfig:
     loss_scale: Optional[float] = None  # None: 1/sqrt(C)
     ema_decay: float = 0.999
     ema_end_decay: float = 0.9999
-    ema_anneal_end_step: int = 30000
+    ema_anneal_end_step: int = 30000  # at optim.schedule_reference_steps (engine.schedule)
     ema_scope: Literal["transformer", "all"] = "transformer"  # what the teacher averages
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
-    collapse_check_after: int = 5000  # the variance guard applies after this many updates (fairseq)
+    # The variance guard applies after this many updates (fairseq), at optim.schedule_reference_steps.
+    collapse_check_after: int = 5000
     # data2vec 2.0 only (mode v2): M masks per sample share one teacher pass; a conv decoder
     # (engine/models/decoder.py) predicts the targets from the visible tokens' encodings.
     clone_batch: int = 1
@@ -153,7 +154,12 @@ class OptimConfig:
     weight_decay: float = 0.01
     clip_norm: float = 0.0  # 0 disables clipping
     schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # at schedule_reference_steps (engine.schedule)
+    # The run length at which warmup_steps, objective.ema_anneal_end_step and
+    # objective.collapse_check_after are stated (the paper's max_steps; 0: train.max_steps).
+    # proportional: they scale with train.max_steps / schedule_reference_steps; absolute: as stated.
+    schedule_reference_steps: int = 0
+    schedule_scaling: Literal["proportional", "absolute"] = "proportional"
     tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
     final_lr_scale: float = 0.0  # cosine floor / tri-stage end, as a fraction of lr
     impl: Literal["auto", "apex", "fused", "foreach"] = "auto"  # engine.optim: which AdamW
@@ -359,6 +365,10 @@ def validate(cfg: Config) -> None:
     need(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.debug_nan_steps),
          "train.debug_nan_steps", "must be a list of steps >= 1")
     need(o.collapse_check_after >= 0, "objective.collapse_check_after", "must be >= 0")
+    need(o.ema_anneal_end_step >= 0, "objective.ema_anneal_end_step", "must be >= 0")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(cfg.optim.schedule_reference_steps >= 0, "optim.schedule_reference_steps",
+         "must be >= 0 (0: train.max_steps, no scaling)")
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
     need(not (t.resume and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")

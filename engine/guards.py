@@ -14,7 +14,8 @@ step's only host synchronization. Its cost on a GPU is the launch latency of the
 kernels while the device waits (well under a millisecond against steps of 100 ms and more); it
 also gives every rank the same skip and stop decisions without another collective.
 
-Collapse (fairseq data2vec): after `objective.collapse_check_after` updates, a logged step whose
+Collapse (fairseq data2vec): after `objective.collapse_check_after` updates (scaled with the run's
+length as every schedule, engine.schedule), a logged step whose
 target_var is under `objective.min_target_var` or pred_var under `objective.min_pred_var` stops
 the run with a message naming both values; checked on the logged steps (`train.log_every`), with
 the variances averaged over ranks.
@@ -33,6 +34,7 @@ from engine.config import Config
 from engine.distributed import all_reduce_sum
 from engine.errors import CheckpointError, TrainingError
 from engine.metrics import MetricsLog
+from engine.schedule import run_steps
 
 
 def inject_nan(loss: torch.Tensor, done: int, nan_steps: list) -> torch.Tensor:
@@ -106,7 +108,8 @@ class UpdateGuard:
     def check_collapse(self, step: int, target_var: float, pred_var: float) -> None:
         """Raises once `step` (updates done before it) is past the warm-up and a variance is low."""
         o = self.cfg.objective
-        if step <= o.collapse_check_after:
+        after = run_steps(o.collapse_check_after, self.cfg.optim, self.cfg.train.max_steps)
+        if step <= after:
             return
         low = []
         if target_var < o.min_target_var:
@@ -119,7 +122,9 @@ class UpdateGuard:
             raise TrainingError(
                 f"representation collapse at step {step + 1}: {'; '.join(low)} (target_var "
                 f"{target_var:.4g}, pred_var {pred_var:.4g}; checked after "
-                f"objective.collapse_check_after={o.collapse_check_after} updates)"
+                f"objective.collapse_check_after={o.collapse_check_after} at "
+                f"{self.cfg.optim.schedule_reference_steps or self.cfg.train.max_steps} steps: "
+                f"{after} updates of this run)"
             )
 
 

@@ -19,7 +19,7 @@ from engine.data import build_dataset
 from engine.data.loader import BatchPlan
 from engine.distributed import DistInfo
 from engine.errors import ConfigError
-from engine.schedule import scaled_lr
+from engine.schedule import schedule_steps, scaled_lr
 
 
 @dataclass
@@ -86,6 +86,15 @@ def checkpoint_count(max_steps: int, every: int) -> int:
     return max_steps // every + (1 if max_steps % every else 0)
 
 
+def checkpoints_kept(max_steps: int, every: int, keep_last: int, keep_every: int) -> int:
+    """Checkpoints left at the end of a full run: the newest keep_last, and every one whose step
+    is a multiple of keep_every (engine.checkpoint's retention)."""
+    steps = list(range(every, max_steps, every)) if every > 0 else []
+    steps.append(max_steps)
+    return sum(1 for i, s in enumerate(steps)
+               if i >= len(steps) - keep_last or (keep_every and s % keep_every == 0))
+
+
 def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
     """Checks the run's arithmetic and data before training; builds the training dataset."""
     t = cfg.train
@@ -120,7 +129,9 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
         "epochs": t.max_steps / steps_per_epoch,
         "checkpoint_every": t.checkpoint_every,
         "checkpoints": checkpoint_count(t.max_steps, t.checkpoint_every),
-        "checkpoints_kept": min(t.keep_last, checkpoint_count(t.max_steps, t.checkpoint_every)),
+        "checkpoints_kept": checkpoints_kept(t.max_steps, t.checkpoint_every, t.keep_last,
+                                             t.keep_every),
+        "schedule": schedule_steps(cfg),
         "cpu": dict(dist.cpu) if getattr(dist, "cpu", None) else {},
     }
     return RunPlan(batch, lr, dataset, info)
@@ -150,7 +161,37 @@ def describe_plan(info: dict) -> str:
         f"  {info['max_steps']} steps, {info['steps_per_epoch']} per epoch "
         f"({info['epochs']:.2f} epochs); {info['checkpoints']} checkpoint(s) {every}, "
         f"{info['checkpoints_kept']} kept",
+        *_schedule_lines(info),
     ])
+
+
+def _schedule_lines(info: dict) -> list[str]:
+    """The schedules in steps after scaling to this run's length, and what they miss."""
+    s, max_steps = info["schedule"], info["max_steps"]
+    if s["reference_steps"] == max_steps:
+        how = "as stated: optim.schedule_reference_steps = train.max_steps"
+    elif s["scaling"] == "absolute":
+        how = f"as stated at {s['reference_steps']} steps: optim.schedule_scaling=absolute"
+    else:
+        how = (f"stated at {s['reference_steps']} steps, x{max_steps / s['reference_steps']:.4g} "
+               f"for this run: optim.schedule_scaling=proportional")
+    phases = f"warmup {s['warmup_steps']}"
+    if s["lr_schedule"] == "tri_stage":
+        phases += f", hold {s['hold_steps']}"
+    phases += f", decay {s['decay_steps']}" if s["lr_schedule"] != "constant" else ", then constant"
+    lines = [
+        f"  schedules ({how}):",
+        f"    lr {s['lr_schedule']}: {phases} steps; EMA decay {s['ema_decay']:g} -> "
+        f"{s['ema_end_decay']:g} by step {s['ema_anneal_end_step']}; collapse check after step "
+        f"{s['collapse_check_after']}",
+    ]
+    if s["warmup_steps"] >= max_steps:
+        lines.append(f"  warning: the lr warmup ({s['warmup_steps']} steps) does not end within "
+                     f"the run's {max_steps} steps: the run never reaches its peak lr")
+    if s["ema_anneal_end_step"] > max_steps and s["ema_decay"] != s["ema_end_decay"]:
+        lines.append(f"  warning: the EMA anneal ends at step {s['ema_anneal_end_step']}, after the "
+                     f"run's {max_steps} steps: the teacher never reaches its end decay")
+    return lines
 
 
 def write_plan(run_dir: Path, info: dict) -> Path:

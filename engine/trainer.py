@@ -285,7 +285,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             optimizer.step()
         scheduler.step()
         decay = ema_decay_at(step, cfg.objective.ema_decay, cfg.objective.ema_end_decay,
-                             cfg.objective.ema_anneal_end_step)
+                             run_plan.info["schedule"]["ema_anneal_end_step"])
         if apply:
             teacher.update(model.encoder, decay)
         compile_s = first_step.stop()

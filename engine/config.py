@@ -140,6 +140,10 @@ class DataConfig:
     normalize: bool = True  # zero mean, unit variance per utterance
     resample: bool = False  # other rates are resampled to sample_rate; False: they are bad files
     pad_audio: bool = False  # False: crop a batch to its shortest sample (the reference)
+    # Audio clips cropped to one length per group of this many consecutive positions of the
+    # global batch (the paper's per-GPU batch; 0: the whole global batch), whatever the world
+    # size and micro-batch: engine.data.audio.
+    crop_group: int = 0
     # text
     max_tokens: int = 512  # tokens per sample, <s> and </s> included
 
@@ -387,6 +391,7 @@ def validate(cfg: Config) -> None:
     need(len(cfg.optim.tri_stage) == 3 and abs(sum(cfg.optim.tri_stage) - 1) < 1e-6,
          "optim.tri_stage", "must be 3 fractions [warmup, hold, decay] summing to 1")
     need(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
+    need(cfg.data.crop_group >= 0, "data.crop_group", "must be >= 0 (0: the whole global batch)")
     if cfg.modality == "image":
         need(m.img_size % m.patch_size == 0, "model.patch_size",
              f"must divide model.img_size={m.img_size}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.config import Config
 from engine.data import build_dataset
+from engine.data.audio import crop_group_size
 from engine.data.loader import BatchPlan
 from engine.distributed import DistInfo
 from engine.errors import ConfigError
@@ -61,6 +62,27 @@ def _check_audio_filters(cfg: Config) -> None:
             f"{manifest} (longest {max(sizes)} samples = {max(sizes) / rate:.2f} s)")
 
 
+def check_crop_group(cfg: Config, batch: BatchPlan) -> int:
+    """Positions per audio crop group (engine.data.audio; 0: padded batches); ConfigError when
+    the groups do not tile the global batch or a micro-batch would straddle two of them."""
+    group = crop_group_size(cfg.data, batch.global_batch)
+    if group and batch.global_batch % group:
+        raise ConfigError(
+            f"config key 'data.crop_group': {group} does not divide train.global_batch="
+            f"{batch.global_batch} (the global batch is cut into crop groups)")
+    if group and group % batch.micro_batch:
+        raise ConfigError(
+            f"config key 'data.crop_group': {group} clips share one crop length, so a "
+            f"micro-batch must hold part of one group: train.micro_batch={batch.micro_batch} must "
+            f"divide {group} (e.g. train.micro_batch={_largest_divisor(group, batch.micro_batch)}); "
+            f"a larger data.crop_group changes the recipe")
+    return group
+
+
+def _largest_divisor(n: int, below: int) -> int:
+    return max(d for d in range(1, min(n, below) + 1) if n % d == 0)
+
+
 def data_summary(cfg: Config, dataset) -> dict:
     """Samples left after the size filters, with seconds (audio) or tokens (text)."""
     out = {"samples": len(dataset)}
@@ -100,7 +122,9 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
     t = cfg.train
     check_world_size(cfg, dist)
     batch = BatchPlan.make(t.global_batch, t.micro_batch, dist.world_size)
+    crop_group = 0
     if cfg.modality == "audio":
+        crop_group = check_crop_group(cfg, batch)
         _check_audio_filters(cfg)
     dataset = build_dataset(cfg.data, cfg.modality, "train")
     data = data_summary(cfg, dataset)
@@ -119,6 +143,7 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
         "global_batch": batch.global_batch,
         "micro_batch": batch.micro_batch,
         "accumulation": batch.accumulation,
+        **({"crop_group": crop_group} if cfg.modality == "audio" else {}),
         "lr": lr,
         "lr_config": cfg.optim.lr,
         "lr_reference_batch": cfg.optim.lr_reference_batch,
@@ -156,6 +181,9 @@ def describe_plan(info: dict) -> str:
         f"{info['ranks_per_node']} rank(s) per node ({info['device']})",
         f"  global batch {info['global_batch']} = {info['world_size']} rank(s) x "
         f"{info['accumulation']} accumulation step(s) x {info['micro_batch']} micro-batch",
+        *([f"  audio crop groups of {info['crop_group']} clips: each cropped to its group's "
+           f"shortest, one masked count per group (data.crop_group)"]
+          if info.get("crop_group") else []),
         f"  learning rate {info['lr']:.4g}{scaling}",
         f"  data: {d['samples']} samples after the size filters{amount}",
         f"  {info['max_steps']} steps, {info['steps_per_epoch']} per epoch "

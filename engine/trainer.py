@@ -31,7 +31,7 @@ from engine.checkpoint import (
 )
 from engine.config import Config, dump_yaml, to_dict
 from engine.data.common import stand_in_batch
-from engine.data.loader import BatchPlan
+from engine.data.loader import BatchPlan, group_positions
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_reduce_sum, init_distributed
@@ -196,6 +196,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
 
     ddp = wrap_ddp(model, cfg, dist, plan.accumulation)  # DDP on several ranks (ddp mode)
     pad_value = getattr(dataset, "special_ids", {}).get("pad", 0)
+    crop_group = run_plan.info.get("crop_group", 0)
     first_step = FirstStepTimer(cfg.train.compile and dist.is_main, device)
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
     loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
@@ -244,6 +245,9 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             if weight:
                 stand_in = batch
             seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
+            if crop_group:  # audio: the crop group's masked count (engine.data.audio)
+                batch["group_seeds"] = sample_seeds(
+                    cfg.seed, step, group_positions(batch["position"][0], crop_group), STREAM_MASK)
             batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
             # dropout does not depend on the world size either.

@@ -60,9 +60,17 @@ def _wav_chunks(data: bytes, total: int) -> tuple[bytes, int, int]:
     return fmt, *payload
 
 
-def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
+class UnsupportedEncoding(ValueError):
+    """A well-formed WAV or FLAC file that the built-in decoder cannot read and the optional
+    soundfile package, which can, is not installed."""
+
+
+SOUNDFILE_FIX = "pip install soundfile, or pip install -e '.[audio]'"
+
+
+def _wav_header(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
     """(format code, channels, rate, bits, data offset, data size) of a RIFF/WAVE file (its first
-    bytes `data` of `total`, or all of it); ValueError if damaged or not 16-bit PCM / float32."""
+    bytes `data` of `total`, or all of it), any encoding; ValueError if damaged."""
     fmt, offset, size = _wav_chunks(data, len(data) if total is None else total)
     code = int.from_bytes(fmt[0:2], "little")
     channels = int.from_bytes(fmt[2:4], "little")
@@ -72,9 +80,18 @@ def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, i
         code = int.from_bytes(fmt[24:26], "little")  # first bytes of the sub-format GUID
     if channels < 1:
         raise ValueError("no channels")
+    if bits < 8 or bits % 8:
+        raise ValueError(f"{bits} bits per sample")
+    return code, channels, rate, bits, offset, size
+
+
+def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """_wav_header, and UnsupportedEncoding unless 16-bit PCM or 32-bit float (what read_wav
+    decodes without a dependency)."""
+    code, channels, rate, bits, offset, size = _wav_header(data, total)
     if (code, bits) not in ((_PCM, 16), (_FLOAT, 32)):
-        raise ValueError(f"unsupported encoding (format {code}, {bits} bits); "
-                         "use 16-bit PCM or 32-bit float")
+        raise UnsupportedEncoding(f"unsupported encoding (format {code}, {bits} bits); "
+                                  "use 16-bit PCM or 32-bit float")
     return code, channels, rate, bits, offset, size
 
 
@@ -100,7 +117,7 @@ def audio_info(data: bytes, total: int | None = None) -> tuple[int, int, int]:
         raise ValueError("empty file")
     if data[:4] == b"fLaC":
         return _flac_info(data, total)
-    code, channels, rate, bits, _, size = _wav_format(data, total)
+    code, channels, rate, bits, _, size = _wav_header(data, total)
     return rate, channels, size // (bits // 8) // channels
 
 
@@ -157,14 +174,16 @@ def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
     if path.suffix.lower() == ".wav":
         try:
             return read_wav(path)
-        except ValueError as e:
-            if not str(e).startswith("unsupported encoding"):
-                raise
+        except UnsupportedEncoding:
+            pass
     try:
         import soundfile
     except ImportError:
-        raise ValueError(f"decoding {path.suffix or 'this file'} needs the soundfile package "
-                         "(pip install soundfile) or the DALI loader (data.loader=dali)") from None
+        with open(path, "rb") as f:  # a damaged header is damage, whatever decodes it
+            audio_info(f.read(_HEAD_BYTES), os.fstat(f.fileno()).st_size)
+        raise UnsupportedEncoding(
+            f"decoding this {path.suffix or 'file'} needs the soundfile package ({SOUNDFILE_FIX})"
+            " or the DALI loader (data.loader=dali)") from None
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:

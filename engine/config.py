@@ -39,7 +39,9 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     ffn_dim: int = 3072
-    layer_norm_first: bool = False  # pre-LN blocks (BEiT / image) instead of post-LN (audio, text)
+    # Pre-LN blocks instead of post-LN. null: the modality's own (image pre-LN, as BEiT: its only
+    # layout, so false is an error there; audio and text post-LN, as wav2vec 2.0 / RoBERTa).
+    layer_norm_first: Optional[bool] = None
     # Setting model.dropout=0.0 as an override (command line or load_config's overrides) turns off
     # every source of randomness in the model: attention_dropout, activation_dropout,
     # encoder_dropout_input, layerdrop and drop_path are forced to 0 too (see
@@ -105,8 +107,7 @@ class ObjectiveConfig:
     ema_scope: Literal["transformer", "all"] = "transformer"  # what the teacher averages
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
-    # The variance guard applies after this many updates (fairseq), at optim.schedule_reference_steps.
-    collapse_check_after: int = 5000
+    collapse_check_after: int = 5000  # the variance guard applies after this many updates (fairseq)
     # data2vec 2.0 only (mode v2): M masks per sample share one teacher pass; a conv decoder
     # (engine/models/decoder.py) predicts the targets from the visible tokens' encodings.
     clone_batch: int = 1
@@ -159,9 +160,9 @@ class OptimConfig:
     clip_norm: float = 0.0  # 0 disables clipping
     schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
     warmup_steps: int = 0  # at schedule_reference_steps (engine.schedule)
-    # The run length at which warmup_steps, objective.ema_anneal_end_step and
-    # objective.collapse_check_after are stated (the paper's max_steps; 0: train.max_steps).
-    # proportional: they scale with train.max_steps / schedule_reference_steps; absolute: as stated.
+    # The run length at which warmup_steps and objective.ema_anneal_end_step are stated (the
+    # paper's max_steps; 0: train.max_steps). proportional: they scale with train.max_steps /
+    # schedule_reference_steps; absolute: as stated (fairseq's step counts).
     schedule_reference_steps: int = 0
     schedule_scaling: Literal["proportional", "absolute"] = "proportional"
     tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
@@ -395,6 +396,8 @@ def validate(cfg: Config) -> None:
     if cfg.modality == "image":
         need(m.img_size % m.patch_size == 0, "model.patch_size",
              f"must divide model.img_size={m.img_size}")
+        need(m.layer_norm_first is not False, "model.layer_norm_first",
+             "false, but the image encoder (BEiT) has pre-LN blocks only; set it to true or null")
     for i, layer in enumerate(m.conv_layers):
         need(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) for v in layer),
              f"model.conv_layers[{i}]", "must be [channels, kernel, stride]")

@@ -283,9 +283,12 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())  # what it writes and what the model then equals, not just usage
+        return 0
+    if len(argv) != 2:
+        print(f"{USAGE}\n(python -m engine.export --help says more)", file=sys.stderr)
+        return 2
     try:
         out = export(argv[0], argv[1])
     except D2VError as e:

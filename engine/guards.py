@@ -14,8 +14,7 @@ step's only host synchronization. Its cost on a GPU is the launch latency of the
 kernels while the device waits (well under a millisecond against steps of 100 ms and more); it
 also gives every rank the same skip and stop decisions without another collective.
 
-Collapse (fairseq data2vec): after `objective.collapse_check_after` updates (scaled with the run's
-length as every schedule, engine.schedule), a logged step whose
+Collapse (fairseq data2vec): after `objective.collapse_check_after` updates, a logged step whose
 target_var is under `objective.min_target_var` or pred_var under `objective.min_pred_var` stops
 the run with a message naming both values; checked on the logged steps (`train.log_every`), with
 the variances averaged over ranks.
@@ -34,7 +33,6 @@ from engine.config import Config
 from engine.distributed import all_reduce_sum
 from engine.errors import CheckpointError, TrainingError
 from engine.metrics import MetricsLog
-from engine.schedule import run_steps
 
 
 def inject_nan(loss: torch.Tensor, done: int, nan_steps: list) -> torch.Tensor:
@@ -62,11 +60,13 @@ class UpdateGuard:
         self.empty_steps = state.get("empty_steps", 0)
         self.empty_in_a_row = state.get("empty_in_a_row", 0)
 
-    def update_ok(self, done: int, loss: float, grad_norm: float, masked: float = 1.0) -> bool:
+    def update_ok(self, done: int, loss: float, grad_norm: float, masked: float = 1.0,
+                  bad_files: list | None = None) -> bool:
         """False (skip the update) when the global loss or gradient norm is not finite, or when
-        no rank had a readable sample in this step (`masked` == 0: every file was skipped)."""
+        no rank had a readable sample in this step (`masked` == 0: every file was skipped;
+        `bad_files`: the first skipped paths, for the no_data row and the stop message)."""
         if masked <= 0 and math.isfinite(loss):
-            return self._empty(done)
+            return self._empty(done, list(bad_files or []))
         self.empty_in_a_row = 0
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.bad_in_a_row = 0
@@ -82,34 +82,35 @@ class UpdateGuard:
             raise TrainingError(
                 f"non-finite loss or gradient in {self.bad_in_a_row} updates in a row (steps "
                 f"{first}-{done}; limit train.max_bad_steps={limit}; last loss {loss}, gradient "
-                f"norm {grad_norm}); nothing of them was applied, the newest checkpoint in "
-                f"{self.cfg.run_dir} is {_newest(self.cfg.run_dir)}: resume from it with a lower "
-                f"optim.lr, optim.clip_norm > 0 or train.precision=fp32"
+                f"norm {grad_norm}); nothing of them was applied; {_restart_from(self.cfg)} "
+                f"with a lower optim.lr, optim.clip_norm > 0 or train.precision=fp32"
             )
         return False
 
-    def _empty(self, done: int) -> bool:
+    def _empty(self, done: int, bad_files: list) -> bool:
         """A step whose every sample was a skipped bad file: nothing to learn from, so no update
         (an AdamW step on zero gradients would still move the weights); too many in a row means
         the data is unreadable, not unlucky."""
         self.empty_steps += 1
         self.empty_in_a_row += 1
         self.log.write({"event": "no_data", "step": done, "empty_steps": self.empty_steps,
-                        "in_a_row": self.empty_in_a_row})
+                        "in_a_row": self.empty_in_a_row, "bad_files_first": bad_files})
         limit = self.cfg.train.max_bad_steps
         if self.empty_in_a_row >= limit:
-            self.log.write({"event": "stopped", "step": done, "reason": "no_data"})
+            self.log.write({"event": "stopped", "step": done, "reason": "no_data",
+                            **({"bad_files_first": bad_files} if bad_files else {})})
+            first = ", ".join(bad_files[:3]) + (", ..." if len(bad_files) > 3 else "")
             raise TrainingError(
                 f"every sample of {self.empty_in_a_row} steps in a row was an unreadable file "
                 f"(data.on_bad_file=skip; limit train.max_bad_steps={limit}): check data.path "
-                f"{self.cfg.data.path} (metrics.jsonl lists the first bad files)")
+                f"{self.cfg.data.path}; first bad files: {first or 'none recorded'} "
+                f"(all of the first ones in metrics.jsonl's no_data rows)")
         return False
 
     def check_collapse(self, step: int, target_var: float, pred_var: float) -> None:
         """Raises once `step` (updates done before it) is past the warm-up and a variance is low."""
         o = self.cfg.objective
-        after = run_steps(o.collapse_check_after, self.cfg.optim, self.cfg.train.max_steps)
-        if step <= after:
+        if step <= o.collapse_check_after:
             return
         low = []
         if target_var < o.min_target_var:
@@ -122,15 +123,21 @@ class UpdateGuard:
             raise TrainingError(
                 f"representation collapse at step {step + 1}: {'; '.join(low)} (target_var "
                 f"{target_var:.4g}, pred_var {pred_var:.4g}; checked after "
-                f"objective.collapse_check_after={o.collapse_check_after} at "
-                f"{self.cfg.optim.schedule_reference_steps or self.cfg.train.max_steps} steps: "
-                f"{after} updates of this run)"
+                f"objective.collapse_check_after={o.collapse_check_after} updates)"
             )
 
 
 def _newest(run_dir: Path) -> str:
     newest = latest_checkpoint(run_dir)
     return newest.name if newest else "none"
+
+
+def _restart_from(cfg: Config) -> str:
+    """Where a stopped run can start again: its newest checkpoint, or the beginning."""
+    newest = latest_checkpoint(cfg.run_dir)
+    if newest is None:
+        return f"no checkpoint was written yet in {cfg.run_dir}: start the run again"
+    return f"the newest checkpoint is {newest}: resume from it (train.resume=true)"
 
 
 class CheckpointSaver:

@@ -217,8 +217,8 @@ def _schedule_lines(info: dict) -> list[str]:
         lines.append(f"  warning: the lr warmup ({s['warmup_steps']} steps) does not end within "
                      f"the run's {max_steps} steps: the run never reaches its peak lr")
     if s["ema_anneal_end_step"] > max_steps and s["ema_decay"] != s["ema_end_decay"]:
-        lines.append(f"  warning: the EMA anneal ends at step {s['ema_anneal_end_step']}, after the "
-                     f"run's {max_steps} steps: the teacher never reaches its end decay")
+        lines.append(f"  warning: the EMA anneal ends at step {s['ema_anneal_end_step']}, after "
+                     f"the run's {max_steps} steps: the teacher never reaches its end decay")
     return lines
 
 

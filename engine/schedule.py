@@ -1,13 +1,13 @@
 """Learning-rate schedules as pure functions of the step (so resume needs only the step), and the
 run-length scaling of every step-denominated schedule.
 
-A config states its warmup (optim.warmup_steps), EMA anneal (objective.ema_anneal_end_step) and
-collapse-check onset (objective.collapse_check_after) as the paper's values at the paper's run
-length, optim.schedule_reference_steps. A run of another train.max_steps scales them by
+A config states its warmup (optim.warmup_steps) and EMA anneal (objective.ema_anneal_end_step) as
+the paper's values at the paper's run length, optim.schedule_reference_steps. A run of another train.max_steps scales them by
 max_steps / schedule_reference_steps (optim.schedule_scaling=proportional), so a shortened run
 warms up, anneals its EMA and decays its learning rate over the same fractions of the run;
 optim.schedule_scaling=absolute keeps the counts as stated (fairseq's behaviour). Tri-stage
-phases and the cosine decay are fractions of / ends at train.max_steps either way.
+phases and the cosine decay are fractions of / end at train.max_steps either way. The collapse
+guard's onset (objective.collapse_check_after) is a guard, not a schedule: it stays as stated.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def schedule_steps(cfg: Config) -> dict:
         "ema_decay": cfg.objective.ema_decay,
         "ema_end_decay": cfg.objective.ema_end_decay,
         "ema_anneal_end_step": run_steps(cfg.objective.ema_anneal_end_step, o, max_steps),
-        "collapse_check_after": run_steps(cfg.objective.collapse_check_after, o, max_steps),
+        "collapse_check_after": cfg.objective.collapse_check_after,
     }
 
 

@@ -5,11 +5,15 @@ that README.md states for them (tests/test_readme.py checks that the two agree).
 
 Each config runs in its own process as `make train` runs it (python -m engine.train CONFIG, the
 config's defaults: its 200 steps, the DALI loader when installed), with train.log_every=1 so
-that step 1 is logged too. Per config it records the loss at step 1, at the config's own first
-logged step (its train.log_every) and at the last step; the median seconds per update over the
-steps after the 10th (global batch / the logged samples_per_s); the process's peak resident
-memory (ru_maxrss, DALI's threads included); and the load average of the machine, since on a
-shared machine the timings are only as good as the cores it got.
+that step 1 is logged too, and on one thread (OMP_NUM_THREADS=1, data.num_workers=1): on a shared
+machine, threads that spin-wait for cores other processes hold multiply the time per step (here
+tiny_image took 13 s per update on 2 threads and 1.2 s on one, under a load average of 17).
+
+Per config it records the loss at step 1, at the config's own first logged step (its
+train.log_every) and at the last step; the CPU seconds per update (the process's user + system
+time from step 10 to the last step, DALI's thread included, over those steps: what the machine's
+load does not change); the median wall seconds per update over the same steps (what it does); the
+process's peak resident memory (ru_maxrss); and the machine's load average.
 """
 from __future__ import annotations
 
@@ -39,13 +43,24 @@ def run_config(name: str, work: Path) -> dict:
     spec = yaml.safe_load(config.read_text())
     run_dir = work / name
     cmd = [sys.executable, "-m", "engine.train", str(config), f"run.dir={run_dir}",
-           "train.log_every=1", "train.progress=false"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+           "train.log_every=1", "train.progress=false", "data.num_workers=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # as a user runs it
-    start, load_before = time.time(), os.getloadavg()[0]
+    start, loads = time.time(), [os.getloadavg()[0]]
+    steps = spec["train"]["max_steps"]
+    cpu_at = {}  # step -> the process's CPU seconds when its row appeared
     with open(work / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            step = _last_step(run_dir / "metrics.jsonl")
+            for mark in (10, steps):
+                if step >= mark and mark not in cpu_at:
+                    cpu_at[mark] = _cpu_seconds(proc.pid)
+                    loads.append(os.getloadavg()[0])
+            time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {work / (name + '.log')}")
@@ -61,11 +76,32 @@ def run_config(name: str, work: Path) -> dict:
         "first_logged_step": log_every,
         "loss_first_logged": next(r["loss"] for r in rows if r["step"] == log_every),
         "loss_last": rows[-1]["loss"],
-        "seconds_per_update": statistics.median(seconds),
+        "cpu_seconds_per_update": (cpu_at[steps] - cpu_at[10]) / (steps - 10),
+        "wall_seconds_per_update": statistics.median(seconds),
         "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,  # Linux reports KiB
         "wall_s": time.time() - start,
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "load_average": [round(x, 2) for x in loads],  # at the start, step 10, the last step
     }
+
+
+def _last_step(metrics: Path) -> int:
+    """The step of the newest complete row of a growing metrics.jsonl (0 before the first)."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a row being written
+            continue
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None) -> int:
@@ -85,7 +121,7 @@ def main(argv=None) -> int:
         "what": "full runs of the tiny configs (python -m benchmarks.tiny_runs)",
         "date": datetime.date.today().isoformat(),
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor(),
-                    "torch": torch.__version__, "precision": "fp32"},
+                    "torch": torch.__version__, "precision": "fp32", "threads": 1},
         "runs": results,
     }
     if args.json:

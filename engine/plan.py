@@ -1,11 +1,13 @@
 """The run's plan, worked out before any GPU time is spent, and its checks.
 
 make_plan(cfg, dist) returns what the run will do: the rank layout torchrun gave, the global batch
-cut into ranks x accumulation x micro-batch, the learning rate after scaling, the data left after
-the size filters, steps per epoch and the checkpoints. It raises ConfigError, naming the numbers,
-when a configured train.world_size disagrees with torchrun's, when the global batch does not divide
-into micro-batches over the ranks, or when the size filters leave less than one global batch. The
-trainer prints it, stores it as run.dir/plan.json, and stops there under train.dry_run=true.
+cut into ranks x accumulation x micro-batch (and the audio crop groups), the learning rate after
+scaling, the data left after the size filters, steps per epoch, the checkpoints written and kept,
+and the schedules in steps after scaling to train.max_steps (engine.schedule). It raises
+ConfigError, naming the numbers, when a configured train.world_size disagrees with torchrun's, when
+the global batch does not divide into micro-batches over the ranks (or a micro-batch would straddle
+two audio crop groups), or when the size filters leave less than one global batch. The trainer
+prints it, stores it as run.dir/plan.json, and stops there under train.dry_run=true.
 """
 from __future__ import annotations
 

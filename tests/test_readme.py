@@ -50,11 +50,15 @@ CLAIMS = [
     Claim("make train # creates .venv, installs, pretrains tiny_image on the embedded data -> "
           "runs/tiny_image/, # then prints a linear probe of the result",
           "test_make_train_runs_tiny_image_and_probes"),
+    Claim("make train CONFIG=configs/tiny_audio.yaml", "test_make_train_with_a_config_and_args"),
+    Claim('make train CONFIG=configs/tiny_text.yaml ARGS="train.max_steps=50 seed=3"',
+          "test_make_train_with_a_config_and_args"),
     Claim(".venv/bin/python -m engine.train configs/tiny_image.yaml train.max_steps=100 "
           "run.dir=runs/try1", "test_a_tiny_run_writes_what_the_readme_lists"),
     Claim("the default run (tiny_image, 200 steps) takes its loss from",
           "test_quick_start_figures_are_the_measured_ones"),
-    Claim("Seconds per update of the tiny configs:", "test_quick_start_figures_are_the_measured_ones"),
+    Claim("Compute per update of the tiny configs, in CPU seconds on one thread:",
+          "test_quick_start_figures_are_the_measured_ones"),
     Claim("peak resident memory", "test_quick_start_figures_are_the_measured_ones"),
     # Configs
     Claim("An unknown key, a value of the wrong type or outside its choices is a one-line error "
@@ -298,6 +302,17 @@ def test_make_train_runs_tiny_image_and_probes():
     assert load_config(ROOT / "configs/tiny_image.yaml").run.name == "tiny_image"
 
 
+@pytest.mark.parametrize("config,args", [("configs/tiny_audio.yaml", []),
+                                         ("configs/tiny_text.yaml", ["seed=3"])])
+def test_make_train_with_a_config_and_args(config, args, tmp_path):
+    """What `make train CONFIG=... ARGS=...` runs, 3 steps instead of 200 (or 50)."""
+    r = run("engine.train", config, "train.probe=true", *args, "train.max_steps=3",
+            f"run.dir={tmp_path}", "train.progress=false")
+    assert r.code == 0, r.err[-2000:]
+    assert "linear probe" in r.out and (tmp_path / "probe.json").is_file(), r.out
+    assert [row["step"] for row in _rows(tmp_path) if "loss" in row] == [3]  # log_every 5
+
+
 def test_every_event_row_the_readme_names_is_written_somewhere():
     """Each event and stop reason of the README is written by the engine (the runs that produce
     them are in tests/test_ops.py and tests/test_run_messages.py)."""
@@ -327,9 +342,9 @@ def test_quick_start_figures_are_the_measured_ones(image_run):
     assert (first, first_logged, last) == tuple(
         f"{image[k]:.2f}" for k in ("loss_step_1", "loss_first_logged", "loss_last"))
     assert (int(step_logged), int(step_last)) == (image["first_logged_step"], image["steps"])
-    timings = _figures(r"image ([\d.]+) \(32 images\), audio ([\d.]+) \(16 utterances\), "
-                       r"text ([\d.]+) \(16 x 64 tokens\)")
-    assert timings == tuple(f"{runs[f'tiny_{m}']['seconds_per_update']:.2f}"
+    timings = _figures(r"in CPU seconds on one thread: image ([\d.]+) \(32 images\), "
+                       r"audio ([\d.]+) \(16 utterances\), text ([\d.]+) \(16 x 64 tokens\)")
+    assert timings == tuple(f"{runs[f'tiny_{m}']['cpu_seconds_per_update']:.2f}"
                             for m in ("image", "audio", "text"))
     low, high = map(float, _figures(r"peak resident memory ([\d.]+)-([\d.]+) GB"))
     peaks = [runs[f"tiny_{m}"]["peak_rss_gb"] for m in ("image", "audio", "text")]

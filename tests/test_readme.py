@@ -8,7 +8,7 @@ nothing (its claims are not listed yet). Every figure carries its backing in the
 HTML comment, `<!-- backed: path, path::test -->`, which must point at files and tests that exist.
 
 The commands run as a user runs them (python -m ..., TRITON_INTERPRET unset so the kernels'
-reference path runs as on any CPU), shortened: a few steps, small batches.
+reference path runs as on any CPU), shortened (a few steps) and on one thread.
 """
 from __future__ import annotations
 
@@ -229,7 +229,9 @@ class Ran:
 
 def run(*args: str, timeout: float = 600) -> Ran:
     """`python -m ARGS` from the repository root, as a user runs it; its peak resident memory."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # One thread: on a shared machine, threads spin-waiting for cores held by other processes
+    # multiply the time per step (benchmarks/tiny_runs.py says by how much).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=out,

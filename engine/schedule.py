@@ -2,12 +2,13 @@
 run-length scaling of every step-denominated schedule.
 
 A config states its warmup (optim.warmup_steps) and EMA anneal (objective.ema_anneal_end_step) as
-the paper's values at the paper's run length, optim.schedule_reference_steps. A run of another train.max_steps scales them by
-max_steps / schedule_reference_steps (optim.schedule_scaling=proportional), so a shortened run
-warms up, anneals its EMA and decays its learning rate over the same fractions of the run;
-optim.schedule_scaling=absolute keeps the counts as stated (fairseq's behaviour). Tri-stage
-phases and the cosine decay are fractions of / end at train.max_steps either way. The collapse
-guard's onset (objective.collapse_check_after) is a guard, not a schedule: it stays as stated.
+the paper's values at the paper's run length, optim.schedule_reference_steps. A run of another
+train.max_steps scales them by max_steps / schedule_reference_steps
+(optim.schedule_scaling=proportional), so a shortened run warms up, anneals its EMA and decays its
+learning rate over the same fractions of the run; optim.schedule_scaling=absolute keeps the counts
+as stated (fairseq's behaviour). Tri-stage phases and the cosine decay are fractions of / end at
+train.max_steps either way. The collapse guard's onset (objective.collapse_check_after) is a guard,
+not a schedule: it stays as stated.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ to the manifest's own folder); every other line is `relative/path.wav<TAB>num_sa
 Semantics follow fairseq's RawAudioDataset: entries shorter than data.min_sample_size are dropped
 using the manifest sizes; each waveform is normalized over the whole utterance (layer norm without
 affine) before it is cropped to data.max_sample_size; batches are cropped to a shortest clip
-(below), or zero-padded to their longest with a padding mask when data.pad_audio. A file at another sample
-rate is resampled when data.resample, else a bad file; several channels are always a bad file.
+(below), or zero-padded to their longest with a padding mask when data.pad_audio. A file at another
+sample rate is resampled when data.resample, else a bad file; several channels are always a bad
+file.
 
 Crop groups. fairseq crops each GPU's batch to its shortest clip (and gives its rows one masked
 count, require_same_masks), so its crops depend on how the global batch is cut. Here the global

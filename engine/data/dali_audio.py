@@ -3,12 +3,12 @@
 Same files, labels and random draws as audio.AudioManifestDataset + its collate: the per-utterance
 crop offset (data.max_sample_size) and the crop to the crop group's shortest clip come from the
 same per-sample numpy generators and the same header lengths (after resampling: ceil(frames x
-sample_rate / rate), what DALI produces; AudioManifestDataset.crop_length). DALI reads each file
-on its threads (fn.io.file.read: Python never copies the samples) and decodes it
-(fn.decoders.audio, resampling to data.sample_rate only when data.resample). Then each utterance is normalized over its whole
-length (layer norm, no affine), its window is kept, and the batch is zero-padded to the longest
-(data.pad_audio) with the padding mask built from the known lengths: "source" B x L float32 on the
-loader's device, "padding_mask" B x L bool (True = pad) or None.
+sample_rate / rate), what DALI produces; AudioManifestDataset.crop_length). DALI reads each file on
+its threads (fn.io.file.read: Python never copies the samples) and decodes it (fn.decoders.audio,
+resampling to data.sample_rate only when data.resample). Then each utterance is normalized over its
+whole length (layer norm, no affine), its window is kept, and the batch is zero-padded to the
+longest (data.pad_audio) with the padding mask built from the known lengths: "source" B x L float32
+on the loader's device, "padding_mask" B x L bool (True = pad) or None.
 
 Where that arithmetic runs: on the GPU, in the DALI graph (fn.normalize, fn.slice, fn.pad). On the
 CPU, in torch on the decoded utterances (F.layer_norm, as the torch loader, so the two agree

@@ -370,7 +370,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--step-ms", type=float, default=IMAGE_STEP_MS,
                         help=f"training step time for the step fraction (default {IMAGE_STEP_MS}: "
-                             f"{IMAGE_STEP_SOURCE})")
+                             f"{IMAGE_STEP_SOURCE})".replace("%", "%%"))  # argparse %-formats help
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
     unknown = set(impls) - set(IMPLS)

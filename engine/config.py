@@ -39,7 +39,9 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     ffn_dim: int = 3072
-    layer_norm_first: bool = False  # pre-LN blocks (BEiT / image) instead of post-LN (audio, text)
+    # Pre-LN blocks instead of post-LN. null: the modality's own (image pre-LN, as BEiT: its only
+    # layout, so false is an error there; audio and text post-LN, as wav2vec 2.0 / RoBERTa).
+    layer_norm_first: Optional[bool] = None
     # Setting model.dropout=0.0 as an override (command line or load_config's overrides) turns off
     # every source of randomness in the model: attention_dropout, activation_dropout,
     # encoder_dropout_input, layerdrop and drop_path are forced to 0 too (see
@@ -101,7 +103,7 @@ class ObjectiveConfig:
     loss_scale: Optional[float] = None  # None: 1/sqrt(C)
     ema_decay: float = 0.999
     ema_end_decay: float = 0.9999
-    ema_anneal_end_step: int = 30000
+    ema_anneal_end_step: int = 30000  # at optim.schedule_reference_steps (engine.schedule)
     ema_scope: Literal["transformer", "all"] = "transformer"  # what the teacher averages
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
@@ -139,6 +141,10 @@ class DataConfig:
     normalize: bool = True  # zero mean, unit variance per utterance
     resample: bool = False  # other rates are resampled to sample_rate; False: they are bad files
     pad_audio: bool = False  # False: crop a batch to its shortest sample (the reference)
+    # Audio clips cropped to one length per group of this many consecutive positions of the
+    # global batch (the paper's per-GPU batch; 0: the whole global batch), whatever the world
+    # size and micro-batch: engine.data.audio.
+    crop_group: int = 0
     # text
     max_tokens: int = 512  # tokens per sample, <s> included (fairseq tokens_per_sample)
     # How unlabelled text is cut into samples (fairseq's TokenBlockDataset): "none" = the token
@@ -157,7 +163,12 @@ class OptimConfig:
     weight_decay: float = 0.01
     clip_norm: float = 0.0  # 0 disables clipping
     schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # at schedule_reference_steps (engine.schedule)
+    # The run length at which warmup_steps and objective.ema_anneal_end_step are stated (the
+    # paper's max_steps; 0: train.max_steps). proportional: they scale with train.max_steps /
+    # schedule_reference_steps; absolute: as stated (fairseq's step counts).
+    schedule_reference_steps: int = 0
+    schedule_scaling: Literal["proportional", "absolute"] = "proportional"
     tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
     final_lr_scale: float = 0.0  # cosine floor / tri-stage end, as a fraction of lr
     impl: Literal["auto", "apex", "fused", "foreach"] = "auto"  # engine.optim: which AdamW
@@ -373,6 +384,10 @@ def validate(cfg: Config) -> None:
     need(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.debug_nan_steps),
          "train.debug_nan_steps", "must be a list of steps >= 1")
     need(o.collapse_check_after >= 0, "objective.collapse_check_after", "must be >= 0")
+    need(o.ema_anneal_end_step >= 0, "objective.ema_anneal_end_step", "must be >= 0")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(cfg.optim.schedule_reference_steps >= 0, "optim.schedule_reference_steps",
+         "must be >= 0 (0: train.max_steps, no scaling)")
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
     need(not (t.resume and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")
@@ -391,9 +406,12 @@ def validate(cfg: Config) -> None:
     need(len(cfg.optim.tri_stage) == 3 and abs(sum(cfg.optim.tri_stage) - 1) < 1e-6,
          "optim.tri_stage", "must be 3 fractions [warmup, hold, decay] summing to 1")
     need(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
+    need(cfg.data.crop_group >= 0, "data.crop_group", "must be >= 0 (0: the whole global batch)")
     if cfg.modality == "image":
         need(m.img_size % m.patch_size == 0, "model.patch_size",
              f"must divide model.img_size={m.img_size}")
+        need(m.layer_norm_first is not False, "model.layer_norm_first",
+             "false, but the image encoder (BEiT) has pre-LN blocks only; set it to true or null")
     for i, layer in enumerate(m.conv_layers):
         need(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) for v in layer),
              f"model.conv_layers[{i}]", "must be [channels, kernel, stride]")

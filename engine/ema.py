@@ -1,7 +1,8 @@
 """EMA teacher: a no-grad copy of the student whose weights trail the student's.
 
 The decay anneals linearly from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates,
-then stays (fairseq's get_annealed_rate). With scope "transformer" only the context encoder is
+then stays (fairseq's get_annealed_rate); the trainer passes the anneal end scaled to the run's
+length (engine.schedule.run_steps). With scope "transformer" only the context encoder is
 averaged and the feature encoder is shared with the student (data2vec's ema_transformer_only /
 ema_transformer_layers_only): its weights are copied, not averaged, at every update.
 """

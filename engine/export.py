@@ -297,7 +297,8 @@ def export(checkpoint: str | Path, out_dir: str | Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.export",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint file")
     parser.add_argument("out", help="folder to write the Hugging Face model into")
     parser.add_argument("--tokenizer", default=None,

@@ -27,14 +27,13 @@ def _tensorboard_writer(run_dir: Path):
         print("d2v-engine: tensorboard not installed: metrics.jsonl only (pip install tensorboard)",
               file=sys.stderr)
         return None
-    try:
+    try:  # an install that imports but cannot run (a missing dependency such as absl)
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-    except Exception as e:  # installed but broken (a dependency missing or of the wrong version)
-        reason = (str(e).splitlines() or [""])[0]
-        print(f"d2v-engine: tensorboard installed but unusable ({type(e).__name__}: {reason}): "
-              "metrics.jsonl only", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  whatever breaks, the run does not need it
+        print(f"d2v-engine: tensorboard installed but unusable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}): metrics.jsonl only", file=sys.stderr)
         return None
 
 

@@ -1,13 +1,15 @@
 """The run's plan, worked out before any GPU time is spent, and its checks.
 
 make_plan(cfg, dist) returns what the run will do: the rank layout torchrun gave, the global batch
-cut into ranks x accumulation x micro-batch, the learning rate after scaling, the data left after
-the size filters, steps per epoch and the checkpoints; the FLOPs of a step (engine.flops) and, for
-a dry run or when there is a memory budget, the peak memory per rank (engine.memory_plan), which
-also picks train.micro_batch=auto. It raises ConfigError, naming the numbers, when a configured
-train.world_size disagrees with torchrun's, when the global batch does not divide into
-micro-batches over the ranks, when the size filters leave less than one global batch, or when the
-estimated peak exceeds train.memory_fraction of the budget. The trainer prints it, stores it as
+cut into ranks x accumulation x micro-batch (and the audio crop groups), the learning rate after
+scaling, the data left after the size filters, steps per epoch, the checkpoints written and kept,
+the schedules in steps after scaling to train.max_steps (engine.schedule); the FLOPs of a step
+(engine.flops) and, for a dry run or when there is a memory budget, the peak memory per rank
+(engine.memory_plan), which also picks train.micro_batch=auto. It raises ConfigError, naming the
+numbers, when a configured train.world_size disagrees with torchrun's, when the global batch does
+not divide into micro-batches over the ranks (or a micro-batch would straddle two audio crop
+groups), when the size filters leave less than one global batch, or when the estimated peak
+exceeds train.memory_fraction of the budget. The trainer prints it, stores it as
 run.dir/plan.json, and stops there under train.dry_run=true. A dry run whose data.path does not
 exist (planning on another machine than the data's) plans everything but the data.
 """
@@ -23,12 +25,13 @@ import torch
 
 from engine.config import Config
 from engine.data import build_dataset
+from engine.data.audio import crop_group_size
 from engine.data.loader import BatchPlan
 from engine.distributed import DistInfo
 from engine.errors import ConfigError
 from engine.flops import FlopModel, count_flops, describe_flops, step_info
 from engine.memory_plan import GB, describe_memory, plan_memory
-from engine.schedule import scaled_lr
+from engine.schedule import schedule_steps, scaled_lr
 
 
 @dataclass
@@ -69,6 +72,27 @@ def _check_audio_filters(cfg: Config) -> None:
             f"config key 'data.min_sample_size': {cfg.data.min_sample_size} samples "
             f"({cfg.data.min_sample_size / rate:.2f} s) leaves 0 of the {len(sizes)} entries of "
             f"{manifest} (longest {max(sizes)} samples = {max(sizes) / rate:.2f} s)")
+
+
+def check_crop_group(cfg: Config, batch: BatchPlan) -> int:
+    """Positions per audio crop group (engine.data.audio; 0: padded batches); ConfigError when
+    the groups do not tile the global batch or a micro-batch would straddle two of them."""
+    group = crop_group_size(cfg.data, batch.global_batch)
+    if group and batch.global_batch % group:
+        raise ConfigError(
+            f"config key 'data.crop_group': {group} does not divide train.global_batch="
+            f"{batch.global_batch} (the global batch is cut into crop groups)")
+    if group and group % batch.micro_batch:
+        raise ConfigError(
+            f"config key 'data.crop_group': {group} clips share one crop length, so a "
+            f"micro-batch must hold part of one group: train.micro_batch={batch.micro_batch} must "
+            f"divide {group} (e.g. train.micro_batch={_largest_divisor(group, batch.micro_batch)}); "
+            f"a larger data.crop_group changes the recipe")
+    return group
+
+
+def _largest_divisor(n: int, below: int) -> int:
+    return max(d for d in range(1, min(n, below) + 1) if n % d == 0)
 
 
 def data_summary(cfg: Config, dataset) -> dict:
@@ -127,6 +151,15 @@ def _share(cfg: Config, dist: DistInfo) -> int:
     return t.global_batch // dist.world_size
 
 
+def checkpoints_kept(max_steps: int, every: int, keep_last: int, keep_every: int) -> int:
+    """Checkpoints left at the end of a full run: the newest keep_last, and every one whose step
+    is a multiple of keep_every (engine.checkpoint's retention)."""
+    steps = list(range(every, max_steps, every)) if every > 0 else []
+    steps.append(max_steps)
+    return sum(1 for i, s in enumerate(steps)
+               if i >= len(steps) - keep_last or (keep_every and s % keep_every == 0))
+
+
 def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
     """Checks the run's arithmetic, data, compute and memory before training; builds the
     training dataset (None in a dry run without the data)."""
@@ -154,6 +187,7 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
                              budget, special_ids)
     micro = memory["micro_batch"] if t.micro_batch == "auto" else t.micro_batch
     batch = BatchPlan.make(t.global_batch, micro, dist.world_size)
+    crop_group = check_crop_group(cfg, batch) if cfg.modality == "audio" else 0
     steps_per_epoch = data["samples"] // batch.global_batch if "samples" in data else None
     lr = scaled_lr(cfg.optim, batch.global_batch)
     info = {
@@ -166,6 +200,7 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
         "global_batch": batch.global_batch,
         "micro_batch": batch.micro_batch,
         "accumulation": batch.accumulation,
+        **({"crop_group": crop_group} if cfg.modality == "audio" else {}),
         "lr": lr,
         "lr_config": cfg.optim.lr,
         "lr_reference_batch": cfg.optim.lr_reference_batch,
@@ -176,7 +211,9 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
         "epochs": t.max_steps / steps_per_epoch if steps_per_epoch else None,
         "checkpoint_every": t.checkpoint_every,
         "checkpoints": checkpoint_count(t.max_steps, t.checkpoint_every),
-        "checkpoints_kept": min(t.keep_last, checkpoint_count(t.max_steps, t.checkpoint_every)),
+        "checkpoints_kept": checkpoints_kept(t.max_steps, t.checkpoint_every, t.keep_last,
+                                             t.keep_every),
+        "schedule": schedule_steps(cfg),
         "cpu": dict(dist.cpu) if getattr(dist, "cpu", None) else {},
         "flops": step_info(flops, batch.global_batch, dist.world_size),
         "memory": memory,
@@ -204,10 +241,14 @@ def describe_plan(info: dict) -> str:
         f"{info['ranks_per_node']} rank(s) per node ({info['device']})",
         f"  global batch {info['global_batch']} = {info['world_size']} rank(s) x "
         f"{info['accumulation']} accumulation step(s) x {info['micro_batch']} micro-batch",
+        *([f"  audio crop groups of {info['crop_group']} clips: each cropped to its group's "
+           f"shortest, one masked count per group (data.crop_group)"]
+          if info.get("crop_group") else []),
         f"  learning rate {info['lr']:.4g}{scaling}",
         data_line,
         f"  {info['max_steps']} steps{epochs}; {info['checkpoints']} checkpoint(s) {every}, "
         f"{info['checkpoints_kept']} kept",
+        *_schedule_lines(info),
     ]
     lines += describe_flops(info["flops"], info["modality"], info.get("mode", "v1"))
     if info["memory"] is not None:
@@ -227,6 +268,35 @@ def _data_lines(info: dict) -> tuple[str, str]:
         amount = f" ({d['tokens']} tokens)"
     return (f"  data: {d['samples']} samples after the size filters{amount}",
             f", {info['steps_per_epoch']} per epoch ({info['epochs']:.2f} epochs)")
+
+
+def _schedule_lines(info: dict) -> list[str]:
+    """The schedules in steps after scaling to this run's length, and what they miss."""
+    s, max_steps = info["schedule"], info["max_steps"]
+    if s["reference_steps"] == max_steps:
+        how = "as stated: optim.schedule_reference_steps = train.max_steps"
+    elif s["scaling"] == "absolute":
+        how = f"as stated at {s['reference_steps']} steps: optim.schedule_scaling=absolute"
+    else:
+        how = (f"stated at {s['reference_steps']} steps, x{max_steps / s['reference_steps']:.4g} "
+               f"for this run: optim.schedule_scaling=proportional")
+    phases = f"warmup {s['warmup_steps']}"
+    if s["lr_schedule"] == "tri_stage":
+        phases += f", hold {s['hold_steps']}"
+    phases += f", decay {s['decay_steps']}" if s["lr_schedule"] != "constant" else ", then constant"
+    lines = [
+        f"  schedules ({how}):",
+        f"    lr {s['lr_schedule']}: {phases} steps; EMA decay {s['ema_decay']:g} -> "
+        f"{s['ema_end_decay']:g} by step {s['ema_anneal_end_step']}; collapse check after step "
+        f"{s['collapse_check_after']}",
+    ]
+    if s["warmup_steps"] >= max_steps:
+        lines.append(f"  warning: the lr warmup ({s['warmup_steps']} steps) does not end within "
+                     f"the run's {max_steps} steps: the run never reaches its peak lr")
+    if s["ema_anneal_end_step"] > max_steps and s["ema_decay"] != s["ema_end_decay"]:
+        lines.append(f"  warning: the EMA anneal ends at step {s['ema_anneal_end_step']}, after "
+                     f"the run's {max_steps} steps: the teacher never reaches its end decay")
+    return lines
 
 
 def write_plan(run_dir: Path, info: dict) -> Path:

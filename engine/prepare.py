@@ -55,6 +55,7 @@ NOT_AUDIO = "not_audio"  # no WAV / FLAC signature
 NOT_IMAGE = "not_image"  # no image format recognised
 TRUNCATED = "truncated"  # the file ends before its declared content
 CORRUPT = "corrupt"  # recognised format, but decoding failed
+UNSUPPORTED = "unsupported_encoding"  # a well-formed file the installed decoders cannot read
 NO_SAMPLES = "no_samples"  # decodes to zero audio frames
 SAMPLE_RATE = "wrong_sample_rate"  # without --resample
 CHANNELS = "not_mono"  # without --resample
@@ -142,14 +143,26 @@ def length_stats(values) -> dict:
             "p95": float(np.percentile(v, 95)), "max": float(v.max())}
 
 
+def _fixes() -> dict:
+    """What accepts the files rejected for a reason that is not the file's fault."""
+    from engine.data.audio import SOUNDFILE_FIX
+
+    return {UNSUPPORTED: SOUNDFILE_FIX, SAMPLE_RATE: "--resample converts them",
+            CHANNELS: "--resample converts them"}
+
+
 def build_report(accepted: int, rejected: list[tuple], lengths, **totals) -> dict:
     """The report.json object; `rejected` is [(path, reason)] or [(path, reason, byte offset)]
     in scan order."""
+    counts = dict(sorted(Counter(r[1] for r in rejected).items()))
     report = {"accepted": accepted,
-              "rejected": dict(sorted(Counter(r[1] for r in rejected).items())),
+              "rejected": counts,
               "rejected_files": [{"path": r[0], "reason": r[1],
                                   **({"offset": int(r[2])} if len(r) > 2 else {})}
                                  for r in rejected[:MAX_LISTED]]}
+    fixes = {reason: fix for reason, fix in _fixes().items() if reason in counts}
+    if fixes:
+        report["fixes"] = fixes
     report.update(totals)
     report["lengths"] = length_stats(lengths)
     return report
@@ -159,7 +172,9 @@ def write_report(out_dir: Path, report: dict, what: str = "file") -> int:
     """Writes OUT_DIR/report.json, prints a summary; the exit code (0 accepted, 2 none)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    counts = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
+    fixes = report.get("fixes", {})
+    counts = ", ".join(f"{k} {v}" + (f" ({fixes[k]})" if k in fixes else "")
+                       for k, v in report["rejected"].items()) or "none"
     if report["accepted"] == 0:
         print(f"error: no {what} accepted; rejected by reason: {counts} (details in "
               f"{out_dir / 'report.json'})", file=sys.stderr)
@@ -170,12 +185,22 @@ def write_report(out_dir: Path, report: dict, what: str = "file") -> int:
 
 
 def split_valid(count: int, valid_percent: float, seed: int) -> np.ndarray:
-    """Boolean mask of the held-out entries: round(count * valid_percent) of them, seeded."""
+    """Boolean mask of the held-out entries: round(count * valid_percent) of them, seeded; at
+    least one when valid_percent > 0 and there are two entries or more (valid.tsv was asked for)."""
     is_valid = np.zeros(count, dtype=bool)
     n_valid = int(round(count * valid_percent))
+    if valid_percent > 0 and count >= 2:
+        n_valid = max(1, n_valid)
     if n_valid:
         is_valid[np.random.default_rng(seed).permutation(count)[:n_valid]] = True
     return is_valid
+
+
+def _warn_no_valid(valid_percent: float, is_valid: np.ndarray) -> None:
+    if valid_percent > 0 and not is_valid.any():
+        print(f"d2v-engine prepare: warning: --valid-percent {valid_percent} but only "
+              f"{len(is_valid)} file accepted: it stays in train.tsv, no valid.tsv written",
+              file=sys.stderr)
 
 
 def _remove_stale(out_dir: Path, names: tuple[str, ...]) -> None:
@@ -225,7 +250,7 @@ def write_wav16(path: Path, samples: np.ndarray, rate: int) -> None:
 
 def check_audio(job: tuple) -> tuple:
     """(relative path, manifest path or None, num_samples at the target rate, reason or None)."""
-    from engine.data.audio import read_audio
+    from engine.data.audio import UnsupportedEncoding, read_audio
 
     rel, src, out_dir, rate, do_resample, min_s, max_s = job
     path = Path(src) / rel
@@ -237,6 +262,8 @@ def check_audio(job: tuple) -> tuple:
         samples, file_rate, channels = read_audio(path)
     except OSError:
         return rel, None, 0, CORRUPT
+    except UnsupportedEncoding:
+        return rel, None, 0, UNSUPPORTED
     except ValueError as e:
         return rel, None, 0, TRUNCATED if "truncated" in str(e).lower() else CORRUPT
     if samples.shape[0] == 0:
@@ -277,6 +304,7 @@ def prepare_audio(args) -> int:
     _remove_stale(out, ("train.tsv", "valid.tsv"))
     if good:
         is_valid = split_valid(len(good), args.valid_percent, args.seed)
+        _warn_no_valid(args.valid_percent, is_valid)
         for name, want in (("train.tsv", False), ("valid.tsv", True)):
             rows = [f"{entry}\t{num}" for (entry, num), v in zip(good, is_valid) if v == want]
             if rows or name == "train.tsv":
@@ -333,6 +361,7 @@ def prepare_image(args) -> int:
     if good:
         label_of = {name: i for i, name in enumerate(classes)}
         is_valid = split_valid(len(good), args.valid_percent, args.seed)
+        _warn_no_valid(args.valid_percent, is_valid)
         for name, want in (("train.tsv", False), ("valid.tsv", True)):
             rows = [rel + (f"\t{label_of[rel.split(os.sep, 1)[0]]}" if classes else "")
                     for (rel, _), v in zip(good, is_valid) if v == want]

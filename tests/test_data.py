@@ -211,11 +211,17 @@ def test_audio_collate_crops_to_shortest_or_pads_with_mask():
     assert (pad["source"][mask] == 0).all() and pad["label"].tolist() == ds.labels[:3]
 
 
-def test_audio_collate_random_crop_is_seeded():
+def test_audio_collate_random_crop_is_each_samples_own_draw():
     ds = build_dataset(cfg(AUDIO, augment=True), "audio")
-    samples = [ds.load(i, rng()) for i in (0, 1, 2, 3)]
-    a, b, c = (ds.collate(samples, rng(s))["source"] for s in (5, 5, 6))
+    a, b, c = (ds.collate([ds.load(i, rng(s + i)) for i in (0, 1, 2, 3)])["source"]
+               for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # A sample's crop does not depend on its batch-mates: the same sample in another batch, at
+    # the same length, sits at the same offset.
+    samples = [ds.load(i, rng(5 + i)) for i in (0, 1, 2, 3)]
+    length = min(s["source"].numel() for s in samples)
+    alone = ds.collate(samples[2:3], length=length)["source"][0]
+    assert torch.equal(alone, ds.collate(samples)["source"][2])
 
 
 def test_audio_min_sample_size_skips_and_reports():

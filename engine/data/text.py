@@ -164,7 +164,7 @@ class TokenDataset:
             sample["label"] = self.labels[index]
         return sample
 
-    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+    def collate(self, samples: list[dict], rng: np.random.Generator | None = None) -> dict:
         """Pads with the pad id: "source" B x T int64, "padding_mask" B x T bool (True = pad)."""
         assert samples, "collate needs at least one sample"
         length = max(s["source"].numel() for s in samples)

@@ -178,6 +178,10 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
             raise ConfigError(
                 f"config key 'train.global_batch': {t.global_batch} is more than the "
                 f"{data['samples']} samples left after the size filters; lower it or add data")
+    vocab = getattr(dataset, "vocab_size", 0)
+    if cfg.modality == "text" and vocab > cfg.model.vocab_size:  # before any model is built
+        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than "
+                          f"the data's vocabulary ({vocab})")
     special_ids = getattr(dataset, "special_ids", None)
     flops, flop_model = count_flops(cfg, special_ids)
     budget = memory_budget(cfg, dist.device)

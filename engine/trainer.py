@@ -190,10 +190,6 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
 
     dataset, plan = run_plan.dataset, run_plan.batch
     loader_kind = choose_loader(cfg.data, cfg.modality)
-    vocab = getattr(dataset, "vocab_size", 0)
-    if cfg.modality == "text" and vocab > cfg.model.vocab_size:
-        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than "
-                          f"the data's vocabulary ({vocab})")
     peak_lr = scaled_lr(cfg.optim, plan.global_batch)
 
     torch.manual_seed(cfg.seed)

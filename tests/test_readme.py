@@ -75,8 +75,9 @@ CLAIMS = [
           "test_a_tiny_run_writes_what_the_readme_lists"),
     # What a run writes
     Claim("`metrics.jsonl`: one JSON object per logged step (`step`, `loss`, `lr`, `ema_decay`, "
-          "`samples_per_s`, `grad_norm`, `target_var`, `pred_var`, `skipped_steps`, "
-          "`data_wait_frac`, `bad_files`, `bad_files_first`, `empty_steps`, ...)",
+          "`samples_per_s`, `tflops_per_gpu`, `mfu`, `tokens_per_s` (see \"Compute and memory "
+          "plan\"), `grad_norm`, `target_var`, `pred_var`, `skipped_steps`, `data_wait_frac`, "
+          "`bad_files`, `bad_files_first`, `empty_steps`, ...)",
           "test_a_tiny_run_writes_what_the_readme_lists"),
     Claim("`stopped` (with the reason: `nonfinite`, `no_data`, `collapse`, `stop_at`)",
           "test_every_event_row_the_readme_names_is_written_somewhere"),
@@ -88,7 +89,8 @@ CLAIMS = [
           "test_a_tiny_run_writes_what_the_readme_lists"),
     Claim("under `dispatch` which implementation each op of the step takes: targets, masking, "
           "attention, optimizer, EMA, loader", "test_a_tiny_run_writes_what_the_readme_lists"),
-    Claim("Neither is required.", "test_a_tiny_run_writes_what_the_readme_lists"),
+    Claim("Neither is required: missing or broken, it is reported in one line and the run goes on.",
+          "test_a_tiny_run_writes_what_the_readme_lists"),
     # Data loading
     Claim("The start line says which loader runs and where it decodes.",
           "test_a_tiny_run_writes_what_the_readme_lists"),
@@ -273,7 +275,8 @@ def test_a_tiny_run_writes_what_the_readme_lists(image_run):
     rows = _rows(run_dir)
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    for key in ("step", "loss", "lr", "ema_decay", "samples_per_s", "grad_norm", "target_var",
+    for key in ("step", "loss", "lr", "ema_decay", "samples_per_s", "tflops_per_gpu", "mfu",
+                "tokens_per_s", "grad_norm", "target_var",
                 "pred_var", "skipped_steps", "data_wait_frac", "bad_files", "bad_files_first",
                 "empty_steps"):
         assert all(key in r for r in steps), key

@@ -177,9 +177,15 @@ def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
 
 def _shape_only(q: torch.Tensor) -> bool:
     """Tensors with shapes and no data (meta device, or FakeTensorMode's)."""
+    if q.device.type == "meta":
+        return True
+    if torch.compiler.is_compiling():
+        # dynamo traces with fake tensors too, and refuses to trace is_fake: a compiled graph
+        # takes the backend's own branch below, which goes through the same op pair.
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
-    return q.device.type == "meta" or is_fake(q)
+    return is_fake(q)
 
 
 def _triton_runs_on(device: torch.device) -> bool:

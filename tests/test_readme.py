@@ -356,8 +356,11 @@ def test_quick_start_figures_are_the_measured_ones(image_run):
     low, high = map(float, _figures(r"peak resident memory ([\d.]+)-([\d.]+) GB"))
     peaks = [runs[f"tiny_{m}"]["peak_rss_gb"] for m in ("image", "audio", "text")]
     assert (low, high) == (math.floor(min(peaks) * 10) / 10, math.ceil(max(peaks) * 10) / 10)
-    _, short, _ = image_run  # the short tiny_image run here stays within the figure too
-    assert short.peak_gb <= high, f"tiny_image peaked at {short.peak_gb:.2f} GB"
+    # The short tiny_image run here stays within the bound the README gives for other machines.
+    (bound,) = map(float, _figures(r"Other machines differ in the loader's buffers: plan for up to "
+                                   r"([\d.]+) GB"))
+    _, short, _ = image_run
+    assert 0 < short.peak_gb <= bound, f"tiny_image peaked at {short.peak_gb:.2f} GB"
 
 
 def test_v2_figures_are_the_measured_ones():

@@ -512,7 +512,8 @@ def main(argv=None) -> int:
     launches = len({g for job in jobs for g, _ in job.users})
     print(f"compile_check: triton {triton.__version__}, target sm_{SM}: {len(jobs)} distinct "
           f"compiles for {launches} launches of {len(configs)} configs ({', '.join(configs)}), "
-          f"kernels of {', '.join(groups)}, attention in {', '.join(dtypes)}; {args.jobs} processes",
+          f"kernels of {', '.join(groups)}, attention in {', '.join(dtypes)}; {args.jobs} "
+          "processes",
           flush=True)
     if args.list:
         for job in jobs:

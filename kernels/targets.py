@@ -379,8 +379,9 @@ def _combine(ys, pad_bytes, out, eps, layer_norm, final_norm, count_pad, keep_pa
     common = dict(FINAL=_NORM_CODE[final_norm], HAS_PAD=has_pad, KEEP_PAD=keep_pad,
                   BLOCK_R=p.block_r, CW=p.cw, NCH=p.nch, MASK_C=p.mask_c, num_warps=p.warps)
     if not instance:
-        _combine_kernel[(triton.cdiv(T, p.block_r * p.sub), B)](layers, strides_b, strides_t, pad_arg, out, B, T, C, eps,
-                                  NORM=_NORM_CODE[layer_norm], SUB=p.sub, **common)
+        grid = (triton.cdiv(T, p.block_r * p.sub), B)
+        _combine_kernel[grid](layers, strides_b, strides_t, pad_arg, out, B, T, C, eps,
+                              NORM=_NORM_CODE[layer_norm], SUB=p.sub, **common)
         return
     ncb = triton.cdiv(C, p.cw)
     dev = out.device

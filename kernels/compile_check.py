@@ -1,8 +1,10 @@
 """Compiles every Triton kernel in kernels/ for the H100 (sm_90) at the base configs' shapes, on any
-machine (no GPU needed), and reports registers, spill bytes and shared memory.
+machine (no GPU needed), and reports registers, spill bytes, shared memory and occupancy (blocks
+resident per H100 SM given those, and resident warps of 64).
 
     python -m kernels.compile_check [--configs image_base,...] [--dtypes bfloat16,float16,float32]
-                                    [--jobs N] [--csrc] [--json PATH] [--all] [--list]
+                                    [--only masking,targets,attention] [--jobs N] [--csrc]
+                                    [--json PATH] [--all] [--list]
 
 What is compiled. Each base config (image v1/v2, audio v1/v2, text v1/v2) names the launches of one
 training micro-batch: the masks; attention forward + backward of the student (train mode: the
@@ -23,7 +25,8 @@ csrc/targets_kernels.cu for sm_90 too (the extension's kernels need no torch hea
 
 Fails (exit 1) on: a compile error; a config above 227 KB of shared memory; a kernel and launch
 where every config spills. A spilling config with a spill-free sibling is listed, not fatal.
---all also lists the configs that compiled clean.
+The targets and masking kernels are always listed (one launch each per config: their registers
+and occupancy are the point); attention configs only when they spill, or with --all.
 """
 from __future__ import annotations
 
@@ -393,8 +396,9 @@ def find_nvcc() -> str | None:
 
 
 def compile_csrc() -> dict:
-    """{"nvcc", "kernels": [{name, regs, spill_stores, spill_loads, shared}], "seconds"} for
-    csrc/targets_kernels.cu at sm_90, or {"skipped": reason} / {"error": ...}."""
+    """{"nvcc", "kernels": [{name, regs, spill_stores, spill_loads, shared, threads,
+    blocks_per_sm, occupancy}], "seconds"} for csrc/targets_kernels.cu at sm_90, or
+    {"skipped": reason} / {"error": ...}."""
     nvcc = find_nvcc()
     if nvcc is None:
         return {"skipped": "no nvcc (install the nvidia-cuda-nvcc wheel or a CUDA toolkit)"}
@@ -406,6 +410,8 @@ def compile_csrc() -> dict:
         run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         return {"error": run.stderr.strip()[-3000:], "nvcc": nvcc}
+    # Every csrc kernel is launched with kThreads threads per block.
+    threads = int(re.search(r"constexpr int kThreads = (\d+);", src.read_text()).group(1))
     kernels, current = [], None
     for line in run.stderr.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -419,6 +425,9 @@ def compile_csrc() -> dict:
                 current["regs"] = int(r.group(1))
             if sm := re.search(r"(\d+) bytes smem", line):
                 current["shared"] = int(sm.group(1))
+    for k in kernels:
+        if "regs" in k:
+            k.update(threads=threads, **occupancy(k["regs"], threads, k.get("shared", 0)))
     return {"nvcc": nvcc, "kernels": kernels, "seconds": time.perf_counter() - start}
 
 

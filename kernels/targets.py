@@ -347,7 +347,7 @@ def _plan(B, T, C, K, elem, instance) -> Plan:
         return Plan(cw, nch, mask_c, block_r, sub, warps)
     # One row tile per combine task: a loop over several would keep every layer's statistics
     # addresses live across it (ptxas: 180 registers instead of ~110 at K = 8).
-    block_t = max(min_rows, 4096 // cw)
+    block_t = max(min_rows, 2048 // cw)  # taller statistics tiles: 120-220 registers
     rows = T if _interpreted() else STATS_ROWS
     nj = triton.cdiv(T, max(rows, block_t))
     tchunk = triton.cdiv(triton.cdiv(T, nj), block_t) * block_t
@@ -387,14 +387,17 @@ def _combine(ys, pad_bytes, out, eps, layer_norm, final_norm, count_pad, keep_pa
     dev = out.device
     partial = torch.empty(2, B, K, p.nj, ncb * p.cw, dtype=torch.float32, device=dev)
     counts = torch.empty(B, K, ncb, p.nj, dtype=torch.float32, device=dev)
-    stats = torch.empty(2, K, B, C, dtype=torch.float32, device=dev)
+    # Rows of mean / 1/std 128-byte aligned: no cache line holds two samples' statistics, so none
+    # can be cached by an SM before its sample's statistics are final.
+    stat_ld = triton.cdiv(C, 32) * 32
+    stats = torch.empty(2, K, B, stat_ld, dtype=torch.float32, device=dev)
     # [ticket, ready per sample, finished statistics tasks per (sample, layer, channel block)]
     sync = torch.zeros(1 + B + B * K * ncb, dtype=torch.int32, device=dev)
     nrg = triton.cdiv(T, p.block_r)  # combine tasks per sample
     tasks = B * (K * ncb * p.nj + nrg)
     _instance_kernel[(tasks,)](
         layers, strides_b, strides_t, pad_arg, partial[0], partial[1], counts, stats[0], stats[1],
-        sync, out, B, T, C, eps, p.tchunk, p.nj, ncb, nrg, p.ahead,
+        sync, out, B, T, C, stat_ld, eps, p.tchunk, p.nj, ncb, nrg, p.ahead,
         COUNT_PAD=count_pad, BLOCK_T=p.block_t, **common)
 
 
@@ -459,7 +462,8 @@ if triton is not None:
         return base, stride_b, stride_t
 
     @triton.jit
-    def _combine_rows(layers, strides_b, strides_t, pad, mean, rstd, out, b, t0, B, T, C, eps,
+    def _combine_rows(layers, strides_b, strides_t, pad, mean, rstd, out, b, t0, B, T, C,
+                      stat_ld, eps,
                       NORM: tl.constexpr, FINAL: tl.constexpr, HAS_PAD: tl.constexpr,
                       KEEP_PAD: tl.constexpr, BLOCK_R: tl.constexpr, CW: tl.constexpr,
                       NCH: tl.constexpr, MASK_C: tl.constexpr):
@@ -491,7 +495,7 @@ if triton is not None:
             if NORM == 2:
                 normed = ()
                 for c in tl.static_range(NCH):
-                    at = (l * B + b) * C + c * CW + cols
+                    at = (l * B + b) * stat_ld + c * CW + cols
                     ok = cols < CW
                     if MASK_C:
                         ok = c * CW + cols < C
@@ -528,12 +532,13 @@ if triton is not None:
         b = tl.program_id(1).to(tl.int64)
         for sub in range(SUB):
             t0 = (tl.program_id(0) * SUB + sub) * BLOCK_R
-            _combine_rows(layers, strides_b, strides_t, pad, out, out, out, b, t0, B, T, C, eps,
+            _combine_rows(layers, strides_b, strides_t, pad, out, out, out, b, t0, B, T, C, C, eps,
                           NORM, FINAL, HAS_PAD, KEEP_PAD, BLOCK_R, CW, NCH, MASK_C)
 
     @triton.jit
     def _stats_task(layers, strides_b, strides_t, pad, part_mean, part_m2, counts, mean, rstd,
-                    sync, b, l, j, cb, B, T, C, eps, TCHUNK, NJ, NCB, COUNT_PAD: tl.constexpr,
+                    sync, b, l, j, cb, B, T, C, stat_ld, eps, TCHUNK, NJ, NCB,
+                    COUNT_PAD: tl.constexpr,
                     HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr):
         """Statistics of rows [j * TCHUNK, (j + 1) * TCHUNK) of layer l, sample b, channels of
         block cb: Chan merges of BLOCK_T x CW tiles (the next tile's loads in flight) -> a partial
@@ -597,7 +602,7 @@ if triton is not None:
                 m = m + delta * weight
                 s = s + s_j + delta * delta * n * weight
                 n = total
-            at = (l * B + b) * C + cb * CW + cols
+            at = (l * B + b) * stat_ld + cb * CW + cols
             tl.store(mean + at, m, mask=col_ok)
             tl.store(rstd + at, 1.0 / tl.sqrt(s / tl.maximum(n, 1.0) + eps), mask=col_ok)
             tl.debug_barrier()
@@ -605,7 +610,7 @@ if triton is not None:
 
     @triton.jit
     def _instance_kernel(layers, strides_b, strides_t, pad, part_mean, part_m2, counts, mean,
-                         rstd, sync, out, B, T, C, eps, TCHUNK, NJ, NCB, NRG, AHEAD,
+                         rstd, sync, out, B, T, C, stat_ld, eps, TCHUNK, NJ, NCB, NRG, AHEAD,
                          FINAL: tl.constexpr, HAS_PAD: tl.constexpr, COUNT_PAD: tl.constexpr,
                          KEEP_PAD: tl.constexpr, BLOCK_R: tl.constexpr, CW: tl.constexpr,
                          NCH: tl.constexpr, MASK_C: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -616,7 +621,8 @@ if triton is not None:
         merged; every task it waits on took an earlier ticket, so it is already running and never
         waits itself: no deadlock whatever order the hardware starts programs in. Between the
         statistics and the combine of a sample only ~AHEAD samples' layers are read, so its second
-        read finds them in L2."""
+        read finds them in L2. Partials are read from L2 (.cg); the mean and 1/std rows are
+        128-byte aligned and read only once final, so no SM's L1 can hold a stale copy."""
         K: tl.constexpr = len(layers)
         task = tl.atomic_add(sync, 1).to(tl.int64)
         s1 = K * NCB * NJ  # statistics tasks per sample
@@ -638,11 +644,11 @@ if triton is not None:
             l = i // (NCB * NJ)
             cb = (i // NJ) % NCB
             _stats_task(layers, strides_b, strides_t, pad, part_mean, part_m2, counts, mean, rstd,
-                        sync, b, l, i % NJ, cb, B, T, C, eps, TCHUNK, NJ, NCB, COUNT_PAD, HAS_PAD,
-                        BLOCK_T, CW)
+                        sync, b, l, i % NJ, cb, B, T, C, stat_ld, eps, TCHUNK, NJ, NCB, COUNT_PAD,
+                        HAS_PAD, BLOCK_T, CW)
         else:
             seen = tl.atomic_add(sync + 1 + b, 0, sem="acquire", scope="gpu")
             while seen < K * NCB:
                 seen = tl.atomic_add(sync + 1 + b, 0, sem="acquire", scope="gpu")
             _combine_rows(layers, strides_b, strides_t, pad, mean, rstd, out, b, i * BLOCK_R, B, T,
-                          C, eps, 2, FINAL, HAS_PAD, KEEP_PAD, BLOCK_R, CW, NCH, MASK_C)
+                          C, stat_ld, eps, 2, FINAL, HAS_PAD, KEEP_PAD, BLOCK_R, CW, NCH, MASK_C)

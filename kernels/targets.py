@@ -356,6 +356,20 @@ def _plan(B, T, C, K, elem, instance) -> Plan:
     return Plan(cw, nch, mask_c, block_r, 1, warps, block_t, tchunk, nj, ahead)
 
 
+def dram_bytes(B, T, C, K, elem, layer_norm, final_norm, unpadded=1.0) -> tuple[int, int]:
+    """(minimal, this module's GPU path) DRAM bytes of one call, as the module docstring's table
+    counts them: an estimate that assumes the instance path's second read hits L2."""
+    n = B * T
+    minimal = int(K * elem * n * C * unpadded) + 4 * n * C
+    ours = minimal
+    stats = 8 * B * C * (triton.cdiv(T, STATS_ROWS) + 1) if triton is not None else 0
+    if layer_norm == "instance":
+        ours += K * stats
+    if final_norm == "instance":
+        ours += 8 * n * C + stats
+    return minimal, ours
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 

@@ -106,7 +106,7 @@ class Data2VecV2(nn.Module):
 
     def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor,
                 masks: dict | None = None) -> StepOutput:
-        """One micro-batch's loss; `masks`: draw_masks(batch, seeds) drawn ahead, else drawn here."""
+        """One micro-batch's loss; `masks`: draw_masks(batch, seeds) made ahead, else drawn here."""
         cfg, o = self.cfg, self.cfg.objective
         clones = o.clone_batch
         source, padding_mask = batch["source"], batch.get("padding_mask")

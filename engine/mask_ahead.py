@@ -101,7 +101,8 @@ class Feed:
         seeds = sample_seeds(self.cfg.seed, step, batch["position"], STREAM_MASK)
         # The side stream waits for nothing: its inputs are pinned host memory and what it
         # allocates comes from its own pool of the caching allocator.
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        side = torch.cuda.stream(self.stream) if self.stream is not None else None
+        with side or contextlib.nullcontext():
             batch = to_device(batch, self.device)
             seeds = host_to_device(seeds, self.device)
             masks = self.objective.draw_masks(batch, seeds) if self.ahead else None

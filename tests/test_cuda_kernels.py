@@ -41,7 +41,7 @@ def test_kernels_are_compiled_not_interpreted():
         "TRITON_INTERPRET=1 is set on a CUDA machine: the kernels would run interpreted")
     from triton.runtime.jit import JITFunction
     kernels = [attn._fwd_kernel.fn, attn._bwd_dkdv_kernel.fn, attn._bwd_dq_kernel.fn,
-               attn._bwd_dbias_kernel.fn, attn._delta_kernel, targets._stats_kernel,
+               attn._bwd_dbias_kernel.fn, attn._delta_kernel, targets._instance_kernel,
                targets._combine_kernel, masking._span_kernel, masking._trim_kernel,
                masking._token_kernel, masking._beit_block_kernel, masking._inverse_block_kernel]
     assert all(type(k) is JITFunction for k in kernels), [type(k).__name__ for k in kernels]

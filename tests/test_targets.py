@@ -161,6 +161,37 @@ def test_split_time_statistics_match_float64(monkeypatch, dtype):
     assert (got[pad] == 0).all(), "padded steps must be 0"
 
 
+def test_workspaces_left_nan_never_reach_the_targets(monkeypatch):
+    # Partial and final statistics, counts and the output start as NaN: every element a kernel
+    # reads must have been written by an earlier task of the same launch.
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    forced_plan(monkeypatch, block_t=8, tchunk=16, nj=3, ahead=1)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    layers = make_layers(3, 3, 41, 48, seed=19)
+    pad = make_padding(3, 41, seed=19)
+    for layer_norm, final_norm in [("instance", "layer"), ("none", "instance")]:
+        got = run_triton(layers, pad, layer_norm, final_norm)
+        want = targets.teacher_targets_reference(layers, pad, layer_norm, final_norm)
+        assert_close_and_clean(got, want, pad, 1e-5, f"poisoned {layer_norm}/{final_norm}")
+
+
+def test_dram_bytes_are_the_minimum_without_instance_norm():
+    minimal, ours = targets.dram_bytes(256, 196, 768, 6, 2, "none", "layer")
+    assert minimal == ours == 256 * 196 * 768 * (6 * 2 + 4)
+    minimal, ours = targets.dram_bytes(16, 1000, 768, 8, 2, "instance", "none")
+    stats = 8 * 8 * 16 * 768 * (triton_cdiv(1000, targets.STATS_ROWS) + 1)
+    assert ours == minimal + stats and ours < 1.05 * minimal, (minimal, ours)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
 def test_combine_tiles_fit_768_channels_exactly():
     plan = targets._plan(256, 197, 768, 6, 2, True)
     assert (plan.cw, plan.nch, plan.mask_c) == (256, 3, False), plan

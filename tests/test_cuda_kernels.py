@@ -364,12 +364,12 @@ def test_seed_copies_do_not_synchronize_the_host():
     (non_blocking); a copy from pageable memory would synchronize, which sync-debug mode turns
     into an error. Each op runs once first: compilation and cached tables may synchronize."""
     from engine.seeding import STREAM_MASK, sample_seeds
-    from engine.trainer import _host_to_device
+    from engine.mask_ahead import host_to_device
     lengths = torch.full((4,), 60, device="cuda")
 
     def step():
-        seeds = _host_to_device(sample_seeds(1, 2, torch.arange(4), STREAM_MASK),
-                                torch.device("cuda"))
+        seeds = host_to_device(sample_seeds(1, 2, torch.arange(4), STREAM_MASK),
+                               torch.device("cuda"))
         masking.span_mask(lengths, 60, 0.5, 5, seed=7)
         masking.block_mask(4, (14, 14), 0.6, seed=7, device="cuda")
         masking.span_mask(lengths, 60, 0.5, 5, seed=seeds)

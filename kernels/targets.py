@@ -440,21 +440,22 @@ if triton is not None:
     @triton.jit
     def _row_layer_norm(xs, cols, C, eps, CW: tl.constexpr, NCH: tl.constexpr,
                         MASK_C: tl.constexpr):
-        """Layer norm (no affine) of rows held as NCH fp32 chunks R x CW."""
-        total = tl.sum(xs[0], axis=1)
+        """Layer norm (no affine) of rows held as NCH fp32 chunks R x CW. The chunks share one
+        layout, so they are added in registers first: one warp reduction per moment, not NCH."""
+        total = xs[0]
         for c in tl.static_range(1, NCH):
-            total += tl.sum(xs[c], axis=1)
-        mu = total / C
+            total += xs[c]
+        mu = tl.sum(total, axis=1) / C
         devs = ()
         for c in tl.static_range(NCH):
             d = xs[c] - mu[:, None]
             if MASK_C:
                 d = tl.where((c * CW + cols < C)[None, :], d, 0.0)
             devs = devs + (d,)
-        sq = tl.sum(devs[0] * devs[0], axis=1)
+        sq = devs[0] * devs[0]
         for c in tl.static_range(1, NCH):
-            sq += tl.sum(devs[c] * devs[c], axis=1)
-        inv = 1.0 / tl.sqrt(sq / C + eps)
+            sq += devs[c] * devs[c]
+        inv = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / C + eps)
         out = ()
         for c in tl.static_range(NCH):
             out = out + (devs[c] * inv[:, None],)

@@ -9,8 +9,9 @@ biased variance of F.instance_norm / F.layer_norm; padded steps of the target ar
 F.instance_norm over the full T does.
 
 Paths: `teacher_targets_reference` (plain PyTorch, the ground truth), two Triton kernels and their
-CUDA C++ counterparts in csrc/ (module d2v_cuda, loaded by kernels/_cuda.py: the same tasks, a
-warp per step holding the row in registers, 16-byte loads, fp32 accumulation). `teacher_targets`
+CUDA C++ counterparts in csrc/ (module d2v_cuda, loaded by kernels/_cuda.py: the same tasks, one
+or two warps per step holding the row in registers, fp32 accumulation, __launch_bounds__ for 4
+blocks of 256 threads per SM at C = 768). `teacher_targets`
 runs Triton for CPU tensors under TRITON_INTERPRET=1, the reference for other CPU tensors, and on
 CUDA whichever of Triton and the extension measured faster for the shape (see _pick_backend;
 `last_backend()` says which ran):

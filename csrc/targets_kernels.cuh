@@ -45,7 +45,7 @@ int vector_width(DType dtype);
 // every base pointer 16-byte aligned. Otherwise the kernels load one element at a time.
 bool can_vectorize(const TargetsProblem& p);
 
-// The largest C the combine kernels take (a warp holds a whole row in registers).
+// The largest C the kernels take (one or two warps hold a whole row in registers).
 int64_t max_channels(DType dtype, bool vectorized);
 
 // One pass, per-layer norm none or layer: every layer read once, normalized, averaged in fp32, the

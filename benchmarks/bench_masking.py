@@ -4,9 +4,14 @@
     python -m pytest benchmarks/bench_masking.py          (pytest-benchmark; never collected by
                                                            default: the file name is not test_*)
 
-Each row reports microseconds per batch, the speed-up over the NumPy baseline and the fraction of
-a training step (--step-ms; default the base image step of shared/reference/performance.md, the
-only documented one, also used for audio and text). `ours` is the public op on the device (all
+Each row reports microseconds per batch, the speed-up over the NumPy baseline, the bytes our
+kernels read and write with that as a fraction of the device copy bandwidth measured in the same run
+(masks are latency-bound: the fraction only shows how far), and the fraction of a training step
+(--step-ms; default the base image step of shared/reference/performance.md, the only documented
+one, also used for audio and text). On CUDA each case also measures what drawing the masks on a side
+stream adds to a step (engine/mask_ahead.py): a ~1 ms stand-in step of bf16 matmuls timed alone and
+with the masks launched beside it on a second stream, the step waiting for their event at its end;
+the difference is the "ahead" column (goal: 0 us). `ours` is the public op on the device (all
 three take their Triton kernels on CUDA), `reference` the op's *_reference on the device, `numpy`
 a compact per-sample port of what data2vec's reference code runs in its data loader, on the CPU:
 fairseq compute_mask_indices (span), BEiT's MaskingGenerator loop and data2vec 2.0's
@@ -292,7 +297,47 @@ def path(impl: str, case: Case, device: torch.device) -> str:
     return "torch"
 
 
-def run_case(case: Case, impls, device: torch.device, tiny: bool = False):
+def kernel_bytes(case: Case) -> int:
+    """Bytes our kernels read and write for one batch: seeds and inputs in, the mask (and for text
+    the new ids) out; require_same_masks' trim reads and rewrites the mask."""
+    n = case.B * case.T
+    if case.op == "block":
+        return 8 * case.B + n
+    if case.op == "span":
+        return 16 * case.B + n + 2 * n
+    return 8 * case.B + 8 * n + n + 8 * n + n  # seeds, ids, special in; ids, selected out
+
+
+def side_stream_overhead_us(fn, device: torch.device) -> float | None:
+    """Microseconds that running fn() on a side stream adds to a ~1 ms stand-in step (bf16
+    matmuls) that waits for its event at the end, as the trainer's next micro-batch does; None
+    without CUDA."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+
+    def step():
+        for _ in range(4):
+            torch.matmul(x, x)
+
+    side = torch.cuda.Stream(device)
+
+    def step_with_masks():
+        with torch.cuda.stream(side):
+            fn()
+            done = torch.cuda.Event()
+            done.record(side)
+        step()
+        torch.cuda.current_stream(device).wait_event(done)
+
+    alone = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+    beside = triton.testing.do_bench(step_with_masks, warmup=25, rep=200, return_mode="median")
+    return 1e3 * (beside - alone)
+
+
+def run_case(case: Case, impls, device: torch.device, tiny: bool = False,
+             copy_gbps: float | None = None):
     inputs = make_inputs(case, device)
     cuda = device.type == "cuda"
     want = implementation("reference", case, inputs)() if "ours" in impls else None
@@ -306,9 +351,15 @@ def run_case(case: Case, impls, device: torch.device, tiny: bool = False):
         if impl == "ours":
             match = bool(torch.equal(got, want))
         us[impl] = _time_us(fn, cuda and impl != "numpy", 0.05 if tiny else 0.3)
-        rows.append(dict(asdict(case), impl=impl, on=on, path=path(impl, case, device),
-                         us=us[impl], masked_frac=got.float().mean().item(),
-                         matches_reference=match))
+        row = dict(asdict(case), impl=impl, on=on, path=path(impl, case, device), us=us[impl],
+                   masked_frac=got.float().mean().item(), matches_reference=match,
+                   bytes=None, copy_fraction=None, ahead_us=None)
+        if impl == "ours":
+            row["bytes"] = kernel_bytes(case)
+            if copy_gbps:
+                row["copy_fraction"] = row["bytes"] / us[impl] / 1e3 / copy_gbps
+            row["ahead_us"] = side_stream_overhead_us(fn, device)
+        rows.append(row)
     for row in rows:
         row["speedup_vs_numpy"] = us["numpy"] / row["us"] if "numpy" in us else None
     return rows
@@ -347,14 +398,20 @@ def print_table(env: dict, rows, ctx: dict) -> None:
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"numpy {env['numpy']}  interpret {env['triton_interpret']}  "
           f"cpu threads {env['cpu_threads']}")
+    print(f"copy bandwidth {env['copy_gbps']:.0f} GB/s (read + write)")
     print(f"{'case':<10}{'op':<7}{'B':>5}{'T':>6}  {'impl':<11}{'on':<6}{'path':<15}"
-          f"{'us/batch':>12}{'x numpy':>9}{'masked':>8}{'=ref':>6}")
+          f"{'us/batch':>12}{'x numpy':>9}{'masked':>8}{'=ref':>6}{'KB':>8}{'%copy':>8}"
+          f"{'ahead us':>9}")
     for r in rows:
         x = r["speedup_vs_numpy"]
         speed = "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
         match = {None: "-", True: "yes", False: "NO"}[r["matches_reference"]]
+        kb = "" if r["bytes"] is None else f"{r['bytes'] / 1e3:.1f}"
+        frac = "" if r["copy_fraction"] is None else f"{100 * r['copy_fraction']:.3f}%"
+        ahead = "" if r["ahead_us"] is None else f"{r['ahead_us']:.1f}"
         print(f"{r['name']:<10}{r['op']:<7}{r['B']:>5}{r['T']:>6}  {r['impl']:<11}{r['on']:<6}"
-              f"{r['path']:<15}{r['us']:>12.1f}{speed:>9}{r['masked_frac']:>8.3f}{match:>6}")
+              f"{r['path']:<15}{r['us']:>12.1f}{speed:>9}{r['masked_frac']:>8.3f}{match:>6}"
+              f"{kb:>8}{frac:>8}{ahead:>9}")
     note = "" if env["device"] != "cpu" else "  (these are CPU timings: not comparable)"
     print(f"context: {ctx['source']}{note}")
     for name, shares in ctx["cases"].items():
@@ -381,7 +438,10 @@ def main(argv=None) -> None:
         cases = [c for c in cases if c.name in args.cases.split(",")]
     device = _device()
     env = environment(device)
-    rows = [row for case in cases for row in run_case(case, impls, device, args.tiny)]
+    from benchmarks import common
+    env["copy_gbps"] = common.copy_bandwidth_gbps(device.type)
+    rows = [row for case in cases
+            for row in run_case(case, impls, device, args.tiny, env["copy_gbps"])]
     ctx = context(rows, args.step_ms)
     print_table(env, rows, ctx)
     if args.json:
@@ -391,18 +451,25 @@ def main(argv=None) -> None:
 
 
 def run(tiny: bool = False, quick: bool = False) -> list[dict]:
-    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop
+    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop,
+    fraction_of_peak = our bytes / measured copy bandwidth; on CUDA also what the side stream adds
+    to a step ("masking_ahead": ours = added us, peer = the masks' time in the step)
     (quick: the same cases, the base configs' full batches, are already the headline ones)."""
     from benchmarks import common
     device = _device()
+    copy_gbps = common.copy_bandwidth_gbps(device.type)
     records = []
     for case in (TINY if tiny else CASES):
-        rows = {r["impl"]: r for r in run_case(case, IMPLS, device, tiny)}
+        rows = {r["impl"]: r for r in run_case(case, IMPLS, device, tiny, copy_gbps)}
         ours = rows["ours"]
-        shape = f"{case.name} {ours['op']} B={ours['B']} T={ours['T']} ({ours['path']})"
+        shape = (f"{case.name} {ours['op']} B={ours['B']} T={ours['T']} ({ours['path']}, "
+                 f"{ours['bytes'] / 1e3:.0f} KB)")
         for peer in ("reference", "numpy"):
             records.append(common.record("masking", shape, ours["us"], peer, rows[peer]["us"],
-                                         "us", None, device))
+                                         "us", ours["copy_fraction"], device))
+        if ours["ahead_us"] is not None:
+            records.append(common.record("masking_ahead", shape, max(ours["ahead_us"], 0.0),
+                                         "in the step", ours["us"], "us", None, device))
     return records
 
 

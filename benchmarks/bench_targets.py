@@ -6,10 +6,14 @@
 
 Each row reports milliseconds, GB/s against the minimal bytes (K bf16 layers read once + the fp32
 target written once) and that as a fraction of the device-to-device copy bandwidth measured in the
-same run (bytes read + written). "ours" is the public dispatcher (its "path" column says which of
-Triton and CUDA it picked for the shape); "triton" and "cuda" force one path; the cuda rows appear
-only where the extension loads (kernels/_cuda.py: installed or JIT-built). Without CUDA, ours runs
-under TRITON_INTERPRET=1, so --tiny shapes check the plumbing; only GPU timings mean anything.
+same run (bytes read + written), and the DRAM bytes our kernels move for the case (the module
+docstring's table of kernels/targets.py: the minimum for none / layer norms, + the statistics for
+instance norm). "ours" is the public dispatcher (its "path" column says which of Triton and CUDA it
+picked for the shape); "triton" and "cuda" force one path; the cuda rows appear only where the
+extension loads (kernels/_cuda.py: installed or JIT-built). "compiled" is
+torch.compile(reference, mode="max-autotune") on CUDA (the default mode on the CPU, where
+max-autotune only adds compile time). Without CUDA, ours runs under TRITON_INTERPRET=1, so --tiny
+shapes check the plumbing; only GPU timings mean anything.
 """
 from __future__ import annotations
 
@@ -44,9 +48,15 @@ class Case:
     def minimal_bytes(self, in_bytes: int = 2) -> int:
         return self.B * self.T * self.C * (self.K * in_bytes + 4)
 
+    def kernel_bytes(self, in_bytes: int = 2) -> int:
+        """DRAM bytes our kernels move (kernels.targets.dram_bytes: an estimate)."""
+        return targets.dram_bytes(self.B, self.T, self.C, self.K, in_bytes, self.layer_norm,
+                                  self.final_norm)[1]
+
 
 # Norms as in the data2vec configs: image v1 (none/layer), image v2 (instance/layer), audio
-# (instance/none), text v1 (layer/none).
+# (instance/none), text v1 (layer/none). Goals (issue 20, H100): image v1 and text >= 85% of copy
+# bandwidth, >= 5x eager and >= 1.5x compiled; the instance cases >= 70%.
 CASES = [
     Case("image_v1", 256, 197, 768, 6, "none", "layer"),
     Case("image_v2", 256, 197, 768, 8, "instance", "layer"),
@@ -104,8 +114,12 @@ def implementation(impl: str, case: Case):
     if impl == "eager":
         return lambda layers: targets.teacher_targets_reference(layers, None, **kwargs)
     torch.compiler.reset()  # each case compiles for its own static shapes
-    compiled = torch.compile(targets.teacher_targets_reference)
+    compiled = torch.compile(targets.teacher_targets_reference, mode=compile_mode())
     return lambda layers: compiled(layers, None, **kwargs)
+
+
+def compile_mode() -> str:
+    return "max-autotune" if torch.cuda.is_available() else "default"
 
 
 def run_case(case: Case, impls, device: torch.device, copy_gbps: float):
@@ -121,7 +135,8 @@ def run_case(case: Case, impls, device: torch.device, copy_gbps: float):
         gbps = case.minimal_bytes() / ms / 1e6
         rows.append(dict(asdict(case), impl=impl, path=path, dtype="bfloat16", ms=ms, gbps=gbps,
                          copy_fraction=gbps / copy_gbps, minimal_bytes=case.minimal_bytes(),
-                         max_rel_err=err))
+                         kernel_bytes=case.kernel_bytes() if impl in ("ours", "triton", "cuda")
+                         else None, max_rel_err=err))
     return rows
 
 
@@ -137,6 +152,7 @@ def environment(device: torch.device, copy_gbps: float) -> dict:
         "triton": triton_version,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "copy_gbps": copy_gbps,
+        "compile_mode": compile_mode(),
         "cuda_extension": _cuda.status(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.bench_targets"]
                             + sys.argv[1:]),
@@ -145,13 +161,16 @@ def environment(device: torch.device, copy_gbps: float) -> dict:
 
 def print_table(env: dict, rows) -> None:
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  "
-          f"copy {env['copy_gbps']:.0f} GB/s (read + write)  cuda ext {env['cuda_extension']}")
+          f"copy {env['copy_gbps']:.0f} GB/s (read + write)  cuda ext {env['cuda_extension']}  "
+          f"compiled: {env['compile_mode']}")
     print(f"{'case':<10}{'B':>5}{'T':>6}{'C':>6}{'K':>4}  {'norms':<16}{'impl':<10}{'path':<10}"
-          f"{'ms':>9}{'GB/s':>9}{'%copy':>7}{'rel err':>10}")
+          f"{'ms':>9}{'GB/s':>9}{'%copy':>7}{'min MB':>8}{'ours MB':>8}{'rel err':>10}")
     for r in rows:
         norms = f"{r['layer_norm']}/{r['final_norm']}"
+        ours_mb = "" if r["kernel_bytes"] is None else f"{r['kernel_bytes'] / 1e6:.1f}"
         print(f"{r['name']:<10}{r['B']:>5}{r['T']:>6}{r['C']:>6}{r['K']:>4}  {norms:<16}"
-              f"{r['impl']:<10}{r['path']:<10}{r['ms']:>9.3f}{r['gbps']:>9.1f}{100 * r['copy_fraction']:>6.1f}%"
+              f"{r['impl']:<10}{r['path']:<10}{r['ms']:>9.3f}{r['gbps']:>9.1f}"
+              f"{100 * r['copy_fraction']:>6.1f}%{r['minimal_bytes'] / 1e6:>8.1f}{ours_mb:>8}"
               f"{r['max_rel_err']:>10.1e}")
 
 
@@ -194,7 +213,8 @@ def main(argv=None) -> None:
 
 
 def run(tiny: bool = False, quick: bool = False) -> list[dict]:
-    """run_all's interface: ours vs eager and vs torch.compile(reference), one record per peer
+    """run_all's interface: ours vs eager, vs torch.compile(reference) and vs the CUDA extension
+    (where it loads), one record per peer, fraction_of_peak = ours / measured copy bandwidth
     (quick: the QUICK cases only)."""
     from benchmarks import common
     device = _device()
@@ -202,11 +222,13 @@ def run(tiny: bool = False, quick: bool = False) -> list[dict]:
     records, impls = [], available(IMPLS)
     for case in (c for c in (TINY if tiny else CASES) if not quick or c.name in QUICK):
         rows = {r["impl"]: r for r in run_case(case, impls, device, copy_gbps)}
-        shape = f"{case.name} K={case.K} B={case.B} T={case.T} C={case.C} bf16"
-        for peer in ("eager", "compiled"):
-            records.append(common.record("targets", shape, rows["ours"]["gbps"], peer,
-                                         rows[peer]["gbps"], "GB/s",
-                                         rows["ours"]["copy_fraction"], device))
+        shape = (f"{case.name} K={case.K} B={case.B} T={case.T} C={case.C} bf16 "
+                 f"({rows['ours']['path']}, {case.kernel_bytes() / 1e6:.0f} MB)")
+        for peer in ("eager", "compiled", "cuda"):
+            if peer in rows:
+                records.append(common.record("targets", shape, rows["ours"]["gbps"], peer,
+                                             rows[peer]["gbps"], "GB/s",
+                                             rows["ours"]["copy_fraction"], device))
     return records
 
 

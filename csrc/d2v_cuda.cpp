@@ -1,6 +1,7 @@
 // Python binding of the CUDA teacher-target kernels (module d2v_cuda): built by setup.py where
 // nvcc and a CUDA torch exist, or just in time by kernels/_cuda.py. Checks the tensors, builds the
-// by-value layer table and runs the same launch sequence as kernels/targets.py's Triton path.
+// by-value layer table and runs the same launch sequence as kernels/targets.py's Triton path: one
+// launch per pass (combine, or the instance kernel), a second in place for a final instance norm.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAStream.h>
@@ -85,24 +86,21 @@ bool supports(const std::vector<at::Tensor>& layers) {
   return p.C <= d2v::max_channels(p.dtype, d2v::can_vectorize(p));
 }
 
-// The launch sequence of one normalize-and-average pass: instance statistics when the per-layer
-// norm needs them, then the combine kernel.
+// One normalize-and-average pass: the combine kernel (per-layer norm none / layer), or the
+// one-launch instance kernel with its workspace (statistics, partials, zeroed counters).
 void combine_pass(const d2v::TargetsProblem& p, at::Tensor& out, int norm, int final_norm,
                   bool count_pad, bool keep_pad, cudaStream_t stream) {
-  at::Tensor stats;
-  const float* mean = nullptr;
-  const float* rstd = nullptr;
-  if (norm == d2v::kNormInstance) {
-    stats = at::empty({2, p.K, p.B, p.C}, out.options());
-    float* m = stats[0].data_ptr<float>();
-    float* r = stats[1].data_ptr<float>();
-    check(d2v::launch_instance_stats(p, count_pad, m, r, stream), "instance statistics");
-    mean = m;
-    rstd = r;
+  if (norm != d2v::kNormInstance) {
+    check(d2v::launch_combine(p, out.data_ptr<float>(), norm, final_norm, keep_pad, stream),
+          "combine");
+    return;
   }
-  check(d2v::launch_combine(p, mean, rstd, out.data_ptr<float>(), norm, final_norm, keep_pad,
-                            stream),
-        "combine");
+  const d2v::InstanceWorkspace w = d2v::instance_workspace(p);
+  at::Tensor floats = at::empty({w.floats}, out.options());
+  at::Tensor ints = at::zeros({w.ints}, out.options().dtype(at::kInt));
+  check(d2v::launch_instance(p, count_pad, out.data_ptr<float>(), final_norm, keep_pad,
+                             floats.data_ptr<float>(), ints.data_ptr<int>(), stream),
+        "instance norm");
 }
 
 int norm_code(int64_t code, const char* name) {

@@ -1,12 +1,20 @@
 // Teacher-target kernels (see targets_kernels.cuh). Only the CUDA runtime: no torch headers here.
 //
-// Traffic (N = B*T steps, s = input bytes per element, p = unpadded fraction of the steps):
-//   per-layer none/layer:  combine reads K*s*N*C*p, writes 4*N*C: the minimum, one kernel.
-//   per-layer instance:    instance_stats reads the layers once more first (2*K*s*N*C*p in all);
-//                          it walks the batch backwards so that the combine kernel, which starts
-//                          at b = 0, finds the last-read samples still in L2.
-//   final instance:        + stats over the fp32 average and an in-place normalize: (8p + 4)*N*C.
+// Traffic (N = B*T steps, s = input bytes per element, p = unpadded fraction of the steps), as in
+// kernels/targets.py's table:
+//   per-layer none/layer:  combine_kernel reads K*s*N*C*p, writes 4*N*C: the minimum, one pass.
+//   per-layer instance:    instance_kernel, one launch of tickets: statistics tasks (a T chunk of
+//                          one layer, sample and channel block) write partials, the last task of
+//                          each (layer, sample, block) merges them; a sample's combine tasks come
+//                          `ahead` samples later, when its layers are still in L2: K*s*N*C*p from
+//                          DRAM plus 8*K*B*C*(nj+1) bytes of statistics.
+//   final instance:        + the fp32 average through instance_kernel again, in place: 8*N*C.
+// Every kernel is 8 warps with __launch_bounds__ asking for 4 blocks per SM (<= 64 registers) where
+// a thread's row slice (ITEMS x VEC values) is at most 12 (C <= 768), fewer above (min_blocks): the
+// fp32 accumulator and two layers' loads stay in registers.
 #include "targets_kernels.cuh"
+
+#include <algorithm>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,10 +23,21 @@ namespace d2v {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kStatsRows = 8;     // thread rows of a stats block; each walks T with this stride
-constexpr int kStatsUnroll = 4;   // loads in flight per thread before the Welford updates
-constexpr int kCombineWarps = 8;  // one row (step) per warp at a time
-constexpr int kCombineRowsPerWarp = 4;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kRowsPerWarp = 4;                         // combine: steps per warp per block/task
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kStatsUnroll = 2;                         // statistics loads in flight per thread
+constexpr int64_t kStatsChunk = 128;                    // steps per statistics task (STATS_ROWS)
+constexpr int64_t kL2WindowBytes = int64_t(16) << 20;  // L2_WINDOW_BYTES of kernels/targets.py
+
+// Resident blocks of 256 threads asked of __launch_bounds__: 4 (64 registers) while a thread's
+// row slice holds at most 12 values (C <= 768), then 2 (128 registers), then 1: what each
+// instantiation compiles to without spilling (python -m kernels.compile_check --csrc).
+template <int LANE_FLOATS>
+constexpr int min_blocks() {
+  return LANE_FLOATS <= 12 ? 4 : LANE_FLOATS <= 24 ? 2 : 1;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -29,15 +48,6 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-// VEC elements at p as floats: one 16-byte load when VEC * sizeof(T) == 16.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_pack(const T* p, float (&dst)[VEC]) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) dst[i] = to_float(pack.v[i]);
-}
-
-// VEC fp32 values at p (statistics): float4 loads when VEC is a multiple of 4.
 template <int VEC>
 __device__ __forceinline__ void load_floats(const float* p, float (&dst)[VEC]) {
   if constexpr (VEC % 4 == 0) {
@@ -73,284 +83,459 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// 1/sqrt(v) rounded as the reference's rsqrt within an ulp, whatever --use_fast_math says.
+// 1/sqrt(v) rounded as the reference's rsqrt within an ulp, whatever --use_fast_math says: for the
+// statistics, once per channel. IEEE division and square root call a slow-path routine, whose
+// calling convention costs registers, so the per-step code (row norms) uses rsqrtf (2 ulp) and
+// products with reciprocals instead.
 __device__ __forceinline__ float exact_rsqrt(float v) { return __fdiv_rn(1.0f, __fsqrt_rn(v)); }
 
+// 1/n correctly rounded for the counts a statistics task sees (at most kStatsChunk steps).
+struct Inverses {
+  float v[kStatsChunk + 1];
+  constexpr Inverses() : v() {
+    for (int n = 1; n <= kStatsChunk; ++n) v[n] = 1.0f / float(n);
+  }
+};
+__constant__ Inverses kInverse = Inverses();
+
+// Chan's merge of (n_b, mean_b, M2_b) into (n, mean, M2), no E[x^2] - E[x]^2 cancellation;
+// inv_total = 1 / (n + n_b).
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float n_b,
+                                           float mean_b, float m2_b, float inv_total) {
+  const float weight = n_b * inv_total;
+  const float delta = mean_b - mean;
+  mean += delta * weight;
+  m2 += m2_b + delta * delta * n * weight;
+  n += n_b;
+}
+
+// Release / acquire at GPU scope for the statistics hand-over (fence.acq_rel, lighter than the
+// sequentially consistent fence of __threadfence).
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
 // ------------------------------------------------------------------------------------------------
-// Instance statistics: block = 32 vector columns x kStatsRows thread rows; grid = (C chunks, B, K).
+// Combine: a group of ROW threads (a warp, or two warps for C > 256) owns one step (row) at a
+// time, thread g of the group holding vectors g, g + ROW, ... of its C channels (ITEMS x VEC
+// values: 12 at C = 768, VEC = 4), so the fp32 accumulator never leaves registers and layer norms
+// are warp shuffles (plus one exchange through shared memory between the two warps of a group).
+// The next layer's loads are issued before the current layer is reduced; layers stay packed in
+// their input dtype until used, and each pass over a packed row converts it again (fresh_float)
+// rather than holding it as floats.
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kWarp * kStatsRows)
-    instance_stats_kernel(const TargetsProblem p, const bool count_pad, float* __restrict__ mean,
-                          float* __restrict__ rstd) {
-  __shared__ float s_count[kStatsRows];
-  __shared__ float s_mean[kStatsRows][kWarp * VEC];
-  __shared__ float s_m2[kStatsRows][kWarp * VEC];
+// The same conversions as to_float, never merged with an earlier one by the compiler.
+__device__ __forceinline__ float fresh_float(float x) { return x; }
+__device__ __forceinline__ float fresh_float(__nv_bfloat16 x) {
+  float f;
+  asm volatile("{ .reg .b32 w; cvt.u32.u16 w, %1; shl.b32 %0, w, 16; }"
+               : "=f"(f) : "h"(__bfloat16_as_ushort(x)));
+  return f;
+}
+__device__ __forceinline__ float fresh_float(__half x) {
+  float f;
+  asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(__half_as_ushort(x)));
+  return f;
+}
 
-  const int layer = blockIdx.z;
-  const int64_t b = p.B - 1 - blockIdx.y;  // backwards: the combine kernel starts at b = 0
-  const int64_t c0 = (int64_t(blockIdx.x) * kWarp + threadIdx.x) * VEC;
-  const bool col_ok = c0 < p.C;  // C is a multiple of VEC
-  const T* base = static_cast<const T*>(p.layers.data[layer]) + b * p.layers.stride_b[layer] + c0;
-  const int64_t stride_t = p.layers.stride_t[layer];
-  const uint8_t* pad = (p.pad != nullptr && !count_pad) ? p.pad + b * p.T : nullptr;
+template <typename T, int VEC, int ITEMS>
+struct Row {
+  Pack<T, VEC> v[ITEMS];
+};
 
-  float count = 0.0f;
-  float mu[VEC], m2[VEC];
+// The sum of x over the ROW threads of a row group; both warps of a two-warp group get the same
+// value (their partials are added in warp order). `slot` alternates between calls, so one barrier
+// per call suffices: a slot is rewritten only after the partner passed the next call's barrier.
+template <int ROW>
+__device__ __forceinline__ float group_sum(float x, float (*s_part)[2], int& slot) {
+  x = warp_sum(x);
+  if constexpr (ROW == kWarp) return x;
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) s_part[warp][slot] = x;
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + warp / 2), "r"(2 * kWarp) : "memory");
+  x = s_part[warp & ~1][slot] + s_part[warp | 1][slot];
+  slot ^= 1;
+  return x;
+}
+
+template <typename T, int VEC, int ITEMS, int ROW>
+__device__ __forceinline__ void load_row(const TargetsProblem& p, int l, int64_t b, int64_t t,
+                                         int g, const bool (&valid)[ITEMS],
+                                         Row<T, VEC, ITEMS>& dst) {
+  const T* row = static_cast<const T*>(p.layers.data[l]) + b * p.layers.stride_b[l] +
+                 t * p.layers.stride_t[l];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) mu[i] = m2[i] = 0.0f;
-
-  for (int64_t t0 = threadIdx.y; t0 < p.T; t0 += kStatsRows * kStatsUnroll) {
-    float x[kStatsUnroll][VEC];
-    bool ok[kStatsUnroll];
+  for (int i = 0; i < ITEMS; ++i) {
+    if (valid[i]) {
+      dst.v[i] = *reinterpret_cast<const Pack<T, VEC>*>(row + (g + int64_t(i) * ROW) * VEC);
+    } else {
 #pragma unroll
-    for (int u = 0; u < kStatsUnroll; ++u) {
-      const int64_t t = t0 + int64_t(u) * kStatsRows;
-      ok[u] = t < p.T && (pad == nullptr || pad[t] == 0);
-      if (ok[u] && col_ok) load_pack<T, VEC>(base + t * stride_t, x[u]);
+      for (int e = 0; e < VEC; ++e) dst.v[i].v[e] = T(0.0f);
     }
-#pragma unroll
-    for (int u = 0; u < kStatsUnroll; ++u) {
-      if (!ok[u]) continue;
-      count += 1.0f;
-      const float inv = __fdiv_rn(1.0f, count);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {  // Welford: no E[x^2] - E[x]^2 cancellation
-        const float delta = x[u][i] - mu[i];
-        mu[i] += delta * inv;
-        m2[i] += delta * (x[u][i] - mu[i]);
-      }
-    }
-  }
-
-  if (threadIdx.x == 0) s_count[threadIdx.y] = count;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    s_mean[threadIdx.y][threadIdx.x * VEC + i] = mu[i];
-    s_m2[threadIdx.y][threadIdx.x * VEC + i] = m2[i];
-  }
-  __syncthreads();
-  if (threadIdx.y != 0 || !col_ok) return;
-
-  // Chan's merge of the thread rows' (count, mean, M2), in row order.
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    float n = 0.0f, m = 0.0f, s = 0.0f;
-    for (int r = 0; r < kStatsRows; ++r) {
-      const float nr = s_count[r];
-      if (nr == 0.0f) continue;
-      const float total = n + nr;
-      const float delta = s_mean[r][threadIdx.x * VEC + i] - m;
-      const float weight = __fdiv_rn(nr, total);
-      m += delta * weight;
-      s += s_m2[r][threadIdx.x * VEC + i] + delta * delta * n * weight;
-      n = total;
-    }
-    const int64_t at = (int64_t(layer) * p.B + b) * p.C + c0 + i;
-    mean[at] = m;
-    rstd[at] = exact_rsqrt(__fdiv_rn(s, fmaxf(n, 1.0f)) + p.eps);
   }
 }
 
-// ------------------------------------------------------------------------------------------------
-// Combine: a warp owns one step (row) at a time, lane l holding vectors l, l + 32, ... of its C
-// channels in registers (ITEMS per lane), so layer norms are warp shuffles and the fp32
-// accumulator never leaves registers. Block = kCombineWarps warps over a run of steps of one
-// sample (their instance statistics stay in L1); grid = (T chunks, B).
-
-// Layer norm of a row held as ITEMS x VEC per lane; `valid[i]`: whether vector i is inside C.
-template <int VEC, int ITEMS>
-__device__ __forceinline__ void row_layer_norm(float (&x)[ITEMS][VEC], const bool (&valid)[ITEMS],
-                                               int64_t C, float eps) {
+// mean and 1/std of a row held as ITEMS x VEC per thread (`valid[i]`: vector i inside C).
+template <typename X, int VEC, int ITEMS, int ROW>
+__device__ __forceinline__ void row_moments(const X& x, const bool (&valid)[ITEMS], float inv_c,
+                                            float eps, float (*s_part)[2], int& slot, float& mu,
+                                            float& inv) {
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) sum += valid[i] ? x[i][v] : 0.0f;
-  const float mu = __fdiv_rn(warp_sum(sum), float(C));
+    for (int e = 0; e < VEC; ++e) sum += valid[i] ? fresh_float(x.v[i].v[e]) : 0.0f;
+  mu = group_sum<ROW>(sum, s_part, slot) * inv_c;
   float sq = 0.0f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const float d = x[i][v] - mu;
+    for (int e = 0; e < VEC; ++e) {
+      const float d = fresh_float(x.v[i].v[e]) - mu;
       sq += valid[i] ? d * d : 0.0f;
     }
-  const float inv = exact_rsqrt(__fdiv_rn(warp_sum(sq), float(C)) + eps);
+  inv = rsqrtf(group_sum<ROW>(sq, s_part, slot) * inv_c + eps);
+}
+
+// Step t of sample b by its row group (g: the thread's index in it): the K layers normalized
+// (none / layer by `norm`, or instance with `mean`, `rstd`: rows of stat_ld floats per (layer,
+// sample)), averaged, final layer norm, written to out.
+template <typename T, int VEC, int ITEMS, int ROW, bool INSTANCE>
+__device__ __forceinline__ void combine_row(const TargetsProblem& p, int64_t b, int64_t t, int g,
+                                            const float* mean, const float* rstd,
+                                            int64_t stat_ld, float* out, int norm, int final_norm,
+                                            bool keep_pad, float (*s_part)[2], int& slot) {
+  const int64_t nvec = p.C / VEC;
+  bool valid[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) valid[i] = g + int64_t(i) * ROW < nvec;
+  Row<float, VEC, ITEMS> acc;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) x[i][v] = (x[i][v] - mu) * inv;
-}
-
-template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(kWarp * kCombineWarps)
-    combine_kernel(const TargetsProblem p, const float* __restrict__ mean,
-                   const float* __restrict__ rstd, float* out, const int norm,
-                   const int final_norm, const bool keep_pad, const int64_t rows_per_block) {
-  const int warp = threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t b = blockIdx.y;
-  const int64_t nvec = p.C / VEC;
-  const int64_t t_end = min(p.T, (int64_t(blockIdx.x) + 1) * rows_per_block);
-  const float inv_k = __fdiv_rn(1.0f, float(p.K));
-  bool valid[ITEMS];
+    for (int e = 0; e < VEC; ++e) acc.v[i].v[e] = 0.0f;
+  const bool padded = p.pad != nullptr && p.pad[b * p.T + t] != 0;
+  if (!padded || keep_pad) {
+    Row<T, VEC, ITEMS> next;
+    load_row<T, VEC, ITEMS, ROW>(p, 0, b, t, g, valid, next);
+    for (int l = 0; l < p.K; ++l) {
+      const Row<T, VEC, ITEMS> cur = next;
+      if (l + 1 < p.K) load_row<T, VEC, ITEMS, ROW>(p, l + 1, b, t, g, valid, next);
+      float mu = 0.0f, inv = 1.0f;
+      if (!INSTANCE && norm == kNormLayer)
+        row_moments<Row<T, VEC, ITEMS>, VEC, ITEMS, ROW>(cur, valid, p.inv_c, p.eps, s_part,
+                                                         slot, mu, inv);
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) valid[i] = lane + int64_t(i) * kWarp < nvec;
-
-  for (int64_t t = int64_t(blockIdx.x) * rows_per_block + warp; t < t_end; t += kCombineWarps) {
-    float* out_row = out + (b * p.T + t) * p.C;
-    float acc[ITEMS][VEC];
+      for (int i = 0; i < ITEMS; ++i) {
+        float m[VEC], r[VEC];
+        if (INSTANCE && valid[i]) {
+          const int64_t c = (int64_t(l) * p.B + b) * stat_ld + (g + int64_t(i) * ROW) * VEC;
+          load_floats<VEC>(mean + c, m);
+          load_floats<VEC>(rstd + c, r);
+        } else {
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i)
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[i][v] = 0.0f;
-    const bool padded = p.pad != nullptr && p.pad[b * p.T + t] != 0;
-    if (!padded || keep_pad) {
-      for (int l = 0; l < p.K; ++l) {
-        const T* row = static_cast<const T*>(p.layers.data[l]) + b * p.layers.stride_b[l] +
-                       t * p.layers.stride_t[l];
-        float x[ITEMS][VEC];
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {  // all loads first: ITEMS x 16 bytes in flight per lane
-          if (valid[i]) {
-            load_pack<T, VEC>(row + (lane + int64_t(i) * kWarp) * VEC, x[i]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) x[i][v] = 0.0f;
-          }
-        }
-        if (norm == kNormInstance) {
-          const int64_t stat = (int64_t(l) * p.B + b) * p.C;
-#pragma unroll
-          for (int i = 0; i < ITEMS; ++i) {
-            if (!valid[i]) continue;
-            float m[VEC], r[VEC];
-            const int64_t c = stat + (lane + int64_t(i) * kWarp) * VEC;
-            load_floats<VEC>(mean + c, m);
-            load_floats<VEC>(rstd + c, r);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) x[i][v] = (x[i][v] - m[v]) * r[v];
-          }
-        } else if (norm == kNormLayer) {
-          row_layer_norm<VEC, ITEMS>(x, valid, p.C, p.eps);
+          for (int e = 0; e < VEC; ++e) m[e] = mu, r[e] = inv;
         }
 #pragma unroll
-        for (int i = 0; i < ITEMS; ++i)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[i][v] += x[i][v];
+        for (int e = 0; e < VEC; ++e) acc.v[i].v[e] += (fresh_float(cur.v[i].v[e]) - m[e]) * r[e];
       }
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[i][v] *= inv_k;
-      if (final_norm == kNormLayer) row_layer_norm<VEC, ITEMS>(acc, valid, p.C, p.eps);
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i)
-      if (valid[i]) store_floats<VEC>(out_row + (lane + int64_t(i) * kWarp) * VEC, acc[i]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc.v[i].v[e] *= p.inv_k;
+    if (final_norm == kNormLayer) {
+      float mu, inv;
+      row_moments<Row<float, VEC, ITEMS>, VEC, ITEMS, ROW>(acc, valid, p.inv_c, p.eps, s_part,
+                                                           slot, mu, inv);
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc.v[i].v[e] = (acc.v[i].v[e] - mu) * inv;
+    }
   }
+  float* out_row = out + (b * p.T + t) * p.C;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+    if (valid[i]) store_floats<VEC>(out_row + (g + int64_t(i) * ROW) * VEC, acc.v[i].v);
+}
+
+// The steps [t_begin, t_end) of sample b, a row group at a time each.
+template <typename T, int VEC, int ITEMS, int ROW, bool INSTANCE>
+__device__ __forceinline__ void combine_rows(const TargetsProblem& p, int64_t b, int64_t t_begin,
+                                             int64_t t_end, const float* mean, const float* rstd,
+                                             int64_t stat_ld, float* out, int norm,
+                                             int final_norm, bool keep_pad) {
+  __shared__ float s_part[kWarps][2];
+  constexpr int kGroups = kThreads / ROW;
+  int slot = 0;
+  const int g = threadIdx.x % ROW;
+  for (int64_t t = t_begin + threadIdx.x / ROW; t < t_end; t += kGroups)
+    combine_row<T, VEC, ITEMS, ROW, INSTANCE>(p, b, t, g, mean, rstd, stat_ld, out, norm,
+                                              final_norm, keep_pad, s_part, slot);
+}
+
+// Per-layer norm none / layer. Block = 8 warps over kRowsPerBlock steps of one sample; grid =
+// (T blocks, B).
+template <typename T, int VEC, int ITEMS, int ROW>
+__global__ void __launch_bounds__(kThreads, min_blocks<ITEMS * VEC>())
+    combine_kernel(const TargetsProblem p, float* out, const int norm, const int final_norm,
+                   const bool keep_pad) {
+  const int64_t t0 = int64_t(blockIdx.x) * kRowsPerBlock;
+  combine_rows<T, VEC, ITEMS, ROW, false>(p, blockIdx.y, t0, min(p.T, t0 + kRowsPerBlock),
+                                          nullptr, nullptr, 0, out, norm, final_norm, keep_pad);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Instance norm: one launch of tasks taken in ticket order (see instance_kernel).
+
+struct InstanceArgs {
+  int64_t nj, ncb, ahead, nrg;  // T chunks, channel blocks, look-ahead, combine tasks per sample
+  int64_t stat_ld;              // floats per (layer, sample) row of mean / rstd: C rounded to 32
+  float* part_mean;             // B x K x nj x (ncb * 32 * VEC)
+  float* part_m2;
+  float* counts;                // B x K x ncb x nj
+  float* mean;                  // K x B x stat_ld, rows 128-byte aligned
+  float* rstd;
+  int* ticket;
+  int* ready;                   // B: merged (layer, block) statistics per sample
+  int* finished;                // B x K x ncb: statistics tasks done
+};
+
+// Statistics of steps [j * kStatsChunk, ...) of layer l, sample b, channels of block cb: 8 thread
+// rows (a warp each) stride the chunk, lane = channel vector; Welford within a thread, Chan merges
+// across the rows in row order. The last of the nj tasks of (b, l, cb) to finish merges the
+// partials in chunk order (deterministic: no atomics on values), writes mean and 1/std, and
+// counts itself in ready[b].
+template <typename T, int VEC>
+__device__ __forceinline__ void stats_task(const TargetsProblem& p, const InstanceArgs& a,
+                                           bool count_pad, int64_t b, int l, int cb,
+                                           int j) {
+  __shared__ float s_count[kWarps];
+  __shared__ float s_mean[kWarps][kWarp * VEC];
+  __shared__ float s_m2[kWarps][kWarp * VEC];
+  __shared__ bool s_last;
+  const int lane = threadIdx.x % kWarp;
+  const int row = threadIdx.x / kWarp;
+  const int64_t block_w = int64_t(kWarp) * VEC;
+  const int64_t c0 = cb * block_w + int64_t(lane) * VEC;
+  const bool col_ok = c0 < p.C;  // C is a multiple of VEC
+  const int64_t stride_t = p.layers.stride_t[l];
+  const int64_t step = kWarps * stride_t;
+  const uint8_t* pad = (p.pad != nullptr && !count_pad) ? p.pad + b * p.T : nullptr;
+  const int t_begin = j * static_cast<int>(kStatsChunk) + row;  // T < 2^31: 32-bit steps
+  const int t_end = static_cast<int>(min(p.T, (j + 1) * kStatsChunk));
+  const T* at = static_cast<const T*>(p.layers.data[l]) + b * p.layers.stride_b[l] + c0 +
+                t_begin * stride_t;
+
+  int count = 0;
+  float mu[VEC], m2[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) mu[e] = m2[e] = 0.0f;
+  for (int t = t_begin; t < t_end; t += kWarps * kStatsUnroll, at += kStatsUnroll * step) {
+    Pack<T, VEC> x[kStatsUnroll];
+    bool ok[kStatsUnroll];
+#pragma unroll
+    for (int u = 0; u < kStatsUnroll; ++u) {
+      ok[u] = t + u * kWarps < t_end && (pad == nullptr || pad[t + u * kWarps] == 0);
+      if (ok[u] && col_ok) x[u] = *reinterpret_cast<const Pack<T, VEC>*>(at + u * step);
+    }
+#pragma unroll
+    for (int u = 0; u < kStatsUnroll; ++u) {
+      if (!ok[u]) continue;
+      const float inv = kInverse.v[++count];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {  // Welford
+        const float v = col_ok ? to_float(x[u].v[e]) : 0.0f;
+        const float delta = v - mu[e];
+        mu[e] += delta * inv;
+        m2[e] += delta * (v - mu[e]);
+      }
+    }
+  }
+  if (lane == 0) s_count[row] = float(count);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    s_mean[row][lane * VEC + e] = mu[e];
+    s_m2[row][lane * VEC + e] = m2[e];
+  }
+  __syncthreads();
+
+  const int64_t part = ((b * p.K + l) * a.nj + j) * (a.ncb * block_w) + cb * block_w;
+  const int64_t counter = (b * p.K + l) * a.ncb + cb;
+  for (int c = threadIdx.x; c < block_w; c += kThreads) {  // one channel per thread, rows merged
+    float n = 0.0f, m = 0.0f, s = 0.0f;
+    for (int r = 0; r < kWarps; ++r) {
+      const float n_r = s_count[r];
+      chan_merge(n, m, s, n_r, s_mean[r][c], s_m2[r][c], kInverse.v[static_cast<int>(n + n_r)]);
+    }
+    a.part_mean[part + c] = m;
+    a.part_m2[part + c] = s;
+  }
+  if (threadIdx.x == 0) {
+    float n = 0.0f;
+    for (int r = 0; r < kWarps; ++r) n += s_count[r];
+    a.counts[counter * a.nj + j] = n;
+  }
+  fence_acq_rel();  // this block's partial is visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(a.finished + counter, 1) == a.nj - 1;
+  __syncthreads();
+  if (!s_last) return;
+  fence_acq_rel();  // acquire: the other tasks' partials
+
+  for (int c = threadIdx.x; c < block_w; c += kThreads) {
+    const int64_t ch = cb * block_w + c;
+    float n = 0.0f, m = 0.0f, s = 0.0f;
+    for (int64_t jj = 0; jj < a.nj; ++jj) {
+      const int64_t at = ((b * p.K + l) * a.nj + jj) * (a.ncb * block_w) + cb * block_w + c;
+      const float n_j = __ldcg(a.counts + counter * a.nj + jj);
+      chan_merge(n, m, s, n_j, __ldcg(a.part_mean + at), __ldcg(a.part_m2 + at),
+                 __fdividef(1.0f, fmaxf(n + n_j, 1.0f)));
+    }
+    if (ch < p.C) {
+      const int64_t at = (int64_t(l) * p.B + b) * a.stat_ld + ch;
+      a.mean[at] = m;
+      a.rstd[at] = exact_rsqrt(__fdiv_rn(s, fmaxf(n, 1.0f)) + p.eps);
+    }
+  }
+  fence_acq_rel();  // release: mean and 1/std before the sample's ready count
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(a.ready + b, 1);
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Tasks in ticket order: the statistics tasks of samples 0..ahead-1, then for each later sample s
+// its statistics tasks followed by the combine tasks of sample s - ahead, then the last `ahead`
+// samples' combine tasks. A combine task waits (acquire) for its sample's statistics; every task
+// it waits on took an earlier ticket, so it is running already and never waits itself: no
+// deadlock whatever order the hardware starts blocks in. Between a sample's statistics and its
+// combine only ~ahead samples' layers are read, so the second read finds them in L2. The mean and
+// 1/std rows of a sample are 128-byte aligned and nobody reads them before they are final, so no
+// SM's L1 holds a stale copy.
+template <typename T, int SVEC, int VEC, int ITEMS, int ROW>
+__global__ void __launch_bounds__(kThreads, min_blocks<ITEMS * VEC>())
+    instance_kernel(const TargetsProblem p, const InstanceArgs a, const bool count_pad,
+                    float* out, const int final_norm, const bool keep_pad) {
+  __shared__ int s_task;
+  if (threadIdx.x == 0) s_task = atomicAdd(a.ticket, 1);
+  __syncthreads();
+  // 32-bit decoding (the launch checks that tasks fit): 64-bit division is a called routine,
+  // whose calling convention alone costs registers.
+  const int task = s_task;
+  const int s1 = p.K * static_cast<int>(a.ncb * a.nj);  // statistics tasks per sample
+  const int unit = s1 + static_cast<int>(a.nrg);
+  const int ahead = static_cast<int>(a.ahead);
+  const int head = ahead * s1;
+  const int mid = static_cast<int>(p.B - ahead) * unit;
+  int b, i;
+  bool stats;
+  if (task < head) {
+    stats = true, b = task / s1, i = task % s1;
+  } else if (task - head < mid) {
+    const int u = (task - head) / unit, w = (task - head) % unit;
+    stats = w < s1;
+    b = stats ? ahead + u : u;
+    i = stats ? w : w - s1;
+  } else {
+    const int r = task - head - mid, nrg = static_cast<int>(a.nrg);
+    stats = false, b = static_cast<int>(p.B) - ahead + r / nrg, i = r % nrg;
+  }
+  if (stats) {
+    const int nj = static_cast<int>(a.nj), ncb = static_cast<int>(a.ncb);
+    stats_task<T, SVEC>(p, a, count_pad, b, i / (ncb * nj), (i / nj) % ncb, i % nj);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    const int need = p.K * static_cast<int>(a.ncb);
+    while (load_acquire(a.ready + b) < need) __nanosleep(64);
+  }
+  __syncthreads();
+  const int64_t t0 = int64_t(i) * kRowsPerBlock;
+  combine_rows<T, VEC, ITEMS, ROW, true>(p, b, t0, min(p.T, t0 + kRowsPerBlock), a.mean, a.rstd,
+                                         a.stat_ld, out, kNormInstance, final_norm, keep_pad);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Host side.
-
-template <typename T, int VEC>
-cudaError_t stats_for(const TargetsProblem& p, bool count_pad, float* mean, float* rstd,
-                      cudaStream_t stream) {
-  const int64_t chunks = (p.C / VEC + kWarp - 1) / kWarp;
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(p.B),
-                  static_cast<unsigned>(p.K));
-  const dim3 block(kWarp, kStatsRows);
-  instance_stats_kernel<T, VEC><<<grid, block, 0, stream>>>(p, count_pad, mean, rstd);
-  return cudaGetLastError();
-}
-
-template <typename T, int VEC, int ITEMS>
-cudaError_t combine_launch(const TargetsProblem& p, const float* mean, const float* rstd,
-                           float* out, int norm, int final_norm, bool keep_pad,
-                           cudaStream_t stream) {
-  const int64_t rows = int64_t(kCombineWarps) * kCombineRowsPerWarp;
-  const dim3 grid(static_cast<unsigned>((p.T + rows - 1) / rows), static_cast<unsigned>(p.B));
-  combine_kernel<T, VEC, ITEMS><<<grid, kWarp * kCombineWarps, 0, stream>>>(
-      p, mean, rstd, out, norm, final_norm, keep_pad, rows);
-  return cudaGetLastError();
-}
-
-// ITEMS (vectors per lane) instantiated: the smallest of these that covers C / VEC / 32, as long
-// as a lane's row (ITEMS * VEC floats, twice: accumulator and layer) fits in registers without
-// spilling: kLaneFloats per lane, so C <= 2048 with 16-byte loads and C <= 1024 without.
-constexpr int kLaneFloats = 64;
-constexpr int kScalarItems = 32;
-
-template <typename T, int VEC>
-cudaError_t combine_for(const TargetsProblem& p, const float* mean, const float* rstd, float* out,
-                        int norm, int final_norm, bool keep_pad, cudaStream_t stream) {
-  const int64_t per_lane = (p.C / VEC + kWarp - 1) / kWarp;
-#define D2V_COMBINE_ITEMS(N)                                                                  \
-  if constexpr (N * VEC <= kLaneFloats || (VEC == 1 && N <= kScalarItems)) {                   \
-    if (per_lane <= N)                                                                         \
-      return combine_launch<T, VEC, N>(p, mean, rstd, out, norm, final_norm, keep_pad, stream); \
-  }
-  D2V_COMBINE_ITEMS(1)
-  D2V_COMBINE_ITEMS(2)
-  D2V_COMBINE_ITEMS(3)
-  D2V_COMBINE_ITEMS(4)
-  D2V_COMBINE_ITEMS(6)
-  D2V_COMBINE_ITEMS(8)
-  D2V_COMBINE_ITEMS(12)
-  D2V_COMBINE_ITEMS(16)
-  D2V_COMBINE_ITEMS(24)
-  D2V_COMBINE_ITEMS(32)
-#undef D2V_COMBINE_ITEMS
-  return cudaErrorInvalidValue;  // C above max_channels(): the caller checks first
-}
 
 template <typename T>
 constexpr int vec_of() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
-struct StatsLaunch {
-  const TargetsProblem& p;
-  bool count_pad;
-  float* mean;
-  float* rstd;
-  cudaStream_t stream;
-  template <typename T, int VEC>
-  cudaError_t run() const {
-    return stats_for<T, VEC>(p, count_pad, mean, rstd, stream);
-  }
-};
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-struct CombineLaunch {
+TargetsProblem with_inverses(TargetsProblem p) {
+  p.inv_c = 1.0f / float(p.C);
+  p.inv_k = 1.0f / float(p.K);
+  return p;
+}
+int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+
+struct Launch {
   const TargetsProblem& p;
-  const float* mean;
-  const float* rstd;
   float* out;
   int norm, final_norm;
-  bool keep_pad;
+  bool keep_pad, count_pad;
+  const InstanceArgs* instance;  // null: combine_kernel (norm none / layer)
   cudaStream_t stream;
-  template <typename T, int VEC>
+
+  template <typename T, int SVEC, int VEC, int ITEMS, int ROW>
+  cudaError_t go() const {
+    if (instance == nullptr) {
+      const dim3 grid(static_cast<unsigned>(cdiv(p.T, kRowsPerBlock)), static_cast<unsigned>(p.B));
+      combine_kernel<T, VEC, ITEMS, ROW><<<grid, kThreads, 0, stream>>>(p, out, norm, final_norm,
+                                                                        keep_pad);
+    } else {
+      const int64_t tasks = p.B * (p.K * instance->ncb * instance->nj + instance->nrg);
+      if (tasks > 0x7fffffff) return cudaErrorInvalidValue;
+      instance_kernel<T, SVEC, VEC, ITEMS, ROW>
+          <<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(p, *instance, count_pad, out,
+                                                                  final_norm, keep_pad);
+    }
+    return cudaGetLastError();
+  }
+
+  // SVEC: the statistics' load width (16 bytes); the combine loads VEC = 4 elements (16 bytes in
+  // fp32, 8 in 16-bit types: 768 channels are 192 vectors, 3 per thread of a 64-thread group).
+  // ROW: a warp per row up to 64 vectors, two warps above; ITEMS: the smallest instantiated
+  // count of vectors per thread that covers the row.
+  template <typename T, int SVEC>
   cudaError_t run() const {
-    return combine_for<T, VEC>(p, mean, rstd, out, norm, final_norm, keep_pad, stream);
+    constexpr int VEC = SVEC == 1 ? 1 : 4;
+    const int64_t nvec = p.C / VEC;
+#define D2V_ITEMS(ROW, N)                                                  \
+  if (cdiv(nvec, ROW) <= N) return go<T, SVEC, VEC, N, ROW>();
+    if (nvec <= 2 * kWarp) {
+      D2V_ITEMS(kWarp, 1) D2V_ITEMS(kWarp, 2)
+    } else if constexpr (VEC == 1) {
+      D2V_ITEMS(2 * kWarp, 2) D2V_ITEMS(2 * kWarp, 4) D2V_ITEMS(2 * kWarp, 8)
+      D2V_ITEMS(2 * kWarp, 16)
+    } else {
+      D2V_ITEMS(2 * kWarp, 2) D2V_ITEMS(2 * kWarp, 3) D2V_ITEMS(2 * kWarp, 4)
+      D2V_ITEMS(2 * kWarp, 6) D2V_ITEMS(2 * kWarp, 8)
+    }
+#undef D2V_ITEMS
+    return cudaErrorInvalidValue;  // C above max_channels(): the caller checks first
   }
 };
 
-// Calls fn.run<T, VEC>() for the problem's dtype and load width.
+// Calls fn.run<T, SVEC>() for the problem's dtype and 16-byte load width (1: unaligned).
 template <typename Fn>
 cudaError_t dispatch(const TargetsProblem& p, const Fn& fn) {
   const bool vec = can_vectorize(p);
   switch (p.dtype) {
     case DType::kFloat32:
-      return vec ? fn.template run<float, vec_of<float>()>()
-                 : fn.template run<float, 1>();
+      return vec ? fn.template run<float, vec_of<float>()>() : fn.template run<float, 1>();
     case DType::kBFloat16:
       return vec ? fn.template run<__nv_bfloat16, vec_of<__nv_bfloat16>()>()
                  : fn.template run<__nv_bfloat16, 1>();
     case DType::kFloat16:
-      return vec ? fn.template run<__half, vec_of<__half>()>()
-                 : fn.template run<__half, 1>();
+      return vec ? fn.template run<__half, vec_of<__half>()>() : fn.template run<__half, 1>();
   }
   return cudaErrorInvalidValue;
 }
@@ -370,24 +555,63 @@ bool can_vectorize(const TargetsProblem& p) {
 }
 
 int64_t max_channels(DType dtype, bool vectorized) {
-  (void)dtype;  // every vector width gives the same kLaneFloats per lane
-  return int64_t(kWarp) * (vectorized ? kLaneFloats : kScalarItems);
+  (void)dtype;  // the combine's vectors are 4 elements whatever the dtype
+  return int64_t(2 * kWarp) * (vectorized ? 4 * 8 : 16);  // the largest ITEMS instantiated
 }
 
-cudaError_t launch_instance_stats(const TargetsProblem& p, bool count_pad, float* mean, float* rstd,
-                                  cudaStream_t stream) {
-  if (p.K < 1 || p.K > kMaxLayers || p.B > 65535) return cudaErrorInvalidValue;
-  if (p.B == 0 || p.T == 0 || p.C == 0) return cudaSuccess;
-  return dispatch(p, StatsLaunch{p, count_pad, mean, rstd, stream});
-}
-
-cudaError_t launch_combine(const TargetsProblem& p, const float* mean, const float* rstd,
-                           float* out, int norm, int final_norm, bool keep_pad,
-                           cudaStream_t stream) {
-  if (p.K < 1 || p.K > kMaxLayers || p.B > 65535) return cudaErrorInvalidValue;
+cudaError_t launch_combine(const TargetsProblem& p, float* out, int norm, int final_norm,
+                           bool keep_pad, cudaStream_t stream) {
+  if (p.K < 1 || p.K > kMaxLayers || p.B > 65535 || norm == kNormInstance)
+    return cudaErrorInvalidValue;
   if (p.C > max_channels(p.dtype, can_vectorize(p))) return cudaErrorInvalidValue;
   if (p.B == 0 || p.T == 0 || p.C == 0) return cudaSuccess;
-  return dispatch(p, CombineLaunch{p, mean, rstd, out, norm, final_norm, keep_pad, stream});
+  const TargetsProblem q = with_inverses(p);
+  return dispatch(q, Launch{q, out, norm, final_norm, keep_pad, false, nullptr, stream});
+}
+
+InstanceWorkspace instance_workspace(const TargetsProblem& p) {
+  InstanceWorkspace w{};
+  const int64_t vec = can_vectorize(p) ? vector_width(p.dtype) : 1;
+  const int64_t block_w = kWarp * vec;
+  w.nj = cdiv(p.T, kStatsChunk);
+  w.ncb = cdiv(p.C, block_w);
+  const int64_t sample_bytes = int64_t(p.K) * p.T * p.C * (p.dtype == DType::kFloat32 ? 4 : 2);
+  w.ahead = std::max<int64_t>(1, std::min<int64_t>(p.B, kL2WindowBytes / std::max<int64_t>(
+                                                                 1, sample_bytes)));
+  const int64_t partial = round_up(p.B * p.K * w.nj * w.ncb * block_w, 32);
+  const int64_t counts = round_up(p.B * p.K * w.ncb * w.nj, 32);
+  const int64_t stats = int64_t(p.K) * p.B * round_up(p.C, 32);
+  w.floats = 2 * partial + counts + 2 * stats;
+  w.ints = 1 + p.B + p.B * p.K * w.ncb;
+  return w;
+}
+
+cudaError_t launch_instance(const TargetsProblem& p, bool count_pad, float* out, int final_norm,
+                            bool keep_pad, float* floats, int* ints, cudaStream_t stream) {
+  if (p.K < 1 || p.K > kMaxLayers) return cudaErrorInvalidValue;
+  if (p.C > max_channels(p.dtype, can_vectorize(p))) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.T == 0 || p.C == 0) return cudaSuccess;
+  const InstanceWorkspace w = instance_workspace(p);
+  const int64_t vec = can_vectorize(p) ? vector_width(p.dtype) : 1;
+  InstanceArgs a{};
+  a.nj = w.nj;
+  a.ncb = w.ncb;
+  a.ahead = w.ahead;
+  a.nrg = cdiv(p.T, kRowsPerBlock);
+  a.stat_ld = round_up(p.C, 32);
+  const int64_t partial = round_up(p.B * p.K * w.nj * w.ncb * kWarp * vec, 32);
+  const int64_t counts = round_up(p.B * p.K * w.ncb * w.nj, 32);
+  const int64_t stats = int64_t(p.K) * p.B * a.stat_ld;
+  a.part_mean = floats;
+  a.part_m2 = floats + partial;
+  a.counts = floats + 2 * partial;
+  a.mean = floats + 2 * partial + counts;
+  a.rstd = a.mean + stats;
+  a.ticket = ints;
+  a.ready = ints + 1;
+  a.finished = ints + 1 + p.B;
+  const TargetsProblem q = with_inverses(p);
+  return dispatch(q, Launch{q, out, kNormInstance, final_norm, keep_pad, count_pad, &a, stream});
 }
 
 }  // namespace d2v

@@ -35,6 +35,7 @@ struct TargetsProblem {
   DType dtype;
   const uint8_t* pad;  // B x T, nonzero = padded; nullptr = no padding
   float eps;
+  float inv_c, inv_k;  // 1 / C and 1 / K, set by the launchers
 };
 
 // Elements per 16-byte load for `dtype`.
@@ -44,20 +45,30 @@ int vector_width(DType dtype);
 // every base pointer 16-byte aligned. Otherwise the kernels load one element at a time.
 bool can_vectorize(const TargetsProblem& p);
 
-// The largest C the combine kernel takes (a warp holds a whole row in registers).
+// The largest C the kernels take (one or two warps hold a whole row in registers).
 int64_t max_channels(DType dtype, bool vectorized);
 
-// Per (layer, b, channel): mean and 1/sqrt(var + eps) over the (unpadded, unless count_pad) steps,
-// Welford within a thread and Chan merges across threads. mean, rstd: K x B x C fp32.
-cudaError_t launch_instance_stats(const TargetsProblem& p, bool count_pad, float* mean, float* rstd,
-                                  cudaStream_t stream);
+// One pass, per-layer norm none or layer: every layer read once, normalized, averaged in fp32, the
+// average layer-normed when final_norm == kNormLayer, the B x T x C fp32 target written once.
+// Padded steps are written 0 unless keep_pad. `out` may be the only layer (in place): every
+// element is read and written by the same thread.
+cudaError_t launch_combine(const TargetsProblem& p, float* out, int norm, int final_norm,
+                           bool keep_pad, cudaStream_t stream);
 
-// One pass: every layer read once, normalized (norm: kNormNone/kNormLayer/kNormInstance with the
-// stats above), averaged in fp32, the average layer-normed when final_norm == kNormLayer, the
-// B x T x C fp32 target written once. Padded steps are written 0 unless keep_pad. `out` may be the
-// only layer (in place): every element is read and written by the same thread.
-cudaError_t launch_combine(const TargetsProblem& p, const float* mean, const float* rstd,
-                           float* out, int norm, int final_norm, bool keep_pad,
-                           cudaStream_t stream);
+// Per-layer instance norm in one launch (see targets_kernels.cu): split-T statistics tasks, their
+// partials merged by the last task of each (layer, sample, channel block), combine tasks taken
+// `ahead` samples later in ticket order so that the second read of a layer hits L2.
+struct InstanceWorkspace {
+  int64_t nj;             // T chunks per statistics task
+  int64_t ncb;            // channel blocks
+  int64_t ahead;          // samples between a sample's statistics and its combine
+  int64_t floats;         // fp32 workspace: partial means, M2s, counts, then mean and 1/std
+  int64_t ints;           // int32 workspace, zeroed before the launch: ticket and counters
+};
+InstanceWorkspace instance_workspace(const TargetsProblem& p);
+
+// `floats` and `ints` as instance_workspace(p) sizes them, `ints` zeroed on `stream`.
+cudaError_t launch_instance(const TargetsProblem& p, bool count_pad, float* out, int final_norm,
+                            bool keep_pad, float* floats, int* ints, cudaStream_t stream);
 
 }  // namespace d2v

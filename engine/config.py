@@ -194,6 +194,9 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: str = "inductor"
     length_buckets: int = 16  # with compile: audio/text lengths snapped to this many (engine.buckets)
+    # The next micro-batch's masks drawn during the current one's backward, on CUDA on a side
+    # stream with its copies (engine.mask_ahead); false draws them in the step. Same masks.
+    mask_ahead: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"  # several ranks: engine.parallel
     ddp_bucket_cap_mb: int = 25
     keep_last: int = 2

@@ -86,12 +86,12 @@ class Data2Vec(nn.Module):
         return block_mask(batch, (side, side), m.mask_prob, seed=seeds, min_block=m.min_block,
                           inverse=m.inverse, device=seeds.device)
 
-    def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor) -> StepOutput:
-        cfg, m, o = self.cfg, self.cfg.masking, self.cfg.objective
+    def draw_masks(self, batch: dict, seeds: torch.Tensor) -> dict:
+        """This micro-batch's masks from its inputs and per-sample seeds alone (no weights), so
+        they can be drawn ahead of the step (engine/mask_ahead.py): {"mask": B x T bool}, and for
+        text the masked ids {"source": B x T} with "mask" the positions that became <mask>."""
+        cfg, m = self.cfg, self.cfg.masking
         source, padding_mask = batch["source"], batch.get("padding_mask")
-        n_extra = self.encoder.num_extra_tokens
-        shared_features = o.ema_scope == "transformer"
-
         if cfg.modality == "text":
             ids = self.special_ids
             special = torch.zeros_like(source, dtype=torch.bool)
@@ -104,15 +104,28 @@ class Data2Vec(nn.Module):
             )
             # As fairseq data2vec_text: the loss is on positions whose input became <mask>; tokens
             # kept or randomly replaced only add noise to the student's input.
-            mask = selected & (masked_source == ids["mask"])
-            x, x_pad = self.encoder.embed(masked_source, padding_mask)
+            return {"source": masked_source, "mask": selected & (masked_source == ids["mask"])}
+        tokens, x_pad = self.encoder.token_layout(source, padding_mask)
+        return {"mask": self.make_mask(source, padding_mask, x_pad, seeds, tokens,
+                                      batch.get("group_seeds"))}
+
+    def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor,
+                masks: dict | None = None) -> StepOutput:
+        """One micro-batch's loss; `masks`: draw_masks(batch, seeds) made ahead, else drawn here."""
+        cfg, o = self.cfg, self.cfg.objective
+        source, padding_mask = batch["source"], batch.get("padding_mask")
+        n_extra = self.encoder.num_extra_tokens
+        shared_features = o.ema_scope == "transformer"
+        masks = self.draw_masks(batch, seeds) if masks is None else masks
+        mask = masks["mask"]
+
+        if cfg.modality == "text":
+            x, x_pad = self.encoder.embed(masks["source"], padding_mask)
             student = self.encoder.encode(x, x_pad)
             with torch.no_grad():
                 t_x, t_pad = teacher.embed(source, padding_mask)
         else:
             x, x_pad = self.encoder.embed(source, padding_mask)
-            mask = self.make_mask(source, padding_mask, x_pad, seeds, x.shape[1],
-                                  batch.get("group_seeds"))
             student = self.encoder.encode(x, x_pad, mask=mask)
             with torch.no_grad():
                 if shared_features:

@@ -102,7 +102,18 @@ class Data2VecV2(nn.Module):
             x = x.masked_fill(padding_mask[..., None], 0.0)
         return x
 
-    def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor) -> StepOutput:
+    def draw_masks(self, batch: dict, seeds: torch.Tensor) -> dict:
+        """{"mask": B*M x T bool}: the clones' masks from the inputs and per-sample seeds alone
+        (no weights), so they can be drawn ahead of the step (engine/mask_ahead.py)."""
+        clones = self.cfg.objective.clone_batch
+        tokens, x_pad = self.encoder.token_layout(batch["source"], batch.get("padding_mask"))
+        pad = None if x_pad is None else x_pad.repeat_interleave(clones, 0)
+        return {"mask": self.make_masks(clone_seeds(seeds, clones), pad, tokens,
+                                       batch.get("group_seeds"))}
+
+    def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor,
+                masks: dict | None = None) -> StepOutput:
+        """One micro-batch's loss; `masks`: draw_masks(batch, seeds) made ahead, else drawn here."""
         cfg, o = self.cfg, self.cfg.objective
         clones = o.clone_batch
         source, padding_mask = batch["source"], batch.get("padding_mask")
@@ -123,8 +134,7 @@ class Data2VecV2(nn.Module):
 
         x = x.repeat_interleave(clones, 0)
         pad = None if x_pad is None else x_pad.repeat_interleave(clones, 0)
-        mask = self.make_masks(clone_seeds(seeds, clones), pad, x.shape[1],
-                               batch.get("group_seeds"))
+        mask = (self.draw_masks(batch, seeds) if masks is None else masks)["mask"]
         keep, masked_at = split_indices(mask)
         student = encode_visible(self.encoder, x, pad, mask, keep)
         dec = self.decoder(self.decoder_input(student.x[:, n_extra:], keep, x.shape[1], pad))

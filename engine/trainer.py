@@ -26,14 +26,13 @@ import torch
 
 from engine.backends import describe, env_report
 from engine.cpu_setup import describe as describe_cpu
-from engine.buckets import bucket_batch, buckets_for, describe_buckets
+from engine.buckets import buckets_for, describe_buckets
 from engine.compile import FirstStepTimer, compile_student_teacher
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
 )
 from engine.config import Config, dump_yaml, to_dict
-from engine.data.common import stand_in_batch
-from engine.data.loader import BatchPlan, group_positions
+from engine.data.loader import BatchPlan
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed
@@ -42,6 +41,7 @@ from engine.errors import CheckpointError, ConfigError
 from engine.flops import device_peak
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
 from engine.init_from import init_encoder
+from engine.mask_ahead import Feed, host_to_device
 from engine.metrics import MetricsLog, Progress, throughput, warn_data_wait
 from engine.models import build_model
 from engine.plan import describe_plan, make_plan, write_plan
@@ -54,7 +54,7 @@ from engine.parallel import (
     shard_student_and_teacher, wrap_ddp,
 )
 from engine.schedule import lr_factor, scaled_lr
-from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
+from engine.seeding import STREAM_DROPOUT, mix_seed
 
 
 def _use_bf16(device: torch.device, precision: str) -> bool:
@@ -75,19 +75,6 @@ def _precision(device: torch.device, precision: str) -> str:
 
 def _optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device):
     return build_optimizer(model, cfg.optim, lr, device)  # apex / fused / foreach: engine.optim
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor made in the step on `device`: to CUDA through pinned memory, non_blocking (a
-    copy from pageable memory would synchronize the host with the device every micro-batch)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
@@ -253,7 +240,9 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
     loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
                           stop, device=device, kind=loader_kind)
-    batches = iter(loader)
+    # Micro-batches on the device, the next one's copies and masks on a side stream (mask_ahead).
+    feed = Feed(iter(loader), model, cfg, device, plan.accumulation, start_step, stop, buckets,
+                pad_value, crop_group)
     if dist.is_main:
         (run_dir / "env.json").write_text(
             json.dumps(env_report(device, optimizer, loader), indent=1) + "\n")
@@ -266,10 +255,9 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     # gathers them, so every rank keeps the same set. Every rank prints its own to stderr.
     bad_seen = set(bad_state.get("paths", bad_state.get("first", [])))
     first_bad = list(bad_state.get("first", []))
-    stand_in = None  # this rank's last good micro-batch (see the skipped-files case below)
     last_log_time, last_log_step = time.time(), start_step
     flops_since_log = tokens_since_log = 0.0  # all ranks, from each micro-batch's shape
-    cycle_start, data_wait, last_wait_warning = time.perf_counter(), 0.0, -1e9
+    cycle_start, last_wait_warning = time.perf_counter(), -1e9
 
     model.train()
     for step in range(start_step, stop):
@@ -280,32 +268,14 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         masked = torch.zeros((), device=device)
         new_bad, step_flops, step_tokens = [], 0.0, 0
         for micro in range(plan.accumulation):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - wait_start
-            if batch["bad_files"]:
-                new_bad += [p for p in batch["bad_files"] if p not in bad_seen and p not in new_bad]
-                print(f"d2v-engine: rank {dist.rank} skipped bad files: {batch['bad_files']}",
+            # A stand-in (weight 0) replaces a micro-batch whose every file was bad (mask_ahead).
+            mb = feed.take()
+            if mb.bad_files:
+                new_bad += [p for p in mb.bad_files if p not in bad_seen and p not in new_bad]
+                print(f"d2v-engine: rank {dist.rank} skipped bad files: {mb.bad_files}",
                       file=sys.stderr)
-            weight = 1.0
-            if "source" not in batch:
-                # Every file of this micro-batch was skipped: run a stand-in (this rank's last
-                # good micro-batch) with its loss times 0, so the collectives of DDP/FSDP still
-                # see every rank and the step learns only from the samples that were read.
-                batch = stand_in or stand_in_batch(cfg.modality, cfg.data)
-                weight = 0.0
-            if buckets:  # a few shapes for the compiled encoders (engine.buckets)
-                batch = bucket_batch(batch, buckets, pad_value)
-            if weight:
-                stand_in = batch
-            seeds = _host_to_device(sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK),
-                                    device)
-            if crop_group:  # audio: the crop group's masked count (engine.data.audio)
-                batch["group_seeds"] = sample_seeds(
-                    cfg.seed, step, group_positions(batch["position"][0], crop_group), STREAM_MASK)
-            micro_flops, micro_tokens = run_plan.flops.batch_flops(batch["source"].shape)
+            micro_flops, micro_tokens = run_plan.flops.batch_flops(mb.batch["source"].shape)
             step_flops, step_tokens = step_flops + micro_flops, step_tokens + micro_tokens
-            batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
             # dropout does not depend on the world size either.
             torch.manual_seed(mix_seed(cfg.seed, step, micro * dist.world_size + dist.rank,
@@ -314,22 +284,23 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             sync = no_sync(ddp, model, last)
             with sync:
                 with _autocast(device, cfg.train.precision):
-                    out = ddp(batch, teacher.model, seeds)
+                    out = ddp(mb.batch, teacher.model, mb.seeds, mb.masks)
                 micro_loss = inject_nan(out.loss_sum, step + 1, cfg.train.debug_nan_steps)
-                if not weight:
+                if not mb.weight:
                     micro_loss = micro_loss * 0.0
                 micro_loss.backward()
+            feed.prefetch()  # the next micro-batch's copies and masks run beside this backward
             loss_sum += micro_loss.detach().float()
-            masked += out.masked * weight
+            masked += out.masked * mb.weight
 
         # Fraction of this step's cycle (since the last one) spent waiting for the loader, the
         # files skipped, the FLOPs and tokens: summed over ranks in the same all-reduce as the
         # loss (one small pinned copy to the device, no extra synchronization).
         now = time.perf_counter()
-        host_values = _host_to_device(
-            torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(len(new_bad)),
+        host_values = host_to_device(
+            torch.tensor([feed.data_wait / max(now - cycle_start, 1e-9), float(len(new_bad)),
                           step_flops, float(step_tokens)]), device)
-        cycle_start, data_wait = now, 0.0
+        cycle_start, feed.data_wait = now, 0.0
         totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, masked, signals.vote(device)]),
                                            host_values]))
         forget_unused_blocks(model)  # FSDP with layerdrop: no gradient where no rank ran a block

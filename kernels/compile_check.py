@@ -1,8 +1,10 @@
 """Compiles every Triton kernel in kernels/ for the H100 (sm_90) at the base configs' shapes, on any
-machine (no GPU needed), and reports registers, spill bytes and shared memory.
+machine (no GPU needed), and reports registers, spill bytes, shared memory and occupancy (blocks
+resident per H100 SM given those, and resident warps of 64).
 
     python -m kernels.compile_check [--configs image_base,...] [--dtypes bfloat16,float16,float32]
-                                    [--jobs N] [--csrc] [--json PATH] [--all] [--list]
+                                    [--only masking,targets,attention] [--jobs N] [--csrc]
+                                    [--json PATH] [--all] [--list]
 
 What is compiled. Each base config (image v1/v2, audio v1/v2, text v1/v2) names the launches of one
 training micro-batch: the masks; attention forward + backward of the student (train mode: the
@@ -23,7 +25,8 @@ csrc/targets_kernels.cu for sm_90 too (the extension's kernels need no torch hea
 
 Fails (exit 1) on: a compile error; a config above 227 KB of shared memory; a kernel and launch
 where every config spills. A spilling config with a spill-free sibling is listed, not fatal.
---all also lists the configs that compiled clean.
+The targets and masking kernels are always listed (one launch each per config: their registers
+and occupancy are the point); attention configs only when they spill, or with --all.
 """
 from __future__ import annotations
 
@@ -44,10 +47,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("image_base", "image_v2", "audio_base", "audio_v2", "text_base", "text_v2")
+GROUPS = ("masking", "targets", "attention")  # kernels/ modules whose launches are compiled
 DTYPES = ("bfloat16", "float16", "float32")
 TRAINING_DTYPES = ("bfloat16",)  # the configs train under bf16 autocast
 SM = 90
 MAX_SHARED = 227 * 1024  # H100: dynamic shared memory per block
+# An H100 SM (sm_90): 64K 32-bit registers allocated per warp in units of 256, 2048 threads, 32
+# blocks, 228 KB of shared memory of which the driver reserves 1 KB per block.
+SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
+SM_SHARED, BLOCK_RESERVED_SHARED = 228 * 1024, 1024
 AUDIO_SAMPLES = 320000  # data.max_sample_size of the audio configs: the longest crop
 
 
@@ -181,8 +189,9 @@ def _recorded(module, names, sink):
     return stack
 
 
-def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
-    """Every distinct (launch, config) of the base configs -> (jobs, notes on pruned configs)."""
+def collect_jobs(configs=CONFIGS, dtypes=DTYPES, groups=GROUPS) -> tuple[list[Job], list[str]]:
+    """Every distinct (launch, config) of the base configs' kernels in `groups` -> (jobs, notes on
+    pruned configs)."""
     import torch
     from triton.runtime.autotuner import Autotuner
 
@@ -191,19 +200,21 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
 
     attention_kernels = ["_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
                          "_bwd_dbias_kernel"]
-    target_kernels = ["_stats_kernel", "_combine_kernel"]
+    target_kernels = ["_instance_kernel", "_combine_kernel"]
     mask_kernels = ["_span_kernel", "_trim_kernel", "_token_kernel", "_beit_block_kernel",
                     "_inverse_block_kernel"]
     launches = []  # (label, recorded launch)
     for name in configs:
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         sink = []
-        with _recorded(masking, mask_kernels, sink):
-            _run_masking(cfg, torch, masking)
-        with _recorded(targets, target_kernels, sink):
-            _run_targets(cfg, torch, targets)
+        if "masking" in groups:
+            with _recorded(masking, mask_kernels, sink):
+                _run_masking(cfg, torch, masking)
+        if "targets" in groups:
+            with _recorded(targets, target_kernels, sink):
+                _run_targets(cfg, torch, targets)
         launches += [(f"{name}", rec) for rec in sink]
-        for dtype_name in dtypes:
+        for dtype_name in (dtypes if "attention" in groups else ()):
             dtype = getattr(torch, dtype_name)
             for launch in _attention_launches(cfg):
                 sink = []
@@ -228,9 +239,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
             variants = [({**kwargs, **c.all_kwargs()}, _config_name(c)) for c in kept]
         else:
             fn = kernel
-            meta = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-            variants = [(kwargs, " ".join(f"{k}={v}" for k, v in meta.items()
-                                          if k.startswith(("BLOCK", "num_", "SUB"))))]
+            variants = [(kwargs, _meta_name(args, kwargs))]
         for full_kwargs, config_name in variants:
             key = _compile_key(fn, args, full_kwargs)
             if key in by_key:
@@ -241,6 +250,15 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
                 jobs.append(job)
             job.users.append((group, label))
     return jobs, notes
+
+
+def _meta_name(args, kwargs) -> str:
+    """The tile meta-parameters of a plain launch (K: the length of a tuple of layers)."""
+    shown = ("BLOCK", "num_", "SUB", "CW", "NCH")
+    parts = [f"K={len(a)}" for a in args[:1] if isinstance(a, tuple)]
+    parts += [f"{k.replace('num_warps', 'w')}={v}" for k, v in kwargs.items()
+              if k.startswith(shown)]
+    return " ".join(parts)
 
 
 def _config_name(c) -> str:
@@ -278,15 +296,15 @@ def _compile_key(fn, args, kwargs) -> str:
 _WORKER_JOBS: list[Job] = []
 
 
-def _worker_init(configs, dtypes, cache_dir):
+def _worker_init(configs, dtypes, groups, cache_dir):
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     global _WORKER_JOBS
-    _WORKER_JOBS = collect_jobs(configs, dtypes)[0]
+    _WORKER_JOBS = collect_jobs(configs, dtypes, groups)[0]
 
 
 def compile_one(index: int) -> dict:
-    """Compiles job `index`: {"regs", "spill_stores", "spill_loads", "shared", "seconds"} or
-    {"error"}."""
+    """Compiles job `index`: {"regs", "spill_stores", "spill_loads", "shared", "threads",
+    "blocks_per_sm", "occupancy", "seconds"} or {"error"}."""
     import triton
     from triton.compiler import ASTSource
     job = _WORKER_JOBS[index]
@@ -304,7 +322,21 @@ def compile_one(index: int) -> dict:
     usage = parse_ptxas_log(log.getvalue())
     if usage is None:  # no log (should not happen in a fresh cache): ask cuobjdump
         usage = cuobjdump_usage(kernel.asm["cubin"])
-    return {**usage, "shared": kernel.metadata.shared, "seconds": time.perf_counter() - start}
+    threads = 32 * kernel.metadata.num_warps
+    return {**usage, "shared": kernel.metadata.shared, "threads": threads,
+            **occupancy(usage["regs"], threads, kernel.metadata.shared),
+            "seconds": time.perf_counter() - start}
+
+
+def occupancy(regs: int, threads: int, shared: int) -> dict:
+    """Blocks of `threads` resident per H100 SM given registers per thread and shared bytes per
+    block, and the resident warps as a fraction of the SM's 64."""
+    warps = -(-threads // 32)
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (SM_REGISTERS // per_warp) // warps if per_warp else SM_BLOCKS
+    by_shared = SM_SHARED // (shared + BLOCK_RESERVED_SHARED)
+    blocks = min(SM_BLOCKS, SM_THREADS // (warps * 32), by_regs, by_shared)
+    return {"blocks_per_sm": blocks, "occupancy": blocks * warps / (SM_THREADS // 32)}
 
 
 def parse_ptxas_log(text: str) -> dict | None:
@@ -330,18 +362,18 @@ def cuobjdump_usage(cubin: bytes) -> dict:
     return {"regs": regs, "spill_stores": stack, "spill_loads": stack}
 
 
-def compile_all(indices, configs, dtypes, workers: int) -> list[dict]:
+def compile_all(indices, configs, dtypes, groups, workers: int) -> list[dict]:
     """Results of the jobs at `indices` (of collect_jobs' list), in that order; compiled in
     `workers` processes, in one fresh Triton cache."""
     import multiprocessing
     with tempfile.TemporaryDirectory(prefix="d2v-compile-check-") as cache:
         if workers <= 1:
-            _worker_init(configs, dtypes, cache)
+            _worker_init(configs, dtypes, groups, cache)
             return [compile_one(i) for i in indices]
         ctx = multiprocessing.get_context("spawn")
         results, start = [], time.perf_counter()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(configs, dtypes, cache)) as pool:
+                                 initargs=(configs, dtypes, groups, cache)) as pool:
             for result in pool.map(compile_one, indices):
                 results.append(result)
                 if len(results) % 10 == 0:  # a sign of life in CI logs
@@ -371,8 +403,9 @@ def find_nvcc() -> str | None:
 
 
 def compile_csrc() -> dict:
-    """{"nvcc", "kernels": [{name, regs, spill_stores, spill_loads, shared}], "seconds"} for
-    csrc/targets_kernels.cu at sm_90, or {"skipped": reason} / {"error": ...}."""
+    """{"nvcc", "kernels": [{name, regs, spill_stores, spill_loads, shared, threads,
+    blocks_per_sm, occupancy}], "seconds"} for csrc/targets_kernels.cu at sm_90, or
+    {"skipped": reason} / {"error": ...}."""
     nvcc = find_nvcc()
     if nvcc is None:
         return {"skipped": "no nvcc (install the nvidia-cuda-nvcc wheel or a CUDA toolkit)"}
@@ -384,6 +417,8 @@ def compile_csrc() -> dict:
         run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         return {"error": run.stderr.strip()[-3000:], "nvcc": nvcc}
+    # Every csrc kernel is launched with kThreads threads per block.
+    threads = int(re.search(r"constexpr int kThreads = (\d+);", src.read_text()).group(1))
     kernels, current = [], None
     for line in run.stderr.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -397,6 +432,9 @@ def compile_csrc() -> dict:
                 current["regs"] = int(r.group(1))
             if sm := re.search(r"(\d+) bytes smem", line):
                 current["shared"] = int(sm.group(1))
+    for k in kernels:
+        if "regs" in k:
+            k.update(threads=threads, **occupancy(k["regs"], threads, k.get("shared", 0)))
     return {"nvcc": nvcc, "kernels": kernels, "seconds": time.perf_counter() - start}
 
 
@@ -433,21 +471,29 @@ def summarize(jobs, results) -> list[str]:
     return failures
 
 
+# Kernels listed even when clean: one launch each per config, their occupancy is the point.
+ALWAYS_LISTED = ("_combine_kernel", "_instance_kernel", "_span_kernel", "_trim_kernel",
+                 "_token_kernel", "_beit_block_kernel", "_inverse_block_kernel")
+
+
 def print_table(jobs, results, show_all: bool) -> None:
-    print(f"{'kernel':<22}{'config':<34}{'regs':>5}{'spill st/ld':>13}{'smem KB':>9}{'s':>6}  "
-          "launches")
+    """Compiles that spill, fail or are listed always (targets, masking); with show_all every one.
+    blk/SM: blocks resident per SM (registers, threads, shared memory); occ: resident warps / 64."""
+    print(f"{'kernel':<22}{'config':<44}{'regs':>5}{'spill st/ld':>13}{'smem KB':>9}"
+          f"{'thr':>5}{'blk/SM':>7}{'occ':>5}{'s':>6}  launches")
     for job, r in zip(jobs, results):
         spills = "error" in r or r["spill_stores"] > 0 or r["shared"] > MAX_SHARED
-        if not (show_all or spills):
+        if not (show_all or spills or job.kernel in ALWAYS_LISTED):
             continue
         users = "; ".join(label for _, label in job.users[:3])
         if len(job.users) > 3:
             users += f"; +{len(job.users) - 3} more"
         if "error" in r:
-            print(f"{job.kernel:<22}{job.config:<34}{'compile error':>33}  {users}")
+            print(f"{job.kernel:<22}{job.config:<44}{'compile error':>33}  {users}")
             continue
-        print(f"{job.kernel:<22}{job.config:<34}{r['regs']:>5}"
+        print(f"{job.kernel:<22}{job.config:<44}{r['regs']:>5}"
               f"{r['spill_stores']:>7}/{r['spill_loads']:<5}{r['shared'] / 1024:>9.1f}"
+              f"{r['threads']:>5}{r['blocks_per_sm']:>7}{100 * r['occupancy']:>4.0f}%"
               f"{r['seconds']:>6.1f}  {users}")
 
 
@@ -458,6 +504,8 @@ def main(argv=None) -> int:
                         help=f"attention dtypes, of {DTYPES} (default: the training dtype)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile processes (default: one per core)")
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma-separated kernel groups, of {GROUPS} (default: all)")
     parser.add_argument("--csrc", action="store_true", help="also nvcc csrc/ for sm_90")
     parser.add_argument("--all", action="store_true", help="list clean configs too")
     parser.add_argument("--match", default=None, metavar="REGEX",
@@ -471,12 +519,14 @@ def main(argv=None) -> int:
                      "interpreter; unset it")
     configs = [c for c in args.configs.split(",") if c]
     dtypes = [d for d in args.dtypes.split(",") if d]
-    bad = sorted(set(configs) - set(CONFIGS)) + sorted(set(dtypes) - set(DTYPES))
+    groups = [g for g in args.only.split(",") if g]
+    bad = (sorted(set(configs) - set(CONFIGS)) + sorted(set(dtypes) - set(DTYPES))
+           + sorted(set(groups) - set(GROUPS)))
     if bad:
-        parser.error(f"unknown {bad}; configs: {CONFIGS}, dtypes: {DTYPES}")
+        parser.error(f"unknown {bad}; configs: {CONFIGS}, dtypes: {DTYPES}, only: {GROUPS}")
     import triton
     start = time.perf_counter()
-    jobs, notes = collect_jobs(configs, dtypes)
+    jobs, notes = collect_jobs(configs, dtypes, groups)
     selected = list(range(len(jobs)))
     if args.match:  # indices into the full list: the workers rebuild that list
         keep = re.compile(args.match)
@@ -486,15 +536,17 @@ def main(argv=None) -> int:
     launches = len({g for job in jobs for g, _ in job.users})
     print(f"compile_check: triton {triton.__version__}, target sm_{SM}: {len(jobs)} distinct "
           f"compiles for {launches} launches of {len(configs)} configs ({', '.join(configs)}), "
-          f"attention in {', '.join(dtypes)}; {args.jobs} processes", flush=True)
+          f"kernels of {', '.join(groups)}, attention in {', '.join(dtypes)}; {args.jobs} "
+          "processes",
+          flush=True)
     if args.list:
         for job in jobs:
-            print(f"{job.kernel:<22}{job.config:<34}"
+            print(f"{job.kernel:<22}{job.config:<44}"
                   + "; ".join(label for _, label in job.users))
         for note in notes:
             print(note)
         return 0
-    results = compile_all(selected, configs, dtypes, args.jobs)
+    results = compile_all(selected, configs, dtypes, groups, args.jobs)
     failures = summarize(jobs, results)
     print_table(jobs, results, args.all)
     clean = sum(1 for r in results if "error" not in r and r["spill_stores"] == 0
@@ -505,8 +557,13 @@ def main(argv=None) -> int:
     if csrc is not None:
         if "kernels" in csrc:
             for k in csrc["kernels"]:
+                occ = ""
+                if "blocks_per_sm" in k:
+                    occ = (f" threads {k['threads']} blk/SM {k['blocks_per_sm']} occ "
+                           f"{100 * k['occupancy']:.0f}%")
                 print(f"csrc {k['name'][:70]:<70} regs {k.get('regs')} spill "
-                      f"{k.get('spill_stores')}/{k.get('spill_loads')} smem {k.get('shared', 0)}")
+                      f"{k.get('spill_stores')}/{k.get('spill_loads')} smem {k.get('shared', 0)}"
+                      + occ)
                 if k.get("spill_stores"):  # reported: the kernels of csrc/ are tuned by hand
                     print(f"  csrc spills: {k['name']}")
         elif "error" in csrc:
@@ -516,7 +573,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "triton": triton.__version__, "target": f"sm_{SM}", "configs": configs,
-            "dtypes": dtypes, "failures": failures, "csrc": csrc,
+            "dtypes": dtypes, "groups": groups, "failures": failures, "csrc": csrc,
             "compiles": [{"kernel": j.kernel, "config": j.config,
                           "launches": [label for _, label in j.users], **r}
                          for j, r in zip(jobs, results)]}, indent=1) + "\n")

@@ -621,9 +621,7 @@ def _token_mask_triton(tokens, special, seeds, rate, span, mask_id, keep_below, 
         selected.view(torch.uint8), table, len(exclude), length, rate, mask_id, keep_below,
         random_below, choices, _salt(_TOKEN_COUNT), _salt(_TOKEN_START), _salt(_TOKEN_REPLACE),
         _salt(_TOKEN_RANDOM), SPAN=span, BLOCK=triton.next_power_of_2(length),
-        # half the other kernels' warps: at 4 and 8, ptxas (triton 3.9) spills 4 bytes at text's
-        # 512 tokens (python -m kernels.compile_check); at 2 it does not
-        num_warps=max(2, _warps(length) // 2),
+        num_warps=_warps(length),
     )
     return out, selected
 
@@ -651,8 +649,11 @@ def _block_mask_triton(seeds, h, w, mask_ratio, target, min_block, inverse, leng
 
 
 def _warps(width: int) -> int:
-    """Warps for a program holding `width` int64 keys: more for long rows, fewer registers each."""
-    return 4 if width <= 1024 else 8
+    """Warps for a program holding a row of `width` int64 keys: 8 per thread of one warp up to 256
+    (the 14 x 14 image grid), so that every reduction of the BEiT loop is a warp shuffle with no
+    block barrier (130 registers, no spill on sm_90); one more warp per 256 above, up to 8 (a
+    512-token text row: 2 warps, 80 registers; 4 warps spilled)."""
+    return max(1, min(8, triton.next_power_of_2(width) // 256))
 
 
 def _salt(stream: int) -> int:

@@ -9,38 +9,48 @@ biased variance of F.instance_norm / F.layer_norm; padded steps of the target ar
 F.instance_norm over the full T does.
 
 Paths: `teacher_targets_reference` (plain PyTorch, the ground truth), two Triton kernels and their
-CUDA C++ counterparts in csrc/ (module d2v_cuda, loaded by kernels/_cuda.py: same two passes, a
-warp per step holding the row in registers, 16-byte loads, fp32 accumulation, Welford per thread
-and Chan merges across threads). `teacher_targets` runs Triton for CPU tensors under
-TRITON_INTERPRET=1, the reference for other CPU tensors, and on CUDA whichever of Triton and the
-extension measured faster for the shape (see _pick_backend; `last_backend()` says which ran):
-  _stats_kernel    per (layer, b, channel block): Welford/Chan merges of [BLOCK_T x BLOCK_C]
-                   tiles over the unpadded T -> mean and 1/std, K x B x C fp32.
-  _combine_kernel  per SUB blocks of BLOCK_R steps of one sample, all C channels at once: for each
-                   layer load, normalize (instance: with the stats; layer: per row), accumulate in
-                   fp32; scale by 1/K; final layer norm per row; write once.
-The K layers are never stacked (that copy would be a full extra pass): the kernels take the first
-layer as a typed pointer and a K x 3 int64 table (element offset of each layer from the first one,
-batch stride, time stride), so any list of same-dtype views works, a K x B x T x C tensor included;
-only a layer whose channels are not unit-stride is copied first. Forward only: teacher outputs need
-no gradient.
+CUDA C++ counterparts in csrc/ (module d2v_cuda, loaded by kernels/_cuda.py: the same tasks, one
+or two warps per step holding the row in registers, fp32 accumulation, __launch_bounds__ for 4
+blocks of 256 threads per SM at C = 768). `teacher_targets`
+runs Triton for CPU tensors under TRITON_INTERPRET=1, the reference for other CPU tensors, and on
+CUDA whichever of Triton and the extension measured faster for the shape (see _pick_backend;
+`last_backend()` says which ran):
+  _combine_kernel   per-layer norm none / layer. Per SUB tiles of BLOCK_R steps of one sample, all
+                    C channels: C = NCH chunks of CW (768 = 3 x 256: no idle lane), a warp per
+                    step; for each layer load (the next layer's loads issued before this one is
+                    reduced), normalize per row, accumulate in fp32; / K; final layer norm; write.
+  _instance_kernel  per-layer instance norm, one launch. Statistics tasks (layer, sample, channel
+                    block, T chunk of STATS_ROWS steps: any batch fills the GPU) write partial
+                    (count, mean, M2); the last task of a (layer, sample, block) merges them in
+                    chunk order (Chan: deterministic, no atomics on values) into mean and 1/std.
+                    Combine tasks (a BLOCK_R tile, as above) wait for their sample's statistics.
+                    Tasks are taken in ticket order, a sample's combine `ahead` samples after its
+                    statistics, so each layer is read from DRAM once and re-read from L2.
+The K layers are never stacked (that copy would be a full extra pass): they are a tuple kernel
+argument (K pointers and strides by value, like the CUDA path's table), so any list of same-dtype
+views works, a K x B x T x C tensor included; only a layer whose channels are not unit-stride is
+copied first. Forward only: teacher outputs need no gradient.
 
-Bytes moved, with N = B*T steps, s = bytes per input element, p = fraction of unpadded steps.
-Minimal: K*s*N*C read + 4*N*C written (padded steps need not be read).
+Bytes moved from DRAM, with N = B*T steps, s = bytes per input element, p = fraction of unpadded
+steps. Minimal: K*s*N*C*p read + 4*N*C written (padded steps need not be read).
   per-layer norm   final norm     this module's Triton path
-  none / layer     none / layer   K*s*N*C*p + 4*N*C                   (the minimum: one kernel)
-  instance         none / layer   2*K*s*N*C*p + 4*N*C                 (stats pass + combine pass)
-  any              instance       the row above + (8*p + 4)*N*C       (stats over the fp32 average,
-                                                                        then normalized in place)
-plus K*B*C*8 bytes of statistics. The CUDA path moves the same bytes (its layer table is a kernel
-argument, not a device tensor). "include" reads the padded steps in the statistics passes
-(p = 1 there). The instance statistics must be complete before any step can be normalized, so each
-layer is read twice; the stats grid walks the batch backwards so that its last reads (all layers of
-the first samples) are what the combine kernel reads first, while they may still sit in L2.
+  none / layer     none / layer   K*s*N*C*p + 4*N*C                 (the minimum: one pass)
+  instance         none / layer   K*s*N*C*p + 4*N*C + 8*K*B*C*(nj+1)  partial and final statistics
+                                  (nj = T / STATS_ROWS chunks), if L2 holds the `ahead` + 1 samples'
+                                  layers (L2_WINDOW_BYTES) between a sample's two reads; without
+                                  the L2 hit, the second read comes from DRAM: 2*K*s*N*C*p + ...
+  any              instance       the row above + 8*N*C             (the fp32 average read by its
+                                  statistics and normalized in place: read, re-read from L2, write)
+"include" reads the padded steps in the statistics (p = 1 there). Estimated, not measured: at
+audio v1 (K = 8, T = 1000, bf16) the statistics add 8*K*C*(nj+1) = 0.44 MB per sample to its 15 MB,
+so the instance path moves ~1.03x the minimum from DRAM when the second read hits L2; its combine
+tasks also re-read K*C*8 bytes of statistics per BLOCK_R = 8 steps from L2 / L1. The CUDA path
+(csrc/targets_kernels.cu) moves the same bytes.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import torch
@@ -295,54 +305,115 @@ def _teacher_targets_triton(ys, pad, layer_norm, final_norm, eps, instance_norm_
     return out
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Tiles and work split of one launch (see _plan)."""
+    cw: int  # channels per chunk (a power of two); a row is nch chunks
+    nch: int
+    mask_c: bool  # the last chunk reaches past C (C has no power-of-two split)
+    block_r: int  # rows of a combine tile
+    sub: int  # row tiles per combine program (none / layer; an instance combine task has one)
+    warps: int
+    block_t: int = 1  # instance statistics: rows per tile,
+    tchunk: int = 1  # rows per statistics task (T split in nj chunks),
+    nj: int = 1
+    ahead: int = 1  # and samples between a sample's statistics and its combine tasks
+
+
+# An H100 holds 50 MB of L2; the instance path keeps the layers of `ahead` + 1 samples in flight
+# between their statistics and their combine, so that the second read hits L2. Half of it is left
+# to the fp32 targets being written and to the tasks of neighbouring samples.
+L2_WINDOW_BYTES = 16 << 20
+STATS_ROWS = 128  # steps per statistics task: its partial costs 8 / (2 * 128) = 3% of bf16 bytes
+
+
+def _plan(B, T, C, K, elem, instance) -> Plan:
+    """Tiles for C channels of `elem`-byte inputs: C = nch x cw exactly where C has a power-of-two
+    factor of at least 16 (768 = 3 x 256), so no lane idles; a warp per row where the row allows
+    (layer norms reduce by warp shuffles), ~24 elements of a layer's tile per thread, loaded 16
+    bytes at a time, the next layer's tile in flight while this one is reduced."""
+    cw = min(256, C & -C)
+    if cw >= 16 and C // cw <= 8:
+        nch, mask_c = C // cw, False
+    else:
+        cw, nch, mask_c = triton.next_power_of_2(C), 1, True
+    warps = 8 if nch * cw >= 512 else 4
+    vec = 16 // elem
+    min_rows = max(1, warps * 32 * vec // cw)  # fewer rows would replicate the tile over threads
+    block_r = max(min_rows, min(64, _pow2_floor(24 * 32 * warps // (nch * cw))))
+    if _interpreted():  # the interpreter pays per program and op, not per element
+        block_r = max(block_r, min(64, _pow2_floor(max(1, 8192 // (nch * cw)))))
+    if not instance:
+        sub = max(1, min(8, B * T // (block_r * 1000), triton.cdiv(T, block_r)))
+        return Plan(cw, nch, mask_c, block_r, sub, warps)
+    # One row tile per combine task: a loop over several would keep every layer's statistics
+    # addresses live across it (ptxas: 180 registers instead of ~110 at K = 8).
+    block_t = max(min_rows, 2048 // cw)  # taller statistics tiles: 120-220 registers
+    rows = T if _interpreted() else STATS_ROWS
+    nj = triton.cdiv(T, max(rows, block_t))
+    tchunk = triton.cdiv(triton.cdiv(T, nj), block_t) * block_t
+    nj = triton.cdiv(T, tchunk)
+    ahead = max(1, min(B, L2_WINDOW_BYTES // max(1, K * T * C * elem)))
+    return Plan(cw, nch, mask_c, block_r, 1, warps, block_t, tchunk, nj, ahead)
+
+
+def dram_bytes(B, T, C, K, elem, layer_norm, final_norm, unpadded=1.0) -> tuple[int, int]:
+    """(minimal, this module's GPU path) DRAM bytes of one call, as the module docstring's table
+    counts them: an estimate that assumes the instance path's second read hits L2."""
+    n = B * T
+    minimal = int(K * elem * n * C * unpadded) + 4 * n * C
+    ours = minimal
+    stats = 8 * B * C * (triton.cdiv(T, STATS_ROWS) + 1) if triton is not None else 0
+    if layer_norm == "instance":
+        ours += K * stats
+    if final_norm == "instance":
+        ours += 8 * n * C + stats
+    return minimal, ours
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _combine(ys, pad_bytes, out, eps, layer_norm, final_norm, count_pad, keep_pad):
-    """One statistics launch (per-layer instance norm only) and one combine launch into `out`."""
+    """One launch: normalize and average the layers into `out` (see the module docstring)."""
     ys = [y if y.stride(2) == 1 else y.contiguous() for y in ys]  # channels must be unit-stride
-    table, align = _layer_table(ys)
     K = len(ys)
     B, T, C = ys[0].shape
+    instance = layer_norm == "instance"
+    p = _plan(B, T, C, K, ys[0].element_size(), instance)
     has_pad = pad_bytes is not None
     pad_arg = pad_bytes if has_pad else out  # never read when has_pad is False
-    mean = rstd = out  # never read unless the per-layer norm is "instance"
-    if layer_norm == "instance":
-        stats = torch.empty(2, K, B, C, dtype=torch.float32, device=out.device)
-        mean, rstd = stats[0], stats[1]
-        block_c = min(64, triton.next_power_of_2(C))
-        _stats_kernel[(triton.cdiv(C, block_c), K, B)](
-            ys[0], table, pad_arg, mean, rstd, B, T, C, eps,
-            HAS_PAD=has_pad, COUNT_PAD=count_pad, ALIGN=align, BLOCK_T=32, BLOCK_C=block_c,
-            # 8 warps: with 4, ptxas (triton 3.9) spills at the padded audio shapes (96 registers
-            # and a 4-byte spill; python -m kernels.compile_check), with 8 it does not (80)
-            num_warps=8,
-        )
-    block_c = triton.next_power_of_2(C)
-    block_r = max(1, min(64, 4096 // block_c))
-    sub = _sub_blocks(B, T, block_r)
-    _combine_kernel[(triton.cdiv(T, block_r * sub), B)](
-        ys[0], table, pad_arg, mean, rstd, out, K, B, T, C, eps,
-        NORM=_NORM_CODE[layer_norm], FINAL=_NORM_CODE[final_norm], HAS_PAD=has_pad,
-        KEEP_PAD=keep_pad, ALIGN=align, SUB=sub, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=8 if block_r * block_c >= 4096 else 4,
-    )
-
-
-def _sub_blocks(B, T, block_r):
-    """Row blocks per combine program: up to 8 while that still leaves ~1000 programs."""
-    return max(1, min(8, B * T // (block_r * 1000), triton.cdiv(T, block_r)))
-
-
-def _layer_table(ys):
-    """K x 3 int64 (element offset from ys[0], batch stride, time stride) and the alignment hint."""
-    size = ys[0].element_size()
-    rows = [[(y.data_ptr() - ys[0].data_ptr()) // size, y.stride(0), y.stride(1)] for y in ys]
-    # Vector loads need 16-byte-aligned row starts; promise it only when every layer gives it.
-    vec = 16 // size
-    aligned = ys[0].data_ptr() % 16 == 0 and all(v % vec == 0 for row in rows for v in row)
-    table = torch.tensor(rows, dtype=torch.int64)
-    if ys[0].is_cuda:  # pinned + non_blocking: no host synchronization
-        table = table.pin_memory().to(ys[0].device, non_blocking=True)
-    return table, vec if aligned else 1
-
+    layers = tuple(ys)  # by value: K pointers and strides are kernel arguments, no device table
+    strides_b = tuple(y.stride(0) for y in ys)
+    strides_t = tuple(y.stride(1) for y in ys)
+    common = dict(FINAL=_NORM_CODE[final_norm], HAS_PAD=has_pad, KEEP_PAD=keep_pad,
+                  BLOCK_R=p.block_r, CW=p.cw, NCH=p.nch, MASK_C=p.mask_c, num_warps=p.warps)
+    if not instance:
+        grid = (triton.cdiv(T, p.block_r * p.sub), B)
+        _combine_kernel[grid](layers, strides_b, strides_t, pad_arg, out, B, T, C, eps,
+                              NORM=_NORM_CODE[layer_norm], SUB=p.sub, **common)
+        return
+    ncb = triton.cdiv(C, p.cw)
+    dev = out.device
+    partial = torch.empty(2, B, K, p.nj, ncb * p.cw, dtype=torch.float32, device=dev)
+    counts = torch.empty(B, K, ncb, p.nj, dtype=torch.float32, device=dev)
+    # Rows of mean / 1/std 128-byte aligned: no cache line holds two samples' statistics, so none
+    # can be cached by an SM before its sample's statistics are final.
+    stat_ld = triton.cdiv(C, 32) * 32
+    stats = torch.empty(2, K, B, stat_ld, dtype=torch.float32, device=dev)
+    # [ticket, ready per sample, finished statistics tasks per (sample, layer, channel block)]
+    sync = torch.zeros(1 + B + B * K * ncb, dtype=torch.int32, device=dev)
+    nrg = triton.cdiv(T, p.block_r)  # combine tasks per sample
+    tasks = B * (K * ncb * p.nj + nrg)
+    _instance_kernel[(tasks,)](
+        layers, strides_b, strides_t, pad_arg, partial[0], partial[1], counts, stats[0], stats[1],
+        sync, out, B, T, C, stat_ld, eps, p.tchunk, p.nj, ncb, nrg, p.ahead,
+        COUNT_PAD=count_pad, BLOCK_T=p.block_t, **common)
 
 
 _RUNNERS = {
@@ -354,82 +425,246 @@ _RUNNERS = {
 if triton is not None:
 
     @triton.jit
-    def _stats_kernel(y0, table, pad, mean, rstd, B, T, C, eps,
-                      HAS_PAD: tl.constexpr, COUNT_PAD: tl.constexpr, ALIGN: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        layer = tl.program_id(1)
-        b = B - 1 - tl.program_id(2)  # backwards: the combine kernel starts at b = 0
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        offset = tl.multiple_of(tl.load(table + 3 * layer), ALIGN)
-        stride_b = tl.multiple_of(tl.load(table + 3 * layer + 1), ALIGN)
-        stride_t = tl.multiple_of(tl.load(table + 3 * layer + 2), ALIGN)
-        base = y0 + offset + b * stride_b
-        count = tl.zeros([BLOCK_C], dtype=tl.float32)
-        mu = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            ts = t0 + tl.arange(0, BLOCK_T)
-            row_ok = ts < T
+    def _load_rows(ptr, row_off, live, cols, C, CW: tl.constexpr, NCH: tl.constexpr,
+                   MASK_C: tl.constexpr):
+        """The rows at ptr + row_off (int64, R) as NCH chunks R x CW in the input dtype; rows
+        not `live` (and channels past C) read as 0 without touching memory."""
+        tiles = ()
+        for c in tl.static_range(NCH):
+            ok = tl.broadcast_to(live[:, None], [live.shape[0], CW])
+            if MASK_C:
+                ok = ok & (c * CW + cols < C)[None, :]
+            at = ptr + row_off[:, None] + (c * CW + cols)[None, :]
+            tiles = tiles + (tl.load(at, mask=ok, other=0.0),)
+        return tiles
+
+    @triton.jit
+    def _row_layer_norm(xs, cols, C, eps, CW: tl.constexpr, NCH: tl.constexpr,
+                        MASK_C: tl.constexpr):
+        """Layer norm (no affine) of rows held as NCH fp32 chunks R x CW. The chunks share one
+        layout, so they are added in registers first: one warp reduction per moment, not NCH."""
+        total = xs[0]
+        for c in tl.static_range(1, NCH):
+            total += xs[c]
+        mu = tl.sum(total, axis=1) / C
+        devs = ()
+        for c in tl.static_range(NCH):
+            d = xs[c] - mu[:, None]
+            if MASK_C:
+                d = tl.where((c * CW + cols < C)[None, :], d, 0.0)
+            devs = devs + (d,)
+        sq = devs[0] * devs[0]
+        for c in tl.static_range(1, NCH):
+            sq += devs[c] * devs[c]
+        inv = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / C + eps)
+        out = ()
+        for c in tl.static_range(NCH):
+            out = out + (devs[c] * inv[:, None],)
+        return out
+
+    @triton.jit
+    def _layer(layers, strides_b, strides_t, l):
+        """(first element, batch stride, time stride) of layer l, a run-time index: a chain of
+        selects over the K kernel arguments (a tuple is indexed by constants only)."""
+        zero = tl.zeros([], dtype=tl.int64)
+        base = layers[0]
+        stride_b = zero + strides_b[0]
+        stride_t = zero + strides_t[0]
+        for i in tl.static_range(1, len(layers)):
+            if l == i:
+                base = layers[i]
+                stride_b = zero + strides_b[i]
+                stride_t = zero + strides_t[i]
+        return base, stride_b, stride_t
+
+    @triton.jit
+    def _combine_rows(layers, strides_b, strides_t, pad, mean, rstd, out, b, t0, B, T, C,
+                      stat_ld, eps,
+                      NORM: tl.constexpr, FINAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                      KEEP_PAD: tl.constexpr, BLOCK_R: tl.constexpr, CW: tl.constexpr,
+                      NCH: tl.constexpr, MASK_C: tl.constexpr):
+        """BLOCK_R steps t0.. of sample b: each layer loaded (the next one's loads issued before
+        this one is reduced), normalized, summed in fp32; / K, final norm, one store. The layer
+        loop is a run-time loop: unrolled, the compiler would hoist every layer's loads to the top
+        (over 200 registers at K = 10)."""
+        K: tl.constexpr = len(layers)
+        ts = t0 + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, CW)
+        row_in = ts < T
+        live = row_in
+        if HAS_PAD and not KEEP_PAD:
+            live = row_in & (tl.load(pad + b * T + ts, mask=row_in, other=1) == 0)
+        ts = ts.to(tl.int64)
+        nxt = _load_rows(layers[0] + b * strides_b[0], ts * strides_t[0], live, cols, C, CW,
+                         NCH, MASK_C)
+        acc = ()
+        for c in tl.static_range(NCH):
+            acc = acc + (tl.zeros([BLOCK_R, CW], dtype=tl.float32),)
+        for l in range(K):
+            cur = nxt
+            base, stride_b, stride_t = _layer(layers, strides_b, strides_t, l + 1)
+            nxt = _load_rows(base + b * stride_b, ts * stride_t, live & (l + 1 < K), cols, C, CW,
+                             NCH, MASK_C)
+            xs = ()
+            for c in tl.static_range(NCH):
+                xs = xs + (cur[c].to(tl.float32),)
+            if NORM == 2:
+                normed = ()
+                for c in tl.static_range(NCH):
+                    at = (l * B + b) * stat_ld + c * CW + cols
+                    ok = cols < CW
+                    if MASK_C:
+                        ok = c * CW + cols < C
+                    mu = tl.load(mean + at, mask=ok, other=0.0)
+                    inv = tl.load(rstd + at, mask=ok, other=0.0)
+                    normed = normed + ((xs[c] - mu[None, :]) * inv[None, :],)
+                xs = normed
+            elif NORM == 1:
+                xs = _row_layer_norm(xs, cols, C, eps, CW, NCH, MASK_C)
+            summed = ()
+            for c in tl.static_range(NCH):
+                summed = summed + (acc[c] + xs[c],)
+            acc = summed
+        avg = ()
+        for c in tl.static_range(NCH):
+            avg = avg + (acc[c] / K,)
+        if FINAL == 1:
+            avg = _row_layer_norm(avg, cols, C, eps, CW, NCH, MASK_C)
+        row_out = out + (b * T + ts) * C
+        for c in tl.static_range(NCH):
+            ok = tl.broadcast_to(row_in[:, None], [BLOCK_R, CW])
+            if MASK_C:
+                ok = ok & (c * CW + cols < C)[None, :]
+            tl.store(row_out[:, None] + (c * CW + cols)[None, :],
+                     tl.where(live[:, None], avg[c], 0.0), mask=ok)
+
+    @triton.jit
+    def _combine_kernel(layers, strides_b, strides_t, pad, out, B, T, C, eps,
+                        NORM: tl.constexpr, FINAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                        KEEP_PAD: tl.constexpr, SUB: tl.constexpr, BLOCK_R: tl.constexpr,
+                        CW: tl.constexpr, NCH: tl.constexpr, MASK_C: tl.constexpr):
+        # NORM / FINAL: 0 none, 1 layer (instance goes to _instance_kernel). Program (i, b): SUB
+        # row tiles of sample b.
+        b = tl.program_id(1).to(tl.int64)
+        for sub in range(SUB):
+            t0 = (tl.program_id(0) * SUB + sub) * BLOCK_R
+            _combine_rows(layers, strides_b, strides_t, pad, out, out, out, b, t0, B, T, C, C, eps,
+                          NORM, FINAL, HAS_PAD, KEEP_PAD, BLOCK_R, CW, NCH, MASK_C)
+
+    @triton.jit
+    def _stats_task(layers, strides_b, strides_t, pad, part_mean, part_m2, counts, mean, rstd,
+                    sync, b, l, j, cb, B, T, C, stat_ld, eps, TCHUNK, NJ, NCB,
+                    COUNT_PAD: tl.constexpr,
+                    HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr):
+        """Statistics of rows [j * TCHUNK, (j + 1) * TCHUNK) of layer l, sample b, channels of
+        block cb: Chan merges of BLOCK_T x CW tiles (the next tile's loads in flight) -> a partial
+        (count, mean, M2). The last of the NJ tasks of (b, l, cb) to finish merges the partials in
+        chunk order (deterministic, no atomics on the values) into mean and 1/std, then counts
+        itself in the sample's ready counter."""
+        K: tl.constexpr = len(layers)
+        base, stride_b, stride_t = _layer(layers, strides_b, strides_t, l)
+        cols = tl.arange(0, CW)
+        col_ok = cb * CW + cols < C
+        base = base + b * stride_b + cb * CW
+        t_lo = j * TCHUNK
+        t_hi = tl.minimum(T, t_lo + TCHUNK)
+        ts = t_lo + tl.arange(0, BLOCK_T)
+        ok = ts < t_hi
+        if HAS_PAD and not COUNT_PAD:
+            ok = ok & (tl.load(pad + b * T + ts, mask=ok, other=1) == 0)
+        nxt = tl.load(base + ts.to(tl.int64)[:, None] * stride_t + cols[None, :],
+                      mask=ok[:, None] & col_ok[None, :], other=0.0)
+        count = tl.zeros([], dtype=tl.float32)
+        mu = tl.zeros([CW], dtype=tl.float32)
+        m2 = tl.zeros([CW], dtype=tl.float32)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            x = nxt.to(tl.float32)
+            rows_ok = ok
+            ts = t0 + BLOCK_T + tl.arange(0, BLOCK_T)
+            ok = ts < t_hi
             if HAS_PAD and not COUNT_PAD:
-                row_ok = row_ok & (tl.load(pad + b * T + ts, mask=ts < T, other=1) == 0)
-            ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(base + ts[:, None] * stride_t + cols[None, :], mask=ok, other=0.0)
-            x = x.to(tl.float32)
-            # Chan's merge of the tile's (count, mean, M2) into the running ones: no E[x^2] - E[x]^2
-            # cancellation for channels with a large mean.
-            n_tile = tl.sum(ok.to(tl.float32), axis=0)
+                ok = ok & (tl.load(pad + b * T + ts, mask=ok, other=1) == 0)
+            nxt = tl.load(base + ts.to(tl.int64)[:, None] * stride_t + cols[None, :],
+                          mask=ok[:, None] & col_ok[None, :], other=0.0)
+            # Chan's merge of the tile's (count, mean, M2) into the running ones: no
+            # E[x^2] - E[x]^2 cancellation for channels with a large mean.
+            n_tile = tl.sum(rows_ok.to(tl.float32))
             mu_tile = tl.sum(x, axis=0) / tl.maximum(n_tile, 1.0)
-            dev = tl.where(ok, x - mu_tile[None, :], 0.0)
+            dev = tl.where(rows_ok[:, None], x - mu_tile[None, :], 0.0)
             n_new = count + n_tile
             weight = n_tile / tl.maximum(n_new, 1.0)
             delta = mu_tile - mu
             mu = mu + delta * weight
             m2 = m2 + tl.sum(dev * dev, axis=0) + delta * delta * count * weight
             count = n_new
-        var = m2 / tl.maximum(count, 1.0)
-        at = (layer * B + b) * C + cols
-        tl.store(mean + at, mu, mask=col_ok)
-        tl.store(rstd + at, 1.0 / tl.sqrt(var + eps), mask=col_ok)
+        row = ((b * K + l) * NJ + j) * NCB * CW + cb * CW + cols
+        tl.store(part_mean + row, mu)
+        tl.store(part_m2 + row, m2)
+        tl.store(counts + ((b * K + l) * NCB + cb) * NJ + j, count)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        done = tl.atomic_add(sync + 1 + B + (b * K + l) * NCB + cb, 1, sem="acq_rel", scope="gpu")
+        if done == NJ - 1:
+            n = tl.zeros([], dtype=tl.float32)
+            m = tl.zeros([CW], dtype=tl.float32)
+            s = tl.zeros([CW], dtype=tl.float32)
+            for jj in range(NJ):
+                at = ((b * K + l) * NJ + jj) * NCB * CW + cb * CW + cols
+                n_j = tl.load(counts + ((b * K + l) * NCB + cb) * NJ + jj, cache_modifier=".cg")
+                m_j = tl.load(part_mean + at, cache_modifier=".cg")
+                s_j = tl.load(part_m2 + at, cache_modifier=".cg")
+                total = n + n_j
+                weight = n_j / tl.maximum(total, 1.0)
+                delta = m_j - m
+                m = m + delta * weight
+                s = s + s_j + delta * delta * n * weight
+                n = total
+            at = (l * B + b) * stat_ld + cb * CW + cols
+            tl.store(mean + at, m, mask=col_ok)
+            tl.store(rstd + at, 1.0 / tl.sqrt(s / tl.maximum(n, 1.0) + eps), mask=col_ok)
+            tl.debug_barrier()
+            tl.atomic_add(sync + 1 + b, 1, sem="release", scope="gpu")
 
     @triton.jit
-    def _combine_kernel(y0, table, pad, mean, rstd, out, K, B, T, C, eps,
-                        NORM: tl.constexpr, FINAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                        KEEP_PAD: tl.constexpr, ALIGN: tl.constexpr, SUB: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # NORM / FINAL: 0 none, 1 layer, 2 instance (per layer only; a final instance norm is a
-        # second call with the average as its one layer). A program owns SUB * BLOCK_R steps of one
-        # sample, so the instance statistics it re-reads per sub-block come from L1.
-        b = tl.program_id(1)
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        for sub in range(SUB):
-            ts = (tl.program_id(0) * SUB + sub) * BLOCK_R + tl.arange(0, BLOCK_R)
-            row_in = ts < T
-            live = row_in
-            if HAS_PAD and not KEEP_PAD:
-                live = row_in & (tl.load(pad + b * T + ts, mask=row_in, other=1) == 0)
-            ok = live[:, None] & col_ok[None, :]
-            acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-            for layer in range(K):
-                offset = tl.multiple_of(tl.load(table + 3 * layer), ALIGN)
-                stride_b = tl.multiple_of(tl.load(table + 3 * layer + 1), ALIGN)
-                stride_t = tl.multiple_of(tl.load(table + 3 * layer + 2), ALIGN)
-                at = y0 + offset + b * stride_b + ts[:, None] * stride_t + cols[None, :]
-                x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-                if NORM == 2:
-                    stat_at = (layer * B + b) * C + cols
-                    mu = tl.load(mean + stat_at, mask=col_ok, other=0.0)
-                    inv = tl.load(rstd + stat_at, mask=col_ok, other=0.0)
-                    x = (x - mu[None, :]) * inv[None, :]
-                elif NORM == 1:
-                    dev = tl.where(col_ok[None, :], x - (tl.sum(x, axis=1) / C)[:, None], 0.0)
-                    x = dev / tl.sqrt(tl.sum(dev * dev, axis=1) / C + eps)[:, None]
-                acc += x
-            acc = acc / K
-            if FINAL == 1:
-                dev = tl.where(col_ok[None, :], acc - (tl.sum(acc, axis=1) / C)[:, None], 0.0)
-                acc = dev / tl.sqrt(tl.sum(dev * dev, axis=1) / C + eps)[:, None]
-            acc = tl.where(live[:, None], acc, 0.0)
-            at = out + (b * T + ts).to(tl.int64)[:, None] * C + cols[None, :]
-            tl.store(at, acc, mask=row_in[:, None] & col_ok[None, :])
+    def _instance_kernel(layers, strides_b, strides_t, pad, part_mean, part_m2, counts, mean,
+                         rstd, sync, out, B, T, C, stat_ld, eps, TCHUNK, NJ, NCB, NRG, AHEAD,
+                         FINAL: tl.constexpr, HAS_PAD: tl.constexpr, COUNT_PAD: tl.constexpr,
+                         KEEP_PAD: tl.constexpr, BLOCK_R: tl.constexpr, CW: tl.constexpr,
+                         NCH: tl.constexpr, MASK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Per-layer instance norm in one launch, each layer read from DRAM once. Tasks, taken in
+        ticket order: the statistics tasks of samples 0..AHEAD-1, then for each later sample s its
+        statistics tasks followed by the combine tasks of sample s - AHEAD, then the last AHEAD
+        samples' combine tasks. A combine task waits (acquire) until its sample's statistics are
+        merged; every task it waits on took an earlier ticket, so it is already running and never
+        waits itself: no deadlock whatever order the hardware starts programs in. Between the
+        statistics and the combine of a sample only ~AHEAD samples' layers are read, so its second
+        read finds them in L2. Partials are read from L2 (.cg); the mean and 1/std rows are
+        128-byte aligned and read only once final, so no SM's L1 can hold a stale copy."""
+        K: tl.constexpr = len(layers)
+        task = tl.atomic_add(sync, 1).to(tl.int64)
+        s1 = K * NCB * NJ  # statistics tasks per sample
+        unit = s1 + NRG
+        head = AHEAD * s1
+        mid = (B - AHEAD) * unit
+        r = task - head
+        u = r // unit
+        w = r - u * unit
+        tail = r - mid
+        in_head = task < head
+        in_mid = (r >= 0) & (r < mid)
+        is_stats = in_head | (in_mid & (w < s1))
+        b = tl.where(in_head, task // s1,
+                     tl.where(in_mid, tl.where(w < s1, AHEAD + u, u), B - AHEAD + tail // NRG))
+        i = tl.where(in_head, task % s1,
+                     tl.where(in_mid, tl.where(w < s1, w, w - s1), tail % NRG))
+        if is_stats:
+            l = i // (NCB * NJ)
+            cb = (i // NJ) % NCB
+            _stats_task(layers, strides_b, strides_t, pad, part_mean, part_m2, counts, mean, rstd,
+                        sync, b, l, i % NJ, cb, B, T, C, stat_ld, eps, TCHUNK, NJ, NCB, COUNT_PAD,
+                        HAS_PAD, BLOCK_T, CW)
+        else:
+            seen = tl.atomic_add(sync + 1 + b, 0, sem="acquire", scope="gpu")
+            while seen < K * NCB:
+                seen = tl.atomic_add(sync + 1 + b, 0, sem="acquire", scope="gpu")
+            _combine_rows(layers, strides_b, strides_t, pad, mean, rstd, out, b, i * BLOCK_R, B, T,
+                          C, stat_ld, eps, 2, FINAL, HAS_PAD, KEEP_PAD, BLOCK_R, CW, NCH, MASK_C)

@@ -41,7 +41,7 @@ def test_kernels_are_compiled_not_interpreted():
         "TRITON_INTERPRET=1 is set on a CUDA machine: the kernels would run interpreted")
     from triton.runtime.jit import JITFunction
     kernels = [attn._fwd_kernel.fn, attn._bwd_dkdv_kernel.fn, attn._bwd_dq_kernel.fn,
-               attn._bwd_dbias_kernel.fn, attn._delta_kernel, targets._stats_kernel,
+               attn._bwd_dbias_kernel.fn, attn._delta_kernel, targets._instance_kernel,
                targets._combine_kernel, masking._span_kernel, masking._trim_kernel,
                masking._token_kernel, masking._beit_block_kernel, masking._inverse_block_kernel]
     assert all(type(k) is JITFunction for k in kernels), [type(k).__name__ for k in kernels]
@@ -365,12 +365,12 @@ def test_seed_copies_do_not_synchronize_the_host():
     (non_blocking); a copy from pageable memory would synchronize, which sync-debug mode turns
     into an error. Each op runs once first: compilation and cached tables may synchronize."""
     from engine.seeding import STREAM_MASK, sample_seeds
-    from engine.trainer import _host_to_device
+    from engine.mask_ahead import host_to_device
     lengths = torch.full((4,), 60, device="cuda")
 
     def step():
-        seeds = _host_to_device(sample_seeds(1, 2, torch.arange(4), STREAM_MASK),
-                                torch.device("cuda"))
+        seeds = host_to_device(sample_seeds(1, 2, torch.arange(4), STREAM_MASK),
+                               torch.device("cuda"))
         masking.span_mask(lengths, 60, 0.5, 5, seed=7)
         masking.block_mask(4, (14, 14), 0.6, seed=7, device="cuda")
         masking.span_mask(lengths, 60, 0.5, 5, seed=seeds)

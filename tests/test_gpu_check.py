@@ -113,6 +113,15 @@ def test_compile_check_fails_only_where_it_must():
     assert len(failures) == 1 and failures[0].startswith("compile error")
 
 
+def test_occupancy_counts_blocks_per_sm_from_registers_threads_and_shared_memory():
+    # H100: 64K registers per SM in warp units of 256, 2048 threads, 32 blocks, 228 KB shared.
+    assert compile_check.occupancy(64, 256, 0) == {"blocks_per_sm": 4, "occupancy": 0.5}
+    assert compile_check.occupancy(92, 256, 0)["blocks_per_sm"] == 2  # 96 per thread after rounding
+    assert compile_check.occupancy(32, 256, 0) == {"blocks_per_sm": 8, "occupancy": 1.0}
+    assert compile_check.occupancy(40, 32, 0)["blocks_per_sm"] == 32  # the 32-block cap
+    assert compile_check.occupancy(32, 256, 100 * 1024)["blocks_per_sm"] == 2  # shared memory
+
+
 def test_compile_check_covers_every_kernel_at_the_base_shapes():
     """--list runs the launchers on empty CPU tensors with recorders (no compile): every kernel
     of kernels/ is launched by some base config, with the bias gradient of image v1 and at least
@@ -124,7 +133,7 @@ def test_compile_check_covers_every_kernel_at_the_base_shapes():
     assert out.returncode == 0, out.stderr[-3000:]
     kernels = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("_")}
     assert kernels >= {"_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                       "_bwd_dbias_kernel", "_stats_kernel", "_combine_kernel", "_span_kernel",
+                       "_bwd_dbias_kernel", "_instance_kernel", "_combine_kernel", "_span_kernel",
                        "_trim_kernel", "_token_kernel", "_beit_block_kernel",
                        "_inverse_block_kernel"}, kernels
     dbias = [line for line in out.stdout.splitlines() if line.startswith("_bwd_dbias_kernel")]

@@ -1,5 +1,6 @@
 """kernels.targets: the Triton path (run by the interpreter on CPU) against the reference, and the
 reference against an independent float64 computation with F.instance_norm / F.layer_norm."""
+import dataclasses
 import itertools
 import os
 
@@ -21,7 +22,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def test_kernels_were_decorated_under_the_interpreter():
-    kinds = {type(k).__name__ for k in (targets._stats_kernel, targets._combine_kernel,
+    kinds = {type(k).__name__ for k in (targets._instance_kernel, targets._combine_kernel,
                                         targets.tl.standard.sum)}
     assert kinds == {"InterpretedFunction"}, (
         f"kernels are {kinds}: triton was imported before TRITON_INTERPRET=1 was set (by an "
@@ -121,16 +122,84 @@ def test_triton_reads_strided_views_of_separate_tensors():
     assert_close_and_clean(got, want, pad, 1e-5, "strided views")
 
 
-def test_combine_sub_blocks_cover_every_step(monkeypatch):
-    # On a GPU a combine program loops over several row blocks; force that on a small shape whose
-    # T is not a multiple of the rows per program (C=200: 16 rows per block, 3 blocks = 48 rows).
-    monkeypatch.setattr(targets, "_sub_blocks", lambda b, t, block_r: 3)
-    layers = make_layers(3, 2, 70, 200, seed=6)
-    pad = make_padding(2, 70, seed=6)
-    for layer_norm, final_norm in [("instance", "layer"), ("layer", "instance")]:
+def forced_plan(monkeypatch, **fields):
+    """Launches with these Plan fields (e.g. several row tiles per task, T split in chunks)."""
+    plan = targets._plan
+    monkeypatch.setattr(targets, "_plan", lambda *a: dataclasses.replace(plan(*a), **fields))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(sub=3, block_r=16),  # T = 70 is not a multiple of the 48 rows per task
+    dict(block_r=16, block_t=8, tchunk=16, nj=5, ahead=1),  # T split: 5 partials per channel
+    dict(block_r=16, block_t=8, tchunk=24, nj=3, ahead=2),
+    dict(block_r=16, block_t=8, tchunk=8, nj=9, ahead=3),  # every sample's stats come first
+], ids=["sub3", "split5_ahead1", "split3_ahead2", "split9_ahead_all"])
+def test_task_splits_cover_every_step(monkeypatch, fields):
+    forced_plan(monkeypatch, **fields)
+    layers = make_layers(3, 3, 70, 200, seed=6)
+    pad = make_padding(3, 70, seed=6)
+    for layer_norm, final_norm in [("instance", "layer"), ("layer", "instance"),
+                                   ("instance", "instance")]:
         got = run_triton(layers, pad, layer_norm, final_norm)
         want = targets.teacher_targets_reference(layers, pad, layer_norm, final_norm)
-        assert_close_and_clean(got, want, pad, 1e-5, f"3 sub-blocks {layer_norm}/{final_norm}")
+        assert_close_and_clean(got, want, pad, 1e-5, f"{fields} {layer_norm}/{final_norm}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_time_statistics_match_float64(monkeypatch, dtype):
+    # Chan merges of the T chunks' partial (count, mean, M2), the last chunk shorter; bf16 inputs
+    # accumulate in fp32, so they are held to fp32's bound against float64 of the bf16 values.
+    forced_plan(monkeypatch, block_t=8, tchunk=16, nj=4)
+    layers = make_layers(3, 2, 61, 48, dtype, seed=18)
+    layers = [y + 20.0 * (i + 1) for i, y in enumerate(layers)]  # large means: no cancellation
+    pad = make_padding(2, 61, seed=18)
+    lengths = (~pad).sum(1).tolist()
+    got = run_triton(layers, pad, "instance", "none")
+    want = float64_targets(layers, lengths, "instance", "none")
+    err = rel_err(got.double(), want)
+    assert err < 1e-5, f"{dtype}: split-T statistics rel err {err:.3g} vs float64"
+    assert (got[pad] == 0).all(), "padded steps must be 0"
+
+
+def test_workspaces_left_nan_never_reach_the_targets(monkeypatch):
+    # Partial and final statistics, counts and the output start as NaN: every element a kernel
+    # reads must have been written by an earlier task of the same launch.
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    forced_plan(monkeypatch, block_t=8, tchunk=16, nj=3, ahead=1)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    layers = make_layers(3, 3, 41, 48, seed=19)
+    pad = make_padding(3, 41, seed=19)
+    for layer_norm, final_norm in [("instance", "layer"), ("none", "instance")]:
+        got = run_triton(layers, pad, layer_norm, final_norm)
+        want = targets.teacher_targets_reference(layers, pad, layer_norm, final_norm)
+        assert_close_and_clean(got, want, pad, 1e-5, f"poisoned {layer_norm}/{final_norm}")
+
+
+def test_dram_bytes_are_the_minimum_without_instance_norm():
+    minimal, ours = targets.dram_bytes(256, 196, 768, 6, 2, "none", "layer")
+    assert minimal == ours == 256 * 196 * 768 * (6 * 2 + 4)
+    minimal, ours = targets.dram_bytes(16, 1000, 768, 8, 2, "instance", "none")
+    stats = 8 * 8 * 16 * 768 * (triton_cdiv(1000, targets.STATS_ROWS) + 1)
+    assert ours == minimal + stats and ours < 1.05 * minimal, (minimal, ours)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_combine_tiles_fit_768_channels_exactly():
+    plan = targets._plan(256, 197, 768, 6, 2, True)
+    assert (plan.cw, plan.nch, plan.mask_c) == (256, 3, False), plan
+    for c in (96, 384, 1024, 1280):
+        p = targets._plan(8, 50, c, 4, 2, False)
+        assert p.cw * p.nch == c and not p.mask_c, f"C={c}: {p}"
+    odd = targets._plan(8, 50, 200, 4, 2, False)
+    assert odd.mask_c and odd.cw >= 200, f"C=200 (8 x 25) takes one masked chunk: {odd}"
 
 
 def test_dispatcher_runs_the_triton_launcher_under_the_interpreter(monkeypatch):
@@ -173,15 +242,14 @@ def test_stacked_tensor_input_equals_list_input():
 
 
 def test_layers_below_the_first_one_in_memory_are_read_right():
-    # Views of one stacked tensor in reverse order: every table offset is negative.
+    # Views of one stacked tensor in reverse order: each layer lies below the previous one.
     layers = make_layers(3, 2, 23, 40, seed=17)
     pad = make_padding(2, 23, seed=17)
     backwards = list(torch.stack(layers).unbind(0))[::-1]
-    table, _ = targets._layer_table(backwards)
-    assert (table[1:, 0] < 0).all(), f"offsets {table[:, 0].tolist()} should be negative"
+    assert backwards[1].data_ptr() < backwards[0].data_ptr()
     got = run_triton(backwards, pad, "instance", "none")
     want = targets.teacher_targets_reference(layers[::-1], pad, "instance", "none")
-    assert_close_and_clean(got, want, pad, 1e-5, "negative offsets")
+    assert_close_and_clean(got, want, pad, 1e-5, "layers below the first")
 
 
 def test_padded_steps_never_influence_targets():

@@ -212,6 +212,20 @@ def test_cuda_unvectorized_and_wide_channel_counts(c):
 
 
 @needs_cuda
+@pytest.mark.parametrize("final_norm", ["none", "layer", "instance"])
+def test_cuda_instance_norm_splits_time_and_looks_ahead_fewer_samples_than_the_batch(final_norm):
+    # 8 layers of 1000 steps x 768 bf16 (12 MB a sample): the statistics split T in 8 chunks
+    # merged by the last task, and a sample's combine comes 1 sample after its statistics.
+    module = cuda_module()
+    layers = make_layers(8, 5, 1000, 768, torch.bfloat16, seed=31)
+    pad = make_padding(5, 1000, seed=31)
+    for padding in targets.INSTANCE_NORM_PADDING:
+        got = run_cuda(module, layers, pad, "instance", final_norm, padding)
+        assert_matches_reference(got, layers, pad, "instance", final_norm, padding,
+                                 what=f"split T, ahead 1, {final_norm}/{padding}")
+
+
+@needs_cuda
 def test_cuda_reads_strided_views_and_stacked_tensors():
     module = cuda_module()
     stacked = torch.randn(4, 2, 50, 128, device="cuda").bfloat16()

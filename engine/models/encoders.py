@@ -44,6 +44,11 @@ class Data2VecEncoder(nn.Module):
         """Feature encoder: source -> (B x T x C features, B x T bool padding mask or None)."""
         raise NotImplementedError
 
+    def token_layout(self, source, padding_mask=None) -> tuple[int, torch.Tensor | None]:
+        """(T, B x T padding mask or None) that embed() gives, from the shapes and the padding
+        alone (no weights, no feature computation): what masks need, before the step."""
+        raise NotImplementedError
+
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
         """Context encoder over B x T x C features; mask B x T bool (True = masked)."""
         raise NotImplementedError
@@ -165,6 +170,11 @@ class AudioEncoder(Data2VecEncoder):
         # data2vec audio (ema_transformer_only + ema_layers_only): everything outside the
         # encoder, and the encoder's positional conv, is the student's.
         return ("feature_extractor.", "feature_norm.", "feature_proj.", "mask_emb", "pos_conv.")
+
+    def token_layout(self, source, padding_mask=None):
+        frames = int(self.feature_extractor.output_lengths(torch.tensor(source.shape[1])))
+        return frames, None if padding_mask is None else self.feature_padding_mask(padding_mask,
+                                                                                    frames)
 
     def feature_padding_mask(self, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
         """B x L sample padding mask -> B x frames frame padding mask."""
@@ -291,6 +301,9 @@ class ImageEncoder(Data2VecEncoder):
                              f", got {tuple(source.shape)}")
         return self.patch_embed(source).flatten(2).transpose(1, 2), None
 
+    def token_layout(self, source, padding_mask=None):
+        return self.grid[0] * self.grid[1], None
+
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
         """Mask embedding over patches, CLS, blocks with the shared bias, final LN: T' = T + 1."""
         self._check_encode(x, padding_mask, mask)
@@ -346,6 +359,9 @@ class TextEncoder(Data2VecEncoder):
                               f"batch of {source.shape[1]} tokens (data.max_tokens)")
         x = self.embed_tokens(source) + self.embed_positions(positions)
         return self.dropout(self.embed_norm(x)), padding_mask
+
+    def token_layout(self, source, padding_mask=None):
+        return source.shape[1], source.eq(self.pad_id) if padding_mask is None else padding_mask
 
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
         """Post-LN blocks over embedded tokens (masking happened on the ids)."""

@@ -94,7 +94,7 @@ def _visible(cfg, tokens: int) -> int:
     return tokens - int(mk.mask_prob * tokens)
 
 
-def _attention_launches(cfg, dtype, torch):
+def attention_launches(cfg, dtype, torch):
     """(role, B, H, T, D, bias kind, padded, dropout, backward) of the student and the teacher."""
     m = cfg.model
     v2 = cfg.objective.mode == "v2"
@@ -116,15 +116,15 @@ def _run_attention(launch, dtype, torch, attention):
     role, B, H, T, D, bias, padded, p, backward = launch
     q = torch.empty(B, H, T, D, dtype=dtype)
     pad = torch.zeros(B, T, dtype=torch.bool) if padded else None
-    b = None
+    b = None  # the relative position bias is an fp32 parameter (autocast leaves it so)
     if bias == "shared":
-        b = torch.empty(H, T, T, dtype=dtype)
+        b = torch.empty(H, T, T, dtype=torch.float32)
     elif bias == "batched":
-        b = torch.empty(B, H, T, T, dtype=dtype)
+        b = torch.empty(B, H, T, T, dtype=torch.float32)
     seed = 12345  # a drawn seed is below 2^30: an i32 argument, not a multiple of 16
-    out, lse = attention.flash_forward(q, q, q, pad, b, D ** -0.5, p, seed)
+    out, lse, keep = attention.flash_forward(q, q, q, pad, b, D ** -0.5, p, seed)
     if backward:
-        attention.flash_backward(q, q, q, q, pad, b, q, lse, D ** -0.5, p, seed,
+        attention.flash_backward(q, q, q, q, pad, b, q, lse, D ** -0.5, p, keep,
                                  need_bias_grad=b is not None)
 
 
@@ -190,7 +190,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
     from kernels import attention, masking, targets
 
     attention_kernels = ["_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                         "_bwd_dbias_kernel"]
+                         "_bwd_dbias_kernel", "_bwd_dbias_long_kernel"]
     target_kernels = ["_stats_kernel", "_combine_kernel"]
     mask_kernels = ["_span_kernel", "_trim_kernel", "_token_kernel", "_beit_block_kernel",
                     "_inverse_block_kernel"]
@@ -205,7 +205,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
         launches += [(f"{name}", rec) for rec in sink]
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            for launch in _attention_launches(cfg, dtype, torch):
+            for launch in attention_launches(cfg, dtype, torch):
                 sink = []
                 with _recorded(attention, attention_kernels, sink):
                     _run_attention(launch, dtype, torch, attention)
@@ -225,7 +225,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
             if len(kept) < len(kernel.configs):
                 notes.append(f"{kname} [{label}]: {len(kernel.configs) - len(kept)} of "
                              f"{len(kernel.configs)} configs pruned at this shape")
-            variants = [({**kwargs, **c.all_kwargs()}, _config_name(c)) for c in kept]
+            variants = [({**kwargs, **c.all_kwargs()}, _config_name(c, kwargs)) for c in kept]
         else:
             fn = kernel
             meta = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
@@ -243,8 +243,8 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
     return jobs, notes
 
 
-def _config_name(c) -> str:
-    kw = c.kwargs
+def _config_name(c, launch_kwargs) -> str:
+    kw = {**launch_kwargs, **c.kwargs}  # a launcher may fix BLOCK_M itself
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
 
 

@@ -265,8 +265,11 @@ def _flash_attn_supports(q, k, v, key_padding_mask, attn_bias) -> bool:
 
 
 def _flex_supports(q, k, v, attn_bias, dropout_p) -> bool:
-    """FlexAttention has no dropout and needs a head dim >= 16."""
+    """FlexAttention has no dropout, needs a head dim >= 16 and has no backward on CPU."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_bias))
     return (dropout_p == 0 and q.dtype != torch.float64 and k.dtype == v.dtype == q.dtype
+            and (q.device.type == "cuda" or not needs_grad)
             and q.shape[-1] == v.shape[-1] and q.shape[-1] >= 16
             and (attn_bias is None or attn_bias.is_floating_point())
             and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None)
@@ -295,6 +298,8 @@ _flex_state: dict = {}
 
 def _flex(q, k, v, key_padding_mask, attn_bias, scale, skip_padded_queries=False):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()  # CPU flex refuses leaves, even in no_grad
     score_mod = None
     if attn_bias is not None:
         bias = attn_bias.to(torch.float32)

@@ -119,7 +119,11 @@ def _measure(attn, key):
     p, skip, backward = key[11], key[12], key[13]
     ms, skipped = {}, {}
     for name in CANDIDATES:
-        if not attn.supports(name, q, k, v, pad, bias, p):
+        with torch.set_grad_enabled(backward):
+            leaves = [t.detach().requires_grad_(backward) if t is not None else None
+                      for t in (q, k, v, bias)]
+            ok = attn.supports(name, *leaves[:3], pad, leaves[3], p)
+        if not ok:
             skipped[name] = "does not compute these arguments"
             continue
         try:

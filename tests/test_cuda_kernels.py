@@ -41,7 +41,8 @@ def test_kernels_are_compiled_not_interpreted():
         "TRITON_INTERPRET=1 is set on a CUDA machine: the kernels would run interpreted")
     from triton.runtime.jit import JITFunction
     kernels = [attn._fwd_kernel.fn, attn._bwd_dkdv_kernel.fn, attn._bwd_dq_kernel.fn,
-               attn._bwd_dbias_kernel.fn, attn._delta_kernel, targets._stats_kernel,
+               attn._bwd_dbias_kernel.fn, attn._bwd_dbias_long_kernel.fn,
+               attn._delta_kernel, targets._stats_kernel,
                targets._combine_kernel, masking._span_kernel, masking._trim_kernel,
                masking._token_kernel, masking._beit_block_kernel, masking._inverse_block_kernel]
     assert all(type(k) is JITFunction for k in kernels), [type(k).__name__ for k in kernels]
@@ -91,32 +92,6 @@ def attention_inputs(B, H, T, D, bias, pad_frac, dtype, device, seed=0):
     return q, k, v, pad, b, dout
 
 
-if attn.triton is not None:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _keep_mask_kernel(Out, seed, T_Q, T_K, dropout_p, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-        """The attention kernels' keep mask (kernels.attention._keep, with the same argument
-        types as in _fwd_kernel) for every (b*H + h, i, j): B*H x Tq x Tk uint8."""
-        bh = tl.program_id(2)
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        keep = attn._keep(seed, bh, offs_m, offs_n, T_K, dropout_p)
-        ok = (offs_m < T_Q)[:, None] & (offs_n < T_K)[None, :]
-        at = Out + bh.to(tl.int64) * T_Q * T_K + offs_m[:, None] * T_K + offs_n[None, :]
-        tl.store(at, keep.to(tl.uint8), mask=ok)
-
-
-def keep_mask(B, H, Tq, Tk, seed, p, device):
-    out = torch.full((B * H, Tq, Tk), 2, dtype=torch.uint8, device=device)
-    grid = (triton.cdiv(Tq, 64), triton.cdiv(Tk, 64), B * H)
-    _keep_mask_kernel[grid](out, seed, Tq, Tk, p, BLOCK_M=64, BLOCK_N=64)
-    assert out.max() <= 1, "keep-mask kernel left elements unwritten"
-    return out.view(B, H, Tq, Tk).bool()
-
-
 def attention_float64(q, k, v, pad, bias, scale, keep, p):
     """Float64 leaves and (out, lse base 2) of softmax(q k^T scale + bias) with the keep mask."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -128,24 +103,27 @@ def attention_float64(q, k, v, pad, bias, scale, keep, p):
         s = s.masked_fill(pad[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, -1) / LN2
     probs = torch.softmax(s, -1)
-    if p > 0:
-        probs = probs * keep / (1.0 - p)
+    if p > 0:  # the realized drop probability: a multiple of 2^-16
+        probs = probs * keep / (1.0 - attn.dropout_threshold(p)[0] / 65536)
     return leaves, bias_leaf, probs @ leaves[2], lse
 
 
 def run_attention_case(B, H, T, D, bias, pad_frac, p, dtype, device, seed=1234):
-    """Forward and backward of the compiled kernels vs float64; returns the keep mask."""
+    """Forward and backward of the compiled kernels vs float64; returns the keep mask (the bits
+    the forward stored, unpacked)."""
     q, k, v, pad, b, dout = attention_inputs(B, H, T, D, bias, pad_frac, dtype, device)
+    if b is not None:
+        b = b.float()  # the model's relative position bias is an fp32 parameter
     scale = D ** -0.5
     out = torch.full_like(q, float("nan"))
     lse = torch.full((B, H, T), float("nan"), device=device)
-    attn.flash_forward(q, k, v, pad, b, scale, p, seed, out=out, lse=lse)
+    _, _, keep_bits = attn.flash_forward(q, k, v, pad, b, scale, p, seed, out=out, lse=lse)
     grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
     dbias = None if b is None else torch.full_like(b, float("nan"))
-    dq, dk, dv, dbias = attn.flash_backward(dout, q, k, v, pad, b, out, lse, scale, p, seed,
+    dq, dk, dv, dbias = attn.flash_backward(dout, q, k, v, pad, b, out, lse, scale, p, keep_bits,
                                             need_bias_grad=b is not None, dq=grads[0],
                                             dk=grads[1], dv=grads[2], dbias=dbias)
-    keep = keep_mask(B, H, T, T, seed, p, device) if p > 0 else None
+    keep = attn.unpack_dropout_mask(keep_bits, T, T) if p > 0 else None
     leaves, bias_leaf, want, want_lse = attention_float64(q, k, v, pad, b, scale, keep, p)
     want.backward(dout.double())
     tol = TOL[dtype]
@@ -157,7 +135,8 @@ def run_attention_case(B, H, T, D, bias, pad_frac, p, dtype, device, seed=1234):
     if b is not None:
         pairs.append(("dbias", dbias, bias_leaf))
     for name, got, leaf in pairs:
-        assert got.dtype == dtype and not got.isnan().any(), f"{name} has unwritten elements"
+        want_dtype = b.dtype if name == "dbias" else dtype
+        assert got.dtype == want_dtype and not got.isnan().any(), f"{name} has unwritten elements"
         err = rel(got, leaf.grad)
         assert err < tol, f"{name} rel err {err:.2e} >= {tol}"
     return keep
@@ -167,8 +146,9 @@ def run_attention_case(B, H, T, D, bias, pad_frac, p, dtype, device, seed=1234):
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
 def test_attention_forward_lse_and_grads_match_float64(case, dtype):
     """Output, LSE and the q/k/v/bias gradients at the training shapes. With dropout the float64
-    reference applies the keep mask regenerated by the kernels' own _keep: a match of the forward
-    *and* of every gradient means the forward, dK/dV, dQ and d(bias) kernels drew the same mask."""
+    reference applies the bit-packed mask the forward stored: a match of the forward *and* of
+    every gradient means the dK/dV (with d(bias)) and dQ kernels read the mask the forward
+    applied."""
     _, B, H, T, D, bias, pad_frac, p = case
     run_attention_case(B, H, T, D, bias, pad_frac, p, dtype, "cuda")
 
@@ -178,22 +158,41 @@ def test_attention_batched_bias_grads_match_float64():
     run_attention_case(8, 12, 197, 64, "batched", 0.2, 0.1, torch.bfloat16, "cuda")
 
 
+def keep_mask(B, H, T, seed, p, device):
+    """The keep mask the forward draws for (seed, p) at B x H x T x T, unpacked."""
+    q = torch.randn(B, H, T, 64, device=device, dtype=torch.bfloat16)
+    _, _, bits = attn.flash_forward(q, q, q, None, None, 0.125, p, seed)
+    return attn.unpack_dropout_mask(bits, T, T)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1])
 def test_attention_dropout_keep_rate_and_independence(p):
     """Keep rate within 6 standard deviations of 1 - p over all B*H*T*T draws (a binomial: std
-    sqrt(p (1 - p) / N)); different heads, samples and seeds draw different masks; the same seed
-    redraws the same mask."""
+    sqrt(p (1 - p) / N); p is realized to 2^-16); different heads, samples and seeds draw
+    different masks; the same seed redraws the same mask."""
     B, H, T = 16, 12, 197
-    keep = keep_mask(B, H, T, T, 77, p, "cuda")
+    keep = keep_mask(B, H, T, 77, p, "cuda")
     n = keep.numel()
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n), f"keep rate {rate} for p={p}"
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
-    assert torch.equal(keep, keep_mask(B, H, T, T, 77, p, "cuda"))
-    assert not torch.equal(keep, keep_mask(B, H, T, T, 78, p, "cuda"))
+    assert torch.equal(keep, keep_mask(B, H, T, 77, p, "cuda"))
+    assert not torch.equal(keep, keep_mask(B, H, T, 78, p, "cuda"))
     # per-row rates stay binomial too: no row is all kept or all dropped at T = 197
     per_row = keep.double().mean(-1)
     assert per_row.min() > 0 and per_row.max() < 1
+
+
+def test_attention_dropout_mask_is_the_one_the_forward_applied():
+    """v = identity: the forward's output is P * keep / (1 - p), so the mask it applied can be
+    read off its output; it is the bit-packed mask it stored (which the backward reads, as
+    test_attention_forward_lse_and_grads_match_float64 checks through the gradients)."""
+    B, H, T, D, p = 4, 12, 128, 128, 0.1
+    q, k, _, _, _, _ = attention_inputs(B, H, T, 64, None, 0.0, torch.float32, "cuda")
+    q, k = (torch.nn.functional.pad(t, (0, D - 64)) for t in (q, k))  # the same scores
+    eye = torch.eye(T, D, device="cuda").expand(B, H, T, D).contiguous()
+    out, _, bits = attn.flash_forward(q, k, eye, None, None, 64 ** -0.5, p, 9)
+    assert torch.equal(out[..., :T] != 0, attn.unpack_dropout_mask(bits, T, T))
 
 
 def test_attention_dropout_output_scales_by_one_over_keep():
@@ -202,7 +201,7 @@ def test_attention_dropout_output_scales_by_one_over_keep():
     B, H, T, D, p = 8, 12, 197, 64, 0.1
     q, k, _, _, _, _ = attention_inputs(B, H, T, D, None, 0.0, torch.float32, "cuda")
     v = torch.ones_like(q)
-    out, _ = attn.flash_forward(q, k, v, None, None, D ** -0.5, p, 5)
+    out, _, _ = attn.flash_forward(q, k, v, None, None, D ** -0.5, p, 5)
     mean = out[..., 0].double().mean().item()
     assert abs(mean - 1) < 0.01, f"mean output {mean}: inverted dropout must be unbiased"
     assert out[..., 0].std() > 0.01, "dropout changed nothing"

@@ -18,11 +18,12 @@ The peers run at their best outside the ops under test: all three scale the grad
 update the EMA teacher with torch's multi-tensor (foreach) ops, and the peers' AdamW is torch's
 fused one on CUDA (foreach on the CPU), over the same parameter groups as ours.
 
---quick (make gpu-check): image v1, image v2 and audio v1 only, 10 timed steps, no encoder-alone
-comparison, and regional compilation for both compiled variants: one torch.compile of the
-transformer block, whose graph every block of the student and the teacher reuses, instead of
-whole-encoder graphs (a fraction of the compile time; the same kernels inside each block), and the
-configs' own dropout (the full runs switch dropout off).
+--quick (make gpu-check): image v1, image v2 and audio v1 only, 6 timed steps (2 for the
+breakdown), no encoder-alone comparison, regional compilation for both compiled variants (each
+block compiled on its own, engine.compile: one block graph per mode, train and eval, that every
+block of the student and the teacher reuses, instead of whole-encoder graphs: a fraction of the
+compile time, the same kernels inside each block), and the configs' own dropout (the full runs
+switch dropout off).
 
 The step is what the trainer runs for one micro-batch that is also the whole batch: host-to-device
 copy of a pinned, collated batch (the "loader" phase; decoding is bench_loader's), forward of
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -374,7 +376,7 @@ def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, st
         common.sync(dev)
         step_ms = (time.perf_counter() - start) * 1e3 / steps
         timer, phases = PhaseTimer(dev), {}
-        repeats = 0 if step.v2 else max(1, min(steps, 3 if regional else 5))
+        repeats = 0 if step.v2 else max(1, min(steps, 2 if regional else 5))  # breakdown passes
         for i in range(repeats):
             timer.start()
             step.phased(batch, 100 + i, timer.mark)
@@ -500,13 +502,15 @@ def run(tiny: bool = False, modalities=None, steps: int | None = None,
         # Inductor on the GPU; on the CPU the suite check uses aot_eager (inductor's C++ compile
         # of three variants x three modalities would take most of the run).
         compile_backend = "inductor" if dev.type == "cuda" else "aot_eager"
-    steps = steps or ((10 if quick else 20) if dev.type == "cuda" else 2)
+    steps = steps or ((6 if quick else 20) if dev.type == "cuda" else (1 if quick else 2))
     if dev.type != "cuda" and "D2V_ATTENTION" not in os.environ:
         # Interpreted, our attention costs minutes per model step on the CPU; bench_attention
         # times it on its own. Masking and targets still take our (interpreted) kernels.
         os.environ["D2V_ATTENTION"] = "sdpa"
     peak, _ = common.matmul_peak_tflops(dev.type)
     cases = TINY if tiny else CASES
+    if quick and dev.type != "cuda":  # make gpu-check --cpu: 2 samples (the interpreter is slow)
+        cases = {name: dataclasses.replace(case, batch=2) for name, case in cases.items()}
     records, info = [], {"compile_backend": compile_backend, "steps": steps,
                          "compile": "regional (one block graph)" if quick else "whole encoders"}
     for modality in modalities:

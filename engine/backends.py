@@ -108,7 +108,7 @@ def attention_picks(cfg, device: torch.device) -> list[tuple[str, str]]:
                                              and device.type == "cuda")
     dtype = "bfloat16" if bf16 else "float32"
     picks = []
-    for role, b, h, t, d, bias, padded, p, backward in attention_launches(cfg, None, torch):
+    for role, b, h, t, d, bias, padded, p, backward in attention_launches(cfg):
         key = (str(device), b, h, t, t, d, d, dtype, bias or "none",
                None if bias is None else "float32", padded, float(p), False, backward)
         picks.append((role, attention_dispatch.pick_for(key)))

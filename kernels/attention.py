@@ -49,12 +49,13 @@ D = 64, large B*H):
               shared over the batch (H x Tq x Tk, e.g. BEiT's relative position bias) needs the
               sum over b of dS, which the dK/dV kernel computes anyway: _bwd_dbias_kernel is that
               kernel with grid (Tk / BLOCK_N, H, C), each program running the samples of one of C
-              batch chunks in turn. With Tq <= 256 one query block spans the whole sequence, so
-              the chunk's sum of dS stays in fp32 registers and is stored once per program; longer
-              sequences (_bwd_dbias_long_kernel) add each sample's dS tile into the chunk's fp32
-              partial in memory. The C partials (C x H x Tq x Tk fp32) are summed in a fixed order
-              (torch.sum over the chunk dimension): no atomics, a deterministic gradient, no
-              extra matmul. C is chosen so that about 4 programs per SM run (fewer with small B).
+              batch chunks in turn. With Tq <= 256 its (at most 4) query blocks are unrolled, each
+              with its own fp32 accumulator, so the chunk's sum of dS stays in registers and is
+              stored once per program; longer sequences (_bwd_dbias_long_kernel) add each
+              sample's dS tile into the chunk's fp32 partial in memory. The C partials (C x H x
+              Tq x Tk fp32) are summed in a fixed order (torch.sum over the chunk dimension): no
+              atomics, a deterministic gradient, no extra matmul. C is chosen so that about 4
+              programs per SM run (fewer with small B).
   dropout     the forward draws the keep mask and stores it bit-packed (B x H x Tq x Tk / 8
               bytes, the tiles' bit order below), the backward kernels read it back: the same
               mask bit for bit, no random numbers regenerated. One Philox-4x32-10 call (key =
@@ -74,8 +75,8 @@ sequence (up to 256).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
-import math
 import os
 import weakref
 
@@ -97,10 +98,10 @@ MAX_TRITON_HEAD_DIM = 128
 # multi-block paths.
 INTERPRET_BLOCKS = None
 _INTERPRET_MAX_BLOCK = 256
-# A shared bias's gradient is summed in registers when one query block spans Tq <= this (the
-# launcher sets BLOCK_M = next_power_of_2(Tq)); longer sequences sum it in memory. Tests lower it
-# to reach the long path at small T.
-SHARED_BIAS_ONE_BLOCK_MAX = 256
+# A shared bias's gradient is summed in registers when next_power_of_2(Tq) <= this: 4 query blocks
+# of a quarter of that each, one fp32 accumulator per block; longer sequences sum it in memory.
+# Tests lower it to reach the long path at small T.
+SHARED_BIAS_REGISTER_MAX_T = 256
 _LOG2E = 1.4426950408889634
 
 
@@ -571,21 +572,21 @@ def _shared_bias_backward(q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, db
         partial = torch.empty(chunks, H, Tq, Tk, dtype=torch.float32, device=q.device)
     chunks = partial.shape[0]
     samples = triton.cdiv(B, chunks)
-    one_block = _t_bucket(Tq) <= SHARED_BIAS_ONE_BLOCK_MAX
-    if not one_block:
+    in_registers = _t_bucket(Tq) <= SHARED_BIAS_REGISTER_MAX_T
+    if not in_registers:
         partial.zero_()  # each sample's dS is added to it
     args = (q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, partial,
             *dk.stride()[:3], *dv.stride()[:3], *partial.stride(), samples, *common)
     grid = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, chunks)  # noqa: E731
-    if one_block:
-        block_m = _t_bucket(Tq)
+    if in_registers:
+        block_m = max(16, _t_bucket(Tq) // 4)
+        meta = dict(BLOCK_M=block_m, M_BLOCKS=triton.cdiv(Tq, block_m), **flags)
         if _interpret():
-            _bwd_dbias_kernel.fn[grid](*args, BLOCK_M=block_m, ONE_BLOCK=True,
-                                       BLOCK_N=_interpret_blocks(Tq, Tk)[1], **flags)
+            _bwd_dbias_kernel.fn[grid](*args, BLOCK_N=_interpret_blocks(Tq, Tk)[1], **meta)
         else:
-            _bwd_dbias_kernel[grid](*args, BLOCK_M=block_m, ONE_BLOCK=True, **flags)
+            _bwd_dbias_kernel[grid](*args, **meta)
     else:
-        _launch(_bwd_dbias_long_kernel, grid, args, Tq, Tk, ONE_BLOCK=False, **flags)
+        _launch(_bwd_dbias_long_kernel, grid, args, Tq, Tk, M_BLOCKS=0, **flags)
     total = partial[0] if chunks == 1 else partial.sum(0)
     if dbias is None:
         return total.to(attn_bias.dtype)
@@ -601,30 +602,49 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in shapes]
 
-    def _prune(configs, named_args, **kwargs):
-        """Drop blocks far larger than the sequence (T=197 needs no 256 x 256 tiles of work)."""
+    def _shape(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+    def _prune(configs, named_args, no_bias=frozenset(), plain=frozenset(), **kwargs):
+        """Drop blocks far larger than the sequence (T=197 needs no 256 x 256 tiles of work), the
+        `no_bias` tiles where there is a bias and the `plain` ones where there is a bias or
+        dropout."""
         bucket = named_args["T_BUCKET"]
+        has_bias, dropout = kwargs.get("HAS_BIAS"), kwargs.get("DROPOUT")
+
+        def allowed(c):
+            if _shape(c) in plain:
+                return not has_bias and not dropout
+            return not has_bias or _shape(c) not in no_bias
         kept = [c for c in configs
-                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(bucket, 64)]
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(bucket, 64) and allowed(c)]
         return kept or configs[:1]
 
-    # H100-oriented: 64/128 blocks, 4/8 warps, 2/3 stages; BLOCK_N=256 keeps all of a T<=256
-    # head's keys on chip in one step (no online rescaling) for the short image sequences.
-    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                             (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 2), (64, 256, 8, 2)])
-    _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-                             (32, 128, 4, 3), (128, 128, 8, 2)])
-    # The shared-bias kernel with one query block (BLOCK_M = next_power_of_2(Tq) <= 256, set by
-    # the launcher): narrow key blocks keep the BLOCK_M x BLOCK_N fp32 sum in registers.
-    _DBIAS_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                      for n, w, s in [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)]]
+    # (BLOCK_M, BLOCK_N, warps, stages): configs everywhere, without a bias, without bias and
+    # dropout. Each compiles for the H100 (sm_90) without register spills at the base configs'
+    # launches where _prune keeps it (python -m kernels.compile_check, triton 3.6 and 3.9: 64 x 128
+    # tiles spilled with the bias, 128 x 128 with bias or dropout, 128-row dK/dV tiles from 4
+    # warps, 64 x 128 dK/dV everywhere). The first config is _prune's fallback.
+    _FWD_CONFIGS = ([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+                    [(64, 128, 8, 2)], [(128, 128, 8, 2)])
+    _DKDV_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)], [], []
+    _DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)], [(64, 128, 8, 2)], []
+    # The shared bias's gradient folded into dK/dV. Tq <= 256: 4 query blocks (BLOCK_M set by the
+    # launcher), each summing its dS in registers across the chunk's samples: (BLOCK_N, warps,
+    # stages) -- only 16-key blocks on 8 warps kept the four accumulators out of local memory at
+    # image v1's shapes. Longer sequences: dK/dV's tiles.
+    _DBIAS_CONFIGS = [(16, 8, 2)]
+    _DBIAS_LONG_CONFIGS = _DKDV_CONFIGS
     _KEY = ["T_BUCKET", "BLOCK_D", "HAS_BIAS", "HAS_PAD", "SKIP_PAD_Q", "DROPOUT"]
 
-    def _tuned(configs, prune=_prune, **kwargs):
+    def _tuned(lists, **kwargs):
+        """Autotuned on _KEY over the three lists (see _prune)."""
+        everywhere, no_bias, plain = lists
+        prune = functools.partial(_prune, no_bias=frozenset(no_bias), plain=frozenset(plain))
+
         def wrap(fn):
-            return triton.autotune(configs, key=_KEY,
-                                   prune_configs_by={"early_config_prune": prune} if prune
-                                   else None, **kwargs)(fn)
+            return triton.autotune(_configs(everywhere + no_bias + plain), key=_KEY,
+                                   prune_configs_by={"early_config_prune": prune}, **kwargs)(fn)
         return wrap
 
     @triton.jit
@@ -900,15 +920,18 @@ if triton is not None:
         return dk, dv, acc_g
 
     @triton.jit
-    def _dkdv_sample(acc_g, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV, G, b, h, bh,
+    def _dkdv_sample(acc0, acc1, acc2, acc3, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
+                     G, b, h, bh,
                      pid_n, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gm, s_gn, s_qb, s_qh,
                      s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_bb, s_bh, s_bm,
                      s_bn, s_pb, s_pn, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4,
                      BIAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
                      SKIP_PAD_Q: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dK, dV of one key block of sample b, head h (stored), and its bias-gradient part."""
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr):
+        """dK, dV of one key block of sample b, head h (stored), and its bias-gradient part.
+        M_BLOCKS = 0: a loop over the query blocks; 1..4: that many blocks, unrolled, each adding
+        its dS to its own fp32 accumulator acc0..acc3 (registers across the samples)."""
         D_MASKED: tl.constexpr = BLOCK_D != HEAD_DIM
         pad_row = Pad + b * s_pb
         n_keys, holes = _key_extent(pad_row, s_pn, T_K, HAS_PAD)
@@ -941,21 +964,52 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # key blocks past the last admissible key see no query: dK = dV = 0
         m_end = tl.where(start_n < n_keys, q_end, 0)
-        m_full = m_end // BLOCK_M * BLOCK_M
-        for start_m in range(0, m_full, BLOCK_M):
-            dk, dv, acc_g = _dkdv_block(dk, dv, acc_g, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr,
-                                        bias_ptrs, g_ptrs, drop_ptr, start_m, start_n, offs_m0,
-                                        offs_n, d_ok, in_k, key_valid, T_Q, s_qm, s_om, s_bm,
-                                        s_gm, qk_scale, drop_scale, R8, C4, HAS_BIAS, BIAS_GRAD,
-                                        DROPOUT, False, PRECISION, DOT_DTYPE, D_MASKED, BLOCK_M,
-                                        BLOCK_N)
-        if m_full < m_end:
-            dk, dv, acc_g = _dkdv_block(dk, dv, acc_g, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr,
-                                        bias_ptrs, g_ptrs, drop_ptr, m_full, start_n, offs_m0,
-                                        offs_n, d_ok, in_k, key_valid, T_Q, s_qm, s_om, s_bm,
-                                        s_gm, qk_scale, drop_scale, R8, C4, HAS_BIAS, BIAS_GRAD,
-                                        DROPOUT, True, PRECISION, DOT_DTYPE, D_MASKED, BLOCK_M,
-                                        BLOCK_N)
+        if M_BLOCKS == 0:
+            m_full = m_end // BLOCK_M * BLOCK_M
+            for start_m in range(0, m_full, BLOCK_M):
+                dk, dv, acc0 = _dkdv_block(
+                    dk, dv, acc0, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, g_ptrs,
+                    drop_ptr, start_m, start_n, offs_m0, offs_n, d_ok, in_k, key_valid, T_Q, s_qm,
+                    s_om, s_bm, s_gm, qk_scale, drop_scale, R8, C4, HAS_BIAS, BIAS_GRAD, DROPOUT,
+                    False, PRECISION, DOT_DTYPE, D_MASKED, BLOCK_M, BLOCK_N)
+            if m_full < m_end:
+                dk, dv, acc0 = _dkdv_block(
+                    dk, dv, acc0, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, g_ptrs,
+                    drop_ptr, m_full, start_n, offs_m0, offs_n, d_ok, in_k, key_valid, T_Q, s_qm,
+                    s_om, s_bm, s_gm, qk_scale, drop_scale, R8, C4, HAS_BIAS, BIAS_GRAD, DROPOUT,
+                    True, PRECISION, DOT_DTYPE, D_MASKED, BLOCK_M, BLOCK_N)
+        else:  # the last block holds the end of the sequence (rows masked)
+            for mb in tl.static_range(4):
+                if mb < M_BLOCKS:
+                    if mb * BLOCK_M < m_end:
+                        if mb == 0:
+                            dk, dv, acc0 = _dkdv_block(
+                                dk, dv, acc0, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
+                                g_ptrs, drop_ptr, 0, start_n, offs_m0, offs_n, d_ok, in_k,
+                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
+                                C4, HAS_BIAS, 3, DROPOUT, M_BLOCKS == 1, PRECISION, DOT_DTYPE,
+                                D_MASKED, BLOCK_M, BLOCK_N)
+                        elif mb == 1:
+                            dk, dv, acc1 = _dkdv_block(
+                                dk, dv, acc1, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
+                                g_ptrs, drop_ptr, BLOCK_M, start_n, offs_m0, offs_n, d_ok, in_k,
+                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
+                                C4, HAS_BIAS, 3, DROPOUT, M_BLOCKS == 2, PRECISION, DOT_DTYPE,
+                                D_MASKED, BLOCK_M, BLOCK_N)
+                        elif mb == 2:
+                            dk, dv, acc2 = _dkdv_block(
+                                dk, dv, acc2, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
+                                g_ptrs, drop_ptr, 2 * BLOCK_M, start_n, offs_m0, offs_n, d_ok, in_k,
+                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
+                                C4, HAS_BIAS, 3, DROPOUT, M_BLOCKS == 3, PRECISION, DOT_DTYPE,
+                                D_MASKED, BLOCK_M, BLOCK_N)
+                        else:
+                            dk, dv, acc3 = _dkdv_block(
+                                dk, dv, acc3, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
+                                g_ptrs, drop_ptr, 3 * BLOCK_M, start_n, offs_m0, offs_n, d_ok, in_k,
+                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
+                                C4, HAS_BIAS, 3, DROPOUT, True, PRECISION, DOT_DTYPE, D_MASKED,
+                                BLOCK_M, BLOCK_N)
         st_ok = in_k[:, None]
         if D_MASKED:
             st_ok = st_ok & d_ok[None, :]
@@ -965,7 +1019,7 @@ if triton is not None:
                  + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=st_ok)
         tl.store(dV + b * s_dvb + h * s_dvh + offs_n[:, None].to(tl.int64) * s_dvn
                  + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=st_ok)
-        return acc_g
+        return acc0, acc1, acc2, acc3
 
     @triton.jit
     def _bwd_dkdv_kernel(
@@ -984,13 +1038,14 @@ if triton is not None:
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        _dkdv_sample(tl.zeros([1], tl.float32), Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
+        z = tl.zeros([1], tl.float32)
+        _dkdv_sample(z, z, z, z, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
                      dBias + b * s_gb + h * s_gh, b, h, bh, pid_n, s_dkb, s_dkh, s_dkn, s_dvb,
                      s_dvh, s_dvn, s_gm, s_gn, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh,
                      s_vn, s_ob, s_oh, s_om, s_bb, s_bh, s_bm, s_bn, s_pb, s_pn, T_Q, T_K,
                      qk_scale, scale, drop_scale, R8, C4, BIAS_GRAD, HAS_BIAS, HAS_PAD,
                      SKIP_PAD_Q, DROPOUT, PRECISION, DOT_DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     BLOCK_D)
+                     BLOCK_D, 0)
 
     @triton.jit
     def _bwd_dkdv_dbias_kernel(
@@ -999,34 +1054,48 @@ if triton is not None:
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         B, H, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4, T_BUCKET,
-        ONE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+        M_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
         SKIP_PAD_Q: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """grid (Tk / BLOCK_N, H, chunks): dK, dV of the chunk's samples one after the other, and
-        Partial[chunk, h] = sum over them of dS (a bias shared over the batch). ONE_BLOCK: BLOCK_M
-        covers Tq, the sum stays in registers; else it is added in memory (Partial zeroed)."""
+        Partial[chunk, h] = sum over them of dS (a bias shared over the batch). M_BLOCKS (1..4)
+        query blocks of BLOCK_M cover Tq: the sums stay in registers; 0: longer sequences, each
+        sample's dS tiles are added in memory (Partial zeroed)."""
         pid_n = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
         chunk = tl.program_id(2)
         g_base = Partial + chunk.to(tl.int64) * s_gc + h * s_gh
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         b_lo = chunk * SAMPLES
         for b32 in range(b_lo, tl.minimum(B, b_lo + SAMPLES)):
             b = tl.cast(b32, tl.int64)
-            acc_g = _dkdv_sample(acc_g, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
-                                 g_base, b, h, b32 * H + h, pid_n, s_dkb, s_dkh, s_dkn, s_dvb,
-                                 s_dvh, s_dvn, s_gm, s_gn, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
-                                 s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_bb, s_bh, s_bm, s_bn, s_pb,
-                                 s_pn, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4,
-                                 3 if ONE_BLOCK else 2, HAS_BIAS, HAS_PAD, SKIP_PAD_Q, DROPOUT,
-                                 PRECISION, DOT_DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
-        if ONE_BLOCK:
-            offs_m = tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(g_base + offs_m[:, None].to(tl.int64) * s_gm + offs_n[None, :] * s_gn,
-                     acc_g, mask=(offs_m < T_Q)[:, None] & (offs_n < T_K)[None, :])
+            acc0, acc1, acc2, acc3 = _dkdv_sample(
+                acc0, acc1, acc2, acc3, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
+                g_base, b, h, b32 * H + h, pid_n, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gm,
+                s_gn, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+                s_bb, s_bh, s_bm, s_bn, s_pb, s_pn, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4,
+                2, HAS_BIAS, HAS_PAD, SKIP_PAD_Q, DROPOUT, PRECISION, DOT_DTYPE, HEAD_DIM,
+                BLOCK_M, BLOCK_N, BLOCK_D, M_BLOCKS)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        g_ptrs = g_base + offs_m[:, None].to(tl.int64) * s_gm + offs_n[None, :] * s_gn
+        in_k = (offs_n < T_K)[None, :]
+        for mb in tl.static_range(4):
+            if mb < M_BLOCKS:
+                ok = ((mb * BLOCK_M + offs_m) < T_Q)[:, None] & in_k
+                if mb == 0:
+                    tl.store(g_ptrs, acc0, mask=ok)
+                elif mb == 1:
+                    tl.store(g_ptrs + BLOCK_M * s_gm, acc1, mask=ok)
+                elif mb == 2:
+                    tl.store(g_ptrs + 2 * BLOCK_M * s_gm, acc2, mask=ok)
+                else:
+                    tl.store(g_ptrs + 3 * BLOCK_M * s_gm, acc3, mask=ok)
 
     @triton.jit
     def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, pad_row, drop_ptr, start_m,
@@ -1121,9 +1190,11 @@ if triton is not None:
             tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
 
     _fwd_kernel = _tuned(_FWD_CONFIGS)(_fwd_kernel)
-    _bwd_dkdv_kernel = _tuned(_BWD_CONFIGS)(_bwd_dkdv_kernel)
-    _bwd_dq_kernel = _tuned(_BWD_CONFIGS)(_bwd_dq_kernel)
+    _bwd_dkdv_kernel = _tuned(_DKDV_CONFIGS)(_bwd_dkdv_kernel)
+    _bwd_dq_kernel = _tuned(_DQ_CONFIGS)(_bwd_dq_kernel)
     # the shared bias's gradient: one query block (BLOCK_M from the launcher) or the long path
-    _bwd_dbias_kernel = _tuned(_DBIAS_CONFIGS, prune=None)(_bwd_dkdv_dbias_kernel)
-    _bwd_dbias_long_kernel = _tuned(_BWD_CONFIGS, reset_to_zero=["Partial"])(
+    _bwd_dbias_kernel = triton.autotune(
+        [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _DBIAS_CONFIGS],
+        key=_KEY)(_bwd_dkdv_dbias_kernel)
+    _bwd_dbias_long_kernel = _tuned(_DBIAS_LONG_CONFIGS, reset_to_zero=["Partial"])(
         _bwd_dkdv_dbias_kernel)

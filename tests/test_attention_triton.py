@@ -213,14 +213,14 @@ def test_dropout_keep_rate_is_within_sampling_error_of_one_minus_p(blocks):
 # The shared bias's gradient: fp32 partial sums over batch chunks, summed in a fixed order
 
 
-@pytest.mark.parametrize("path", ["one_block", "long"])
+@pytest.mark.parametrize("path", ["registers", "long"])
 def test_shared_bias_grad_partials_match_reference_chunk_sums(path, blocks, monkeypatch):
     """B = 5 samples in 2 chunks (3 + 2): partial c is the float64 sum over chunk c's samples of
     d loss / d bias_b (a per-sample copy of the bias), with padding and dropout; the gradient is
-    their sum. one_block: the query range in one block, the sum in registers; long: the sum
+    their sum. registers: the query blocks unrolled, each summed in registers; long: the sum
     added in memory tile by tile (the path of Tq > 256, forced here at T = 37)."""
     if path == "long":
-        monkeypatch.setattr(attn, "SHARED_BIAS_ONE_BLOCK_MAX", 16)
+        monkeypatch.setattr(attn, "SHARED_BIAS_REGISTER_MAX_T", 16)
     blocks((16, 16))
     B, H, T, D, p, scale = 5, 1, 37, 32, 0.2, 0.25
     g = torch.Generator().manual_seed(8)
@@ -320,12 +320,13 @@ def test_fully_padded_query_blocks_return_zero_with_finite_gradients(blocks):
 def _aot_graphs(fn, *args):
     """Runs torch.compile(fn, fullgraph) with aot_eager, capturing the forward and backward
     graphs."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        return make_boxed_func(gm.forward)
 
     backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
     torch._dynamo.reset()

@@ -68,6 +68,7 @@ LSE_TOL = 1e-5
 
 # (name, B, H, T, D, bias, padded fraction, dropout): the shapes data2vec trains at.
 ATTENTION_CASES = [
+    ("plain", 64, 12, 197, 64, None, 0.0, 0.0),  # image v2, the EMA teachers: the larger tiles
     ("image_v1", 32, 12, 197, 64, "shared", 0.0, 0.05),  # BEiT relative position bias
     ("audio", 16, 12, 750, 64, None, 0.3, 0.1),
     ("text", 32, 12, 512, 64, None, 0.2, 0.0),

@@ -47,15 +47,18 @@ D = 64, large B*H):
   bias grad   d(bias) = dS. A B x H x Tq x Tk bias owns one gradient element per dS element: the
               dK/dV kernel stores its dS tile there (the gradient itself, not a temporary). A bias
               shared over the batch (H x Tq x Tk, e.g. BEiT's relative position bias) needs the
-              sum over b of dS, which the dK/dV kernel computes anyway: _bwd_dbias_kernel is that
-              kernel with grid (Tk / BLOCK_N, H, C), each program running the samples of one of C
-              batch chunks in turn. With Tq <= 256 its (at most 4) query blocks are unrolled, each
-              with its own fp32 accumulator, so the chunk's sum of dS stays in registers and is
-              stored once per program; longer sequences (_bwd_dbias_long_kernel) add each
-              sample's dS tile into the chunk's fp32 partial in memory. The C partials (C x H x
-              Tq x Tk fp32) are summed in a fixed order (torch.sum over the chunk dimension): no
-              atomics, a deterministic gradient, no extra matmul. C is chosen so that about 4
-              programs per SM run (fewer with small B).
+              sum over b of dS: _bwd_dbias_kernel has grid (tiles of Tq x Tk, H, C) and each
+              program loops over the samples of one of C batch chunks, recomputing its S / dP
+              tile (the bias tile is loaded once), summing dS in fp32 registers and storing the
+              chunk's partial once. The C partials (C x H x Tq x Tk fp32) are summed in a fixed
+              order (torch.sum over the chunk dimension): no atomics, a deterministic gradient.
+              C is chosen so that about 4 programs per SM run (fewer with small B). Folding the
+              sum into the dK/dV kernel (which has dS already) was measured by registers and
+              instructions on sm_90: its per-sample loop needs the dS sums of all query blocks
+              at once -- in registers only 64 x 16 tiles fitted (255 registers, spilling with
+              triton 3.6), about twice dK/dV's instructions per element; in memory (a read-
+              modify-write of the partial per tile) every tile config spilled. The separate
+              kernel costs two more matmuls per tile, about a dQ kernel's work (an estimate).
   dropout     the forward draws the keep mask and stores it bit-packed (B x H x Tq x Tk / 8
               bytes, the tiles' bit order below), the backward kernels read it back: the same
               mask bit for bit, no random numbers regenerated. One Philox-4x32-10 call (key =
@@ -98,10 +101,6 @@ MAX_TRITON_HEAD_DIM = 128
 # multi-block paths.
 INTERPRET_BLOCKS = None
 _INTERPRET_MAX_BLOCK = 256
-# A shared bias's gradient is summed in registers when next_power_of_2(Tq) <= this: 4 query blocks
-# of a quarter of that each, one fp32 accumulator per block; longer sequences sum it in memory.
-# Tests lower it to reach the long path at small T.
-SHARED_BIAS_REGISTER_MAX_T = 256
 _LOG2E = 1.4426950408889634
 
 
@@ -495,13 +494,13 @@ def flash_forward(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dr
     return out, lse, keep
 
 
-def bias_chunks(b: int, h: int, t_k: int, device: torch.device) -> int:
-    """How many batch chunks share a bias gradient's work: about 4 programs per SM (of BLOCK_N = 64
-    key blocks x H heads x chunks), at most one chunk per sample; 2 when interpreted."""
+def bias_chunks(b: int, h: int, t_q: int, t_k: int, device: torch.device) -> int:
+    """How many batch chunks share a bias gradient's work: about 4 programs per SM (of 64 x 64
+    tiles x H heads x chunks), at most one chunk per sample; 2 when interpreted."""
     if device.type != "cuda":
         return min(b, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    per_chunk = h * triton.cdiv(t_k, 64)
+    per_chunk = h * triton.cdiv(t_q, 64) * triton.cdiv(t_k, 64)
     chunks = min(b, max(1, triton.cdiv(4 * sms, per_chunk)))
     return triton.cdiv(b, triton.cdiv(b, chunks))  # no empty chunk
 
@@ -544,17 +543,16 @@ def flash_backward(dout, q, k, v, key_padding_mask, attn_bias, out, lse, scale, 
         B, H, Tq, Tk, scale * _LOG2E, scale, drop_scale, r8, c4, _t_bucket(max(Tq, Tk)))
     flags = _flags(q, key_padding_mask, attn_bias, dropout_p, skip_padded_queries)
     drop = q if keep is None else keep
+    g = dbias if batched_bias_grad else q
+    sdb = dbias.stride() if batched_bias_grad else (0, 0, 0, 0)
+    _launch(_bwd_dkdv_kernel,
+            lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
+            (q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, g,
+             *dk.stride()[:3], *dv.stride()[:3], *sdb, *common), Tq, Tk,
+            BIAS_GRAD=batched_bias_grad, **flags)
     if shared_bias_grad:
-        dbias = _shared_bias_backward(q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, dbias,
+        dbias = _shared_bias_backward(q, k, v, bias, pad, dout, lse, delta, drop, dbias,
                                       dbias_partial, attn_bias, common, flags)
-    else:
-        g = dbias if batched_bias_grad else q
-        sdb = dbias.stride() if batched_bias_grad else (0, 0, 0, 0)
-        _launch(_bwd_dkdv_kernel,
-                lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
-                (q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, g,
-                 *dk.stride()[:3], *dv.stride()[:3], *sdb, *common), Tq, Tk,
-                BIAS_GRAD=1 if batched_bias_grad else 0, **flags)
     _launch(_bwd_dq_kernel,
             lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
             (q, k, v, bias, pad, dout, lse, delta, drop, dq, *dq.stride()[:3], *common), Tq, Tk,
@@ -562,31 +560,21 @@ def flash_backward(dout, q, k, v, key_padding_mask, attn_bias, out, lse, scale, 
     return dq, dk, dv, (dbias if need_bias_grad else None)
 
 
-def _shared_bias_backward(q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, dbias, partial,
+def _shared_bias_backward(q, k, v, bias, pad, dout, lse, delta, drop, dbias, partial,
                           attn_bias, common, flags):
-    """dK, dV and the H x Tq x Tk bias gradient summed over the batch (the module docstring)."""
+    """The H x Tq x Tk gradient of a bias shared over the batch: C chunk partials (the module
+    docstring), summed in a fixed order."""
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     if partial is None:
-        chunks = bias_chunks(B, H, Tk, q.device)
+        chunks = bias_chunks(B, H, Tq, Tk, q.device)
         partial = torch.empty(chunks, H, Tq, Tk, dtype=torch.float32, device=q.device)
     chunks = partial.shape[0]
-    samples = triton.cdiv(B, chunks)
-    in_registers = _t_bucket(Tq) <= SHARED_BIAS_REGISTER_MAX_T
-    if not in_registers:
-        partial.zero_()  # each sample's dS is added to it
-    args = (q, k, v, bias, pad, dout, lse, delta, drop, dk, dv, partial,
-            *dk.stride()[:3], *dv.stride()[:3], *partial.stride(), samples, *common)
-    grid = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, chunks)  # noqa: E731
-    if in_registers:
-        block_m = max(16, _t_bucket(Tq) // 4)
-        meta = dict(BLOCK_M=block_m, M_BLOCKS=triton.cdiv(Tq, block_m), **flags)
-        if _interpret():
-            _bwd_dbias_kernel.fn[grid](*args, BLOCK_N=_interpret_blocks(Tq, Tk)[1], **meta)
-        else:
-            _bwd_dbias_kernel[grid](*args, **meta)
-    else:
-        _launch(_bwd_dbias_long_kernel, grid, args, Tq, Tk, M_BLOCKS=0, **flags)
+    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]) * triton.cdiv(Tk, m["BLOCK_N"]),  # noqa
+                      H, chunks)
+    _launch(_bwd_dbias_kernel, grid, (q, k, v, bias, pad, dout, lse, delta, drop, partial,
+                                      *partial.stride(), triton.cdiv(B, chunks), *common),
+            Tq, Tk, **flags)
     total = partial[0] if chunks == 1 else partial.sum(0)
     if dbias is None:
         return total.to(attn_bias.dtype)
@@ -623,18 +611,14 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, warps, stages): configs everywhere, without a bias, without bias and
     # dropout. Each compiles for the H100 (sm_90) without register spills at the base configs'
     # launches where _prune keeps it (python -m kernels.compile_check, triton 3.6 and 3.9: 64 x 128
-    # tiles spilled with the bias, 128 x 128 with bias or dropout, 128-row dK/dV tiles from 4
-    # warps, 64 x 128 dK/dV everywhere). The first config is _prune's fallback.
+    # tiles spilled with the bias, 128 x 128 with bias or dropout, dK/dV on 4 warps with the bias,
+    # 64 x 128 dK/dV everywhere). The first config is _prune's fallback.
     _FWD_CONFIGS = ([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
                     [(64, 128, 8, 2)], [(128, 128, 8, 2)])
-    _DKDV_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)], [], []
+    _DKDV_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2)], [(64, 64, 4, 2), (32, 64, 4, 2)], []
     _DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)], [(64, 128, 8, 2)], []
-    # The shared bias's gradient folded into dK/dV. Tq <= 256: 4 query blocks (BLOCK_M set by the
-    # launcher), each summing its dS in registers across the chunk's samples: (BLOCK_N, warps,
-    # stages) -- only 16-key blocks on 8 warps kept the four accumulators out of local memory at
-    # image v1's shapes. Longer sequences: dK/dV's tiles.
-    _DBIAS_CONFIGS = [(16, 8, 2)]
-    _DBIAS_LONG_CONFIGS = _DKDV_CONFIGS
+    # The shared bias's gradient (S and dP recomputed, an fp32 tile summed over samples).
+    _DBIAS_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)], [], []
     _KEY = ["T_BUCKET", "BLOCK_D", "HAS_BIAS", "HAS_PAD", "SKIP_PAD_Q", "DROPOUT"]
 
     def _tuned(lists, **kwargs):
@@ -871,14 +855,14 @@ if triton is not None:
         return p_drop, p * (dp - delta[:, None])
 
     @triton.jit
-    def _dkdv_block(dk, dv, acc_g, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, g_ptrs,
+    def _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, g_ptrs,
                     drop_ptr, start_m, start_n, offs_m0, offs_n, d_ok, in_k, key_valid, T_Q,
                     s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8, C4,
                     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                     MASKED: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     D_MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One query block against the program's keys. BIAS_GRAD: 0 none, 1 store dS (a B x H x
-        Tq x Tk bias), 2 add dS to a partial in memory, 3 add it to acc_g (registers)."""
+        """One query block against the program's keys; BIAS_GRAD: store dS there too (the
+        gradient of a B x H x Tq x Tk bias)."""
         offs_m = start_m + offs_m0
         rows_ok = offs_m < T_Q
         q = _load_rows(q_ptrs + start_m * s_qm, rows_ok, d_ok, MASKED, D_MASKED)
@@ -904,34 +888,30 @@ if triton is not None:
                      input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)).to(DOT_DTYPE), q.to(DOT_DTYPE),
                      input_precision=PRECISION)
-        if BIAS_GRAD > 0:
-            g = tl.where(key_valid[None, :], ds, 0.0)
-            if BIAS_GRAD == 3:
-                acc_g += g
-            else:
-                g_ok = rows_ok[:, None] & in_k[None, :]
-                if BIAS_GRAD == 1:
-                    tl.store(g_ptrs + start_m * s_gm, g.to(g_ptrs.dtype.element_ty), mask=g_ok)
-                else:
-                    # the previous sample's add may have come from other threads of the program
-                    tl.debug_barrier()
-                    prev = tl.load(g_ptrs + start_m * s_gm, mask=g_ok, other=0.0)
-                    tl.store(g_ptrs + start_m * s_gm, prev + g, mask=g_ok)
-        return dk, dv, acc_g
+        if BIAS_GRAD:
+            tl.store(g_ptrs + start_m * s_gm,
+                     tl.where(key_valid[None, :], ds, 0.0).to(g_ptrs.dtype.element_ty),
+                     mask=rows_ok[:, None] & in_k[None, :])
+        return dk, dv
 
     @triton.jit
-    def _dkdv_sample(acc0, acc1, acc2, acc3, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
-                     G, b, h, bh,
-                     pid_n, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gm, s_gn, s_qb, s_qh,
-                     s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_bb, s_bh, s_bm,
-                     s_bn, s_pb, s_pn, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4,
-                     BIAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-                     SKIP_PAD_Q: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr):
-        """dK, dV of one key block of sample b, head h (stored), and its bias-gradient part.
-        M_BLOCKS = 0: a loop over the query blocks; 1..4: that many blocks, unrolled, each adding
-        its dS to its own fp32 accumulator acc0..acc3 (registers across the samples)."""
+    def _bwd_dkdv_kernel(
+        Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV, dBias,
+        s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gb, s_gh, s_gm, s_gn,
+        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+        s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
+        B, H, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4, T_BUCKET,
+        BIAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+        SKIP_PAD_Q: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """grid (Tk / BLOCK_N, B*H): dK, dV of a key block; BIAS_GRAD: dBias is B x H x Tq x Tk
+        and gets dS."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
         D_MASKED: tl.constexpr = BLOCK_D != HEAD_DIM
         pad_row = Pad + b * s_pb
         n_keys, holes = _key_extent(pad_row, s_pn, T_K, HAS_PAD)
@@ -956,7 +936,8 @@ if triton is not None:
                    + offs_d[None, :])
         bias_ptrs = (Bias + b * s_bb + h * s_bh + offs_m0[:, None].to(tl.int64) * s_bm
                      + offs_n[None, :] * s_bn)
-        g_ptrs = G + offs_m0[:, None].to(tl.int64) * s_gm + offs_n[None, :] * s_gn
+        g_ptrs = (dBias + b * s_gb + h * s_gh + offs_m0[:, None].to(tl.int64) * s_gm
+                  + offs_n[None, :] * s_gn)
         lse_ptr = Lse + bh.to(tl.int64) * T_Q
         delta_ptr = Delta + bh.to(tl.int64) * T_Q
         drop_ptr = Drop + bh.to(tl.int64) * R8 * C4
@@ -964,52 +945,19 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # key blocks past the last admissible key see no query: dK = dV = 0
         m_end = tl.where(start_n < n_keys, q_end, 0)
-        if M_BLOCKS == 0:
-            m_full = m_end // BLOCK_M * BLOCK_M
-            for start_m in range(0, m_full, BLOCK_M):
-                dk, dv, acc0 = _dkdv_block(
-                    dk, dv, acc0, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, g_ptrs,
-                    drop_ptr, start_m, start_n, offs_m0, offs_n, d_ok, in_k, key_valid, T_Q, s_qm,
-                    s_om, s_bm, s_gm, qk_scale, drop_scale, R8, C4, HAS_BIAS, BIAS_GRAD, DROPOUT,
-                    False, PRECISION, DOT_DTYPE, D_MASKED, BLOCK_M, BLOCK_N)
-            if m_full < m_end:
-                dk, dv, acc0 = _dkdv_block(
-                    dk, dv, acc0, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs, g_ptrs,
-                    drop_ptr, m_full, start_n, offs_m0, offs_n, d_ok, in_k, key_valid, T_Q, s_qm,
-                    s_om, s_bm, s_gm, qk_scale, drop_scale, R8, C4, HAS_BIAS, BIAS_GRAD, DROPOUT,
-                    True, PRECISION, DOT_DTYPE, D_MASKED, BLOCK_M, BLOCK_N)
-        else:  # the last block holds the end of the sequence (rows masked)
-            for mb in tl.static_range(4):
-                if mb < M_BLOCKS:
-                    if mb * BLOCK_M < m_end:
-                        if mb == 0:
-                            dk, dv, acc0 = _dkdv_block(
-                                dk, dv, acc0, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
-                                g_ptrs, drop_ptr, 0, start_n, offs_m0, offs_n, d_ok, in_k,
-                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
-                                C4, HAS_BIAS, 3, DROPOUT, M_BLOCKS == 1, PRECISION, DOT_DTYPE,
-                                D_MASKED, BLOCK_M, BLOCK_N)
-                        elif mb == 1:
-                            dk, dv, acc1 = _dkdv_block(
-                                dk, dv, acc1, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
-                                g_ptrs, drop_ptr, BLOCK_M, start_n, offs_m0, offs_n, d_ok, in_k,
-                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
-                                C4, HAS_BIAS, 3, DROPOUT, M_BLOCKS == 2, PRECISION, DOT_DTYPE,
-                                D_MASKED, BLOCK_M, BLOCK_N)
-                        elif mb == 2:
-                            dk, dv, acc2 = _dkdv_block(
-                                dk, dv, acc2, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
-                                g_ptrs, drop_ptr, 2 * BLOCK_M, start_n, offs_m0, offs_n, d_ok, in_k,
-                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
-                                C4, HAS_BIAS, 3, DROPOUT, M_BLOCKS == 3, PRECISION, DOT_DTYPE,
-                                D_MASKED, BLOCK_M, BLOCK_N)
-                        else:
-                            dk, dv, acc3 = _dkdv_block(
-                                dk, dv, acc3, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
-                                g_ptrs, drop_ptr, 3 * BLOCK_M, start_n, offs_m0, offs_n, d_ok, in_k,
-                                key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
-                                C4, HAS_BIAS, 3, DROPOUT, True, PRECISION, DOT_DTYPE, D_MASKED,
-                                BLOCK_M, BLOCK_N)
+        m_full = m_end // BLOCK_M * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
+                                 g_ptrs, drop_ptr, start_m, start_n, offs_m0, offs_n, d_ok, in_k,
+                                 key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
+                                 C4, HAS_BIAS, BIAS_GRAD, DROPOUT, False, PRECISION, DOT_DTYPE,
+                                 D_MASKED, BLOCK_M, BLOCK_N)
+        if m_full < m_end:
+            dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, bias_ptrs,
+                                 g_ptrs, drop_ptr, m_full, start_n, offs_m0, offs_n, d_ok, in_k,
+                                 key_valid, T_Q, s_qm, s_om, s_bm, s_gm, qk_scale, drop_scale, R8,
+                                 C4, HAS_BIAS, BIAS_GRAD, DROPOUT, True, PRECISION, DOT_DTYPE,
+                                 D_MASKED, BLOCK_M, BLOCK_N)
         st_ok = in_k[:, None]
         if D_MASKED:
             st_ok = st_ok & d_ok[None, :]
@@ -1019,83 +967,72 @@ if triton is not None:
                  + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=st_ok)
         tl.store(dV + b * s_dvb + h * s_dvh + offs_n[:, None].to(tl.int64) * s_dvn
                  + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=st_ok)
-        return acc0, acc1, acc2, acc3
 
     @triton.jit
-    def _bwd_dkdv_kernel(
-        Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV, dBias,
-        s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gb, s_gh, s_gm, s_gn,
+    def _bwd_dbias_kernel(
+        Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, Partial, s_gc, s_gh, s_gm, s_gn, SAMPLES,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
         B, H, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4, T_BUCKET,
-        BIAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-        SKIP_PAD_Q: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        """grid (Tk / BLOCK_N, B*H); BIAS_GRAD 1: dBias is B x H x Tq x Tk, dS stored there."""
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        z = tl.zeros([1], tl.float32)
-        _dkdv_sample(z, z, z, z, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
-                     dBias + b * s_gb + h * s_gh, b, h, bh, pid_n, s_dkb, s_dkh, s_dkn, s_dvb,
-                     s_dvh, s_dvn, s_gm, s_gn, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh,
-                     s_vn, s_ob, s_oh, s_om, s_bb, s_bh, s_bm, s_bn, s_pb, s_pn, T_Q, T_K,
-                     qk_scale, scale, drop_scale, R8, C4, BIAS_GRAD, HAS_BIAS, HAS_PAD,
-                     SKIP_PAD_Q, DROPOUT, PRECISION, DOT_DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     BLOCK_D, 0)
-
-    @triton.jit
-    def _bwd_dkdv_dbias_kernel(
-        Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV, Partial,
-        s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gc, s_gh, s_gm, s_gn, SAMPLES,
-        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-        s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
-        B, H, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4, T_BUCKET,
-        M_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-        SKIP_PAD_Q: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """grid (Tk / BLOCK_N, H, chunks): dK, dV of the chunk's samples one after the other, and
-        Partial[chunk, h] = sum over them of dS (a bias shared over the batch). M_BLOCKS (1..4)
-        query blocks of BLOCK_M cover Tq: the sums stay in registers; 0: longer sequences, each
-        sample's dS tiles are added in memory (Partial zeroed)."""
-        pid_n = tl.program_id(0)
+        """grid (Tq / BLOCK_M * Tk / BLOCK_N, H, chunks): Partial[chunk, h] on one tile = the sum
+        over the chunk's samples of dS, a bias shared over the batch (its S and dP recomputed per
+        sample; the bias tile is loaded once)."""
+        n_blocks = tl.cdiv(T_K, BLOCK_N)
+        start_m = tl.program_id(0) // n_blocks * BLOCK_M
+        start_n = tl.program_id(0) % n_blocks * BLOCK_N
         h = tl.program_id(1).to(tl.int64)
         chunk = tl.program_id(2)
-        g_base = Partial + chunk.to(tl.int64) * s_gc + h * s_gh
-        acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        D_MASKED: tl.constexpr = BLOCK_D != HEAD_DIM
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        row_ok = offs_m < T_Q
+        in_k = offs_n < T_K
+        tile_ok = row_ok[:, None] & in_k[None, :]
+        bias = tl.load(Bias + h * s_bh + offs_m[:, None].to(tl.int64) * s_bm
+                       + offs_n[None, :] * s_bn, mask=tile_ok, other=0.0).to(tl.float32)
+        bias = bias * 1.4426950408889634
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         b_lo = chunk * SAMPLES
         for b32 in range(b_lo, tl.minimum(B, b_lo + SAMPLES)):
             b = tl.cast(b32, tl.int64)
-            acc0, acc1, acc2, acc3 = _dkdv_sample(
-                acc0, acc1, acc2, acc3, Q, K, V, Bias, Pad, dOut, Lse, Delta, Drop, dK, dV,
-                g_base, b, h, b32 * H + h, pid_n, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_gm,
-                s_gn, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-                s_bb, s_bh, s_bm, s_bn, s_pb, s_pn, T_Q, T_K, qk_scale, scale, drop_scale, R8, C4,
-                2, HAS_BIAS, HAS_PAD, SKIP_PAD_Q, DROPOUT, PRECISION, DOT_DTYPE, HEAD_DIM,
-                BLOCK_M, BLOCK_N, BLOCK_D, M_BLOCKS)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        g_ptrs = g_base + offs_m[:, None].to(tl.int64) * s_gm + offs_n[None, :] * s_gn
-        in_k = (offs_n < T_K)[None, :]
-        for mb in tl.static_range(4):
-            if mb < M_BLOCKS:
-                ok = ((mb * BLOCK_M + offs_m) < T_Q)[:, None] & in_k
-                if mb == 0:
-                    tl.store(g_ptrs, acc0, mask=ok)
-                elif mb == 1:
-                    tl.store(g_ptrs + BLOCK_M * s_gm, acc1, mask=ok)
-                elif mb == 2:
-                    tl.store(g_ptrs + 2 * BLOCK_M * s_gm, acc2, mask=ok)
-                else:
-                    tl.store(g_ptrs + 3 * BLOCK_M * s_gm, acc3, mask=ok)
+            bh = b * H + h
+            pad_row = Pad + b * s_pb
+            n_keys, holes = _key_extent(pad_row, s_pn, T_K, HAS_PAD)
+            q_end = T_Q
+            if SKIP_PAD_Q:
+                q_end = tl.minimum(n_keys, T_Q)
+            # a tile of padded keys (or of padded queries) adds nothing: skipped
+            if (start_n < n_keys) & (start_m < q_end):
+                key_valid = offs_n < n_keys
+                if HAS_PAD:
+                    key_valid = key_valid & (tl.load(pad_row + offs_n * s_pn, mask=in_k,
+                                                     other=1) == 0)
+                q = _load_rows(Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm
+                               + offs_d[None, :], row_ok, d_ok, True, D_MASKED)
+                do = _load_rows(dOut + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om
+                                + offs_d[None, :], row_ok, d_ok, True, D_MASKED)
+                k = _load_rows(K + b * s_kb + h * s_kh + offs_n[:, None].to(tl.int64) * s_kn
+                               + offs_d[None, :], in_k, d_ok, True, D_MASKED)
+                v = _load_rows(V + b * s_vb + h * s_vh + offs_n[:, None].to(tl.int64) * s_vn
+                               + offs_d[None, :], in_k, d_ok, True, D_MASKED)
+                lse = tl.load(Lse + bh * T_Q + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + bh * T_Q + offs_m, mask=row_ok, other=0.0)
+                s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE),
+                           input_precision=PRECISION) * qk_scale + bias
+                _, ds = _probs_and_ds(s, lse, do, v, delta, Drop + bh * R8 * C4, start_m,
+                                      start_n, drop_scale, R8, C4, DROPOUT, PRECISION, DOT_DTYPE,
+                                      BLOCK_M, BLOCK_N)
+                acc += tl.where(key_valid[None, :], ds, 0.0)
+        tl.store(Partial + chunk.to(tl.int64) * s_gc + h * s_gh
+                 + offs_m[:, None].to(tl.int64) * s_gm + offs_n[None, :] * s_gn, acc,
+                 mask=tile_ok)
 
     @triton.jit
     def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, pad_row, drop_ptr, start_m,
@@ -1192,9 +1129,4 @@ if triton is not None:
     _fwd_kernel = _tuned(_FWD_CONFIGS)(_fwd_kernel)
     _bwd_dkdv_kernel = _tuned(_DKDV_CONFIGS)(_bwd_dkdv_kernel)
     _bwd_dq_kernel = _tuned(_DQ_CONFIGS)(_bwd_dq_kernel)
-    # the shared bias's gradient: one query block (BLOCK_M from the launcher) or the long path
-    _bwd_dbias_kernel = triton.autotune(
-        [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _DBIAS_CONFIGS],
-        key=_KEY)(_bwd_dkdv_dbias_kernel)
-    _bwd_dbias_long_kernel = _tuned(_DBIAS_LONG_CONFIGS, reset_to_zero=["Partial"])(
-        _bwd_dkdv_dbias_kernel)
+    _bwd_dbias_kernel = _tuned(_DBIAS_CONFIGS)(_bwd_dbias_kernel)

@@ -190,7 +190,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES) -> tuple[list[Job], list[str]]:
     from kernels import attention, masking, targets
 
     attention_kernels = ["_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                         "_bwd_dbias_kernel", "_bwd_dbias_long_kernel"]
+                         "_bwd_dbias_kernel"]
     target_kernels = ["_stats_kernel", "_combine_kernel"]
     mask_kernels = ["_span_kernel", "_trim_kernel", "_token_kernel", "_beit_block_kernel",
                     "_inverse_block_kernel"]

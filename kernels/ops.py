@@ -13,20 +13,20 @@ that gives the output shapes, and calls our dispatcher at run time.
 
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
 attn_bias, scale, ...) -> (out, lse B x H x Tq fp32 (fp64 for fp64 inputs), keep),
-backward(grad_out, q, k, v, out, lse, ..., keep) -> (dq, dk, dv, dbias). The op carries the name of the
-implementation: "triton" (our flash kernels; kernels.attention routes its Triton path through the
-pair while torch.compile traces, since dynamo breaks the graph at the kernel launches behind an
-autograd.Function), "math" (a plain-PyTorch forward that keeps the log-sum-exp and a backward that
-recomputes the probabilities from it), or a pair plugged in with `register_attention_kernel`.
-Because "math" materializes T x T scores, `attention()` takes the custom-op path only when asked
-(impl=, use_custom_op=True) or once a kernel is registered; otherwise it calls
-kernels.attention.attention, which is torch's scaled_dot_product_attention plus elementwise ops
-that dynamo traces natively (no graph break, and inductor picks SDPA's flash / efficient backends).
-Dropout runs in the pair only with "triton": its forward draws the mask (from a seed tensor drawn
-from torch's generator, as eager does) and returns it bit-packed as `keep`, which the backward
-reads; with the other implementations dropout takes that traced path. The fakes declare the
-layouts the real ops return (`_out_like`, kernels.attention.new_like), so a compiled graph copies
-nothing around the pair.
+backward(grad_out, q, k, v, out, lse, ..., keep) -> (dq, dk, dv, dbias). The op carries the name
+of the implementation: "triton" (our flash kernels; kernels.attention routes its Triton path
+through the pair while torch.compile traces, since dynamo breaks the graph at the kernel launches
+behind an autograd.Function), "math" (a plain-PyTorch forward that keeps the log-sum-exp and a
+backward that recomputes the probabilities from it), or a pair plugged in with
+`register_attention_kernel`. Because "math" materializes T x T scores, `attention()` takes the
+custom-op path only when asked (impl=, use_custom_op=True) or once a kernel is registered;
+otherwise it calls kernels.attention.attention, which is torch's scaled_dot_product_attention plus
+elementwise ops that dynamo traces natively (no graph break, and inductor picks SDPA's flash /
+efficient backends). Dropout runs in the pair only with "triton": its forward draws the mask (from
+a seed tensor drawn from torch's generator, as eager does) and returns it bit-packed as `keep`,
+which the backward reads; with the other implementations dropout takes that traced path. The
+fakes declare the layouts the real ops return (`_out_like`, kernels.attention.new_like), so a
+compiled graph copies nothing around the pair.
 """
 from __future__ import annotations
 

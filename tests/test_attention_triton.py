@@ -213,14 +213,10 @@ def test_dropout_keep_rate_is_within_sampling_error_of_one_minus_p(blocks):
 # The shared bias's gradient: fp32 partial sums over batch chunks, summed in a fixed order
 
 
-@pytest.mark.parametrize("path", ["registers", "long"])
-def test_shared_bias_grad_partials_match_reference_chunk_sums(path, blocks, monkeypatch):
+def test_shared_bias_grad_partials_match_reference_chunk_sums(blocks):
     """B = 5 samples in 2 chunks (3 + 2): partial c is the float64 sum over chunk c's samples of
-    d loss / d bias_b (a per-sample copy of the bias), with padding and dropout; the gradient is
-    their sum. registers: the query blocks unrolled, each summed in registers; long: the sum
-    added in memory tile by tile (the path of Tq > 256, forced here at T = 37)."""
-    if path == "long":
-        monkeypatch.setattr(attn, "SHARED_BIAS_REGISTER_MAX_T", 16)
+    d loss / d bias_b (a per-sample copy of the bias), with padding (a fully padded sample
+    included) and dropout, over 3 x 3 tiles; the gradient is the partials' sum."""
     blocks((16, 16))
     B, H, T, D, p, scale = 5, 1, 37, 32, 0.2, 0.25
     g = torch.Generator().manual_seed(8)

@@ -41,8 +41,7 @@ def test_kernels_are_compiled_not_interpreted():
         "TRITON_INTERPRET=1 is set on a CUDA machine: the kernels would run interpreted")
     from triton.runtime.jit import JITFunction
     kernels = [attn._fwd_kernel.fn, attn._bwd_dkdv_kernel.fn, attn._bwd_dq_kernel.fn,
-               attn._bwd_dbias_kernel.fn, attn._bwd_dbias_long_kernel.fn,
-               attn._delta_kernel, targets._stats_kernel,
+               attn._bwd_dbias_kernel.fn, attn._delta_kernel, targets._stats_kernel,
                targets._combine_kernel, masking._span_kernel, masking._trim_kernel,
                masking._token_kernel, masking._beit_block_kernel, masking._inverse_block_kernel]
     assert all(type(k) is JITFunction for k in kernels), [type(k).__name__ for k in kernels]
@@ -157,6 +156,57 @@ def test_attention_forward_lse_and_grads_match_float64(case, dtype):
 def test_attention_batched_bias_grads_match_float64():
     """A B x H x T x T bias (its gradient is stored by the dK/dV kernel), bf16, with dropout."""
     run_attention_case(8, 12, 197, 64, "batched", 0.2, 0.1, torch.bfloat16, "cuda")
+
+
+def test_shared_bias_grad_partials_match_float64_chunk_sums():
+    """The shared bias's gradient over 3 batch chunks at image v1's T = 197 with dropout: each
+    fp32 partial is the float64 sum of the per-sample dS over its chunk's samples."""
+    B, H, T, D, p = 8, 12, 197, 64, 0.05
+    q, k, v, _, b, dout = attention_inputs(B, H, T, D, "shared", 0.0, torch.bfloat16, "cuda")
+    b = b.float()
+    out, lse, bits = attn.flash_forward(q, k, v, None, b, D ** -0.5, p, 3)
+    partial = torch.full((3, H, T, T), float("nan"), device="cuda")
+    _, _, _, dbias = attn.flash_backward(dout, q, k, v, None, b, out, lse, D ** -0.5, p, bits,
+                                         need_bias_grad=True, dbias_partial=partial)
+    keep = attn.unpack_dropout_mask(bits, T, T)
+    _, per_sample, want, _ = attention_float64(q, k, v, None, b.expand(B, H, T, T), D ** -0.5,
+                                               keep, p)  # a bias leaf per sample
+    (grads,) = torch.autograd.grad(want, per_sample, dout.double())
+    for c, rows in enumerate([range(0, 3), range(3, 6), range(6, 8)]):
+        assert rel(partial[c], grads[list(rows)].sum(0)) < TOL[torch.bfloat16], c
+    assert torch.equal(dbias, partial.sum(0))
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa_efficient", "sdpa_math"])
+def test_attention_peers_match_float64_with_bias_and_padding(backend):
+    """The dispatcher's other candidates compute the same attention (bf16, bias and padding)."""
+    q, k, v, pad, b, dout = attention_inputs(4, 12, 197, 64, "shared", 0.2, torch.bfloat16,
+                                             "cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias = b.float().requires_grad_()
+    out = attn.run_backend(backend, *leaves, pad, bias, None, 0.0)
+    grads = torch.autograd.grad(out, leaves + [bias], dout)
+    ref_leaves, ref_bias, want, _ = attention_float64(q, k, v, pad, b.float(), 64 ** -0.5, None,
+                                                      0.0)
+    refs = torch.autograd.grad(want, ref_leaves + [ref_bias], dout.double())
+    assert rel(out, want) < TOL[torch.bfloat16]
+    for name, got, ref in zip(["q", "k", "v", "bias"], grads, refs):
+        assert rel(got, ref) < 3 * TOL[torch.bfloat16], name
+
+
+def test_measured_dispatch_keeps_the_fastest_candidate():
+    """On CUDA the first call of a shape times every candidate; the pick is the fastest of those
+    timed and later calls run it."""
+    from kernels import attention_dispatch
+    attention_dispatch.reset()
+    q, k, v, pad, _, _ = attention_inputs(4, 12, 197, 64, None, 0.2, torch.bfloat16, "cuda")
+    out = attn.attention(q, k, v, key_padding_mask=pad)
+    (record,) = attention_dispatch.picks().values()
+    assert record["ms"] and all(math.isfinite(ms) for ms in record["ms"].values())
+    assert record["backend"] == min(record["ms"], key=record["ms"].get)
+    assert "triton" in record["ms"], record["skipped"].get("triton")
+    assert rel(out, attn.attention_reference(q.double(), k.double(), v.double(), pad)) < 2e-2
+    attention_dispatch.reset()
 
 
 def keep_mask(B, H, T, seed, p, device):

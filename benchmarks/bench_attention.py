@@ -1,18 +1,27 @@
-"""Attention at data2vec's shapes: our Triton flash kernel vs every SDPA backend (and flash-attn).
+"""Attention as training runs it: our Triton kernels vs every peer on the same inputs.
 
     python -m benchmarks.bench_attention [--tiny] [--quick] [--json PATH]
 
-Forward and forward+backward TFLOP/s, counting 4*B*H*T*T*D for the forward and 2.5x that for
-forward+backward (padded keys are counted too: the figure is comparable across implementations,
-not a count of useful work). D=64, bf16, B*H chosen to fill the device, T in {197, 256, 512, 1024},
-with no padding and with ~30% of the keys padded. A backend that refuses the arguments (e.g. flash
-SDPA with a mask) is recorded with its reason, not fatal. `--tiny` runs small fp32 shapes on the
-CPU, where our kernel runs interpreted: it checks the suite, not the speed.
+Cases (bf16, H = 12, D = 64): the training cases -- image v1 (B = 64, T = 197, BEiT's shared
+relative position bias, its gradient included, dropout 0.05), audio (B = 16, T = 750, 25% of the
+keys padded, dropout 0.1), text (B = 32, T = 512, 10% padded, dropout 0.1) -- each also without
+dropout ("_p0", what dropout costs) and image v1 also without the bias ("_nobias", what the bias
+and its gradient cost); and plain attention at T = 197, 512, 1024 (B * T^2 held at the image base
+batch's 256 * 197^2). Padding: key lengths uniform in [T (1 - 2f), T], the first sample full.
 
---quick (make gpu-check): the plain case (T=197, no padding) and the three training cases of
-tests/test_cuda_kernels.py: image v1 with BEiT's shared bias (its gradient included) and dropout,
-audio with 30% key padding and dropout, text with padding. SDPA takes the same bias, padding and
-dropout as an additive mask (the backends that refuse it say so in their row).
+Peers, each on the same tensors: every SDPA kernel (flash, cuDNN, efficient, math: the bias and
+padding as an additive mask, which some refuse -- the row says why), FlexAttention (bias as a
+score_mod, padding as a block mask; it has no dropout, so the dropout cases list it as refused),
+flash-attn where installed (varlen on the unpadded tokens when padded; no bias), and "dispatch":
+kernels.attention.attention, whatever the measured dispatcher picked. "ours" computes every query
+row, as training does; "ours_skipq" skips padded queries (skip_padded_queries=True), which
+flash-attn's varlen path also does.
+
+FLOPs, as FlashAttention counts them: 4 * B * H * Tq * Tk * D for the forward and 3.5x that for
+forward + backward (1 + 2.5), counting only the unpadded queries and keys (sum over samples of
+4 * H * len^2 * D): the useful work, the same numerator for every peer. Timing: CUDA events via
+triton.testing.do_bench (median); --tiny runs small fp32 cases on the CPU, where our kernels run
+interpreted and timing is wall clock: it checks the suite, not the speed.
 """
 from __future__ import annotations
 
@@ -25,155 +34,209 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported: the kernel runs interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.attention import _sdpa, attention  # noqa: E402
+from kernels import attention as attn  # noqa: E402
 
-CASES = [(T, pad) for T in (197, 256, 512, 1024) for pad in (0.0, 0.3)]
-TINY = [(19, 0.0), (37, 0.3)]
-# --quick: (name, B, H, T, padded fraction, bias, dropout)
-QUICK = [("plain", 256, 12, 197, 0.0, None, 0.0),
-         ("image_train", 32, 12, 197, 0.0, "shared", 0.05),
-         ("audio_train", 16, 12, 750, 0.3, None, 0.1),
-         ("text_train", 32, 12, 512, 0.2, None, 0.0)]
-QUICK_TINY = [(name, 2, 2, t, pad, bias, p) for (name, _, _, _, pad, bias, p), t
-              in zip(QUICK, (19, 19, 37, 29))]
+FWD_BWD_FLOPS = 3.5  # forward + backward per forward FLOP (FlashAttention's convention)
 
-
-def _bh(T: int, tiny: bool) -> tuple[int, int]:
-    if tiny:
-        return 2, 2
-    return max(1, 256 * 197 * 197 // (T * T)), 12  # the image base batch's work at every T
+# (name, B, H, T, padded fraction, bias, dropout)
+_BT = 256 * 197 * 197
+CASES = [("image_v1", 64, 12, 197, 0.0, "shared", 0.05),
+         ("image_v1_p0", 64, 12, 197, 0.0, "shared", 0.0),
+         ("image_v1_nobias", 64, 12, 197, 0.0, None, 0.05),
+         ("audio", 16, 12, 750, 0.25, None, 0.1),
+         ("audio_p0", 16, 12, 750, 0.25, None, 0.0),
+         ("text", 32, 12, 512, 0.10, None, 0.1),
+         ("text_p0", 32, 12, 512, 0.10, None, 0.0)] + [
+    (f"plain_{t}", max(1, _BT // (t * t)), 12, t, 0.0, None, 0.0) for t in (197, 512, 1024)]
+QUICK = ("image_v1", "audio", "text", "plain_197")
+TINY = [("image_v1", 2, 2, 19, 0.0, "shared", 0.05), ("audio", 2, 2, 37, 0.25, None, 0.1),
+        ("plain_19", 2, 2, 19, 0.0, None, 0.0)]
 
 
 def make_inputs(B, H, T, D, pad_frac, dtype, device, seed=0, bias=None):
+    """(q, k, v, key padding mask or None, bias or None, per-sample lengths)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
                for _ in range(3))
+    lengths = torch.full((B,), T)
     mask = None
     if pad_frac > 0:
-        keep = torch.randint(int(T * (1 - 2 * pad_frac)) + 1, T + 1, (B,), generator=g)
-        mask = (torch.arange(T)[None, :] >= keep[:, None]).to(device)
-    if bias == "shared":
-        return q, k, v, mask, torch.randn(H, T, T, generator=g).to(device=device, dtype=dtype)
-    return q, k, v, mask
+        lengths = torch.randint(int(T * (1 - 2 * pad_frac)), T + 1, (B,), generator=g)
+        lengths[0] = T
+        mask = (torch.arange(T)[None, :] >= lengths[:, None]).to(device)
+    b = None
+    if bias == "shared":  # the model's relative position bias is an fp32 parameter
+        b = torch.randn(H, T, T, generator=g).to(device=device)
+    return q, k, v, mask, b, lengths
 
 
-def _sdpa_backend(name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = getattr(SDPBackend, name)
+def useful_flops(H, D, lengths) -> float:
+    """Forward FLOPs over the unpadded queries and keys: sum_b 4 * H * len_b^2 * D."""
+    return float(4 * H * D * (lengths.double() ** 2).sum().item())
 
-    def run(q, k, v, mask, bias=None, p=0.0):
-        with sdpa_kernel([backend]):
-            return _sdpa(q, k, v, mask, bias, q.shape[-1] ** -0.5, p)
+
+def _flash_attn(device):
+    if device.type != "cuda":
+        return None
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+
+    def run(q, k, v, mask, bias, p, skip):
+        if bias is not None:
+            raise RuntimeError("flash-attn takes no additive bias")
+        if mask is None:
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                   dropout_p=p).transpose(1, 2)
+        # varlen: only the unpadded tokens (the padded queries are skipped, as in ours_skipq)
+        B, H, T, D = q.shape
+        keep = ~mask
+        lens = keep.sum(1, dtype=torch.int32)
+        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        packed = [x.transpose(1, 2)[keep] for x in (q, k, v)]  # total x H x D
+        out = flash_attn_varlen_func(*packed, cu, cu, T, T, dropout_p=p)
+        full = q.new_zeros(B, T, H, D)
+        full[keep] = out
+        return full.transpose(1, 2)
     return run
 
 
 def implementations(device: torch.device) -> dict:
-    """name -> fn(q, k, v, key_padding_mask, bias=None, dropout_p=0.0)."""
-    impls = {"ours": lambda q, k, v, m, b=None, p=0.0: attention(q, k, v, key_padding_mask=m,
-                                                                attn_bias=b, dropout_p=p)}
+    """name -> fn(q, k, v, key_padding_mask, bias, dropout_p, skip_padded_queries)."""
+    def backend(name, skip=None):
+        return lambda q, k, v, m, b, p, s: attn.run_backend(
+            name, q, k, v, m, b, None, p, s if skip is None else skip)
+    impls = {"ours": backend("triton", False), "ours_skipq": backend("triton", True),
+             "dispatch": lambda q, k, v, m, b, p, s: attn.attention(
+                 q, k, v, key_padding_mask=m, attn_bias=b, dropout_p=p)}
     if device.type == "cuda":
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-            impls[f"sdpa_{name.lower()}"] = _sdpa_backend(name)
-        try:
-            from flash_attn import flash_attn_func
-            impls["flash_attn"] = lambda q, k, v, m, b=None, p=0.0: flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p) \
-                if m is None and b is None else None
-        except ImportError:
-            pass
+        for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"):
+            impls[name] = backend(name, False)
     else:
-        impls["sdpa"] = lambda q, k, v, m, b=None, p=0.0: _sdpa(q, k, v, m, b, q.shape[-1] ** -0.5, p)
+        impls["sdpa"] = backend("sdpa", False)
+    impls["flex"] = _flex_impl
+    flash = _flash_attn(device)
+    if flash is not None:
+        impls["flash_attn"] = flash
     return impls
 
 
-def measure(fn, q, k, v, mask, device, backward: bool, repeats: int, bias=None,
-            p: float = 0.0) -> float:
+def _flex_impl(q, k, v, m, b, p, s):
+    if p > 0:
+        raise RuntimeError("FlexAttention has no dropout: not the same computation")
+    return attn.run_backend("flex", q, k, v, m, b, None, 0.0, False)
+
+
+def measure(fn, inputs, p: float, device, backward: bool, tiny: bool) -> float:
     """Median ms of the forward (no grad) or forward + backward (q, k, v and the bias as leaves,
     as in training where the relative-position bias is learned)."""
-    from benchmarks.common import time_ms
+    q, k, v, mask, bias, _ = inputs
+    skip = False  # each impl fixes its own (ours_skipq: True)
     if backward:
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         bias_leaf = None if bias is None else bias.detach().requires_grad_()
+        wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
+        dout = torch.randn_like(q)
 
         def step():
-            out = fn(*leaves, mask, bias_leaf, p)
-            out.backward(torch.ones_like(out))
+            out = fn(*leaves, mask, bias_leaf, p, skip)
+            torch.autograd.grad(out, wrt, dout)
     else:
         def step():
             with torch.no_grad():
-                fn(q, k, v, mask, bias, p)
-    return time_ms(step, device, repeats=repeats, warmup=1 if device.type == "cpu" else 3)
+                fn(q, k, v, mask, bias, p, skip)
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+    from benchmarks.common import time_ms
+    return time_ms(step, device, repeats=2 if tiny else 5, warmup=1)
 
 
-def run_rows(tiny: bool, quick: bool = False) -> list[dict]:
+def run_rows(tiny: bool, quick: bool = False, only: tuple = ()) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    D, rows = (32 if tiny else 64), []
-    if quick:
-        cases = QUICK_TINY if tiny else QUICK
-    else:
-        cases = [(None, *_bh(T, tiny), T, pad, None, 0.0) for T, pad in (TINY if tiny else CASES)]
+    D = 32 if tiny else 64
+    cases = TINY if tiny else [c for c in CASES if not quick or c[0] in QUICK]
+    cases = [c for c in cases if not only or c[0] in only]
+    rows = []
     for case, B, H, T, pad, bias_kind, p in cases:
-        q, k, v, mask, *bias = make_inputs(B, H, T, D, pad, dtype, device, bias=bias_kind)
-        bias = bias[0] if bias else None
-        flops = 4 * B * H * T * T * D
+        inputs = make_inputs(B, H, T, D, pad, dtype, device, bias=bias_kind)
+        flops = useful_flops(H, D, inputs[5])
         for name, fn in implementations(device).items():
-            row = {"T": T, "pad": pad, "B": B, "H": H, "D": D, "dtype": str(dtype), "impl": name,
-                   "case": case, "bias": bias_kind, "dropout": p}
+            row = {"case": case, "B": B, "H": H, "T": T, "D": D, "pad": pad, "bias": bias_kind,
+                   "dropout": p, "dtype": str(dtype), "impl": name, "useful_gflop": flops / 1e9}
+            if name == "ours_skipq" and pad == 0:
+                continue  # the same as "ours" without padding
+            if name == "dispatch" and device.type == "cuda":
+                from kernels import attention_dispatch
+                row["picked"] = attention_dispatch.pick(*inputs[:3], inputs[3], inputs[4], p)
             try:
-                if fn(q, k, v, mask, bias, p) is None:
-                    raise RuntimeError("does not take a key padding mask or bias")
-                for phase, backward, mult in (("fwd", False, 1.0), ("fwd_bwd", True, 2.5)):
-                    ms = measure(fn, q, k, v, mask, device, backward, 3 if tiny else 20, bias, p)
+                for phase, backward, mult in (("fwd", False, 1.0),
+                                              ("fwd_bwd", True, FWD_BWD_FLOPS)):
+                    ms = measure(fn, inputs, p, device, backward, tiny)
                     row[f"{phase}_ms"] = ms
                     row[f"{phase}_tflops"] = mult * flops / ms / 1e9
             except Exception as e:  # a backend that refuses these arguments is a row, not a crash
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" \
+                    if str(e).strip() else type(e).__name__
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
     return rows
 
 
+def _shape(r) -> str:
+    return (f"{r['case']} B={r['B']} H={r['H']} T={r['T']} D={r['D']} pad={r['pad']:.0%}"
+            + (f" bias={r['bias']}" if r["bias"] else "") + (f" p={r['dropout']:g}"
+                                                             if r["dropout"] else ""))
+
+
 def run(tiny: bool = False, quick: bool = False) -> list[dict]:
-    """run_all's interface: ours vs each other backend, fwd and fwd+bwd TFLOP/s."""
+    """run_all's interface: ours vs each peer, fwd and fwd+bwd TFLOP/s of useful work."""
     from benchmarks import common
     device = common.device()
     peak, _ = common.matmul_peak_tflops(device.type)
     rows = run_rows(tiny, quick)
     records = []
-    same = ("T", "pad", "case")
     for ours in (r for r in rows if r["impl"] == "ours" and "error" not in r):
-        shape = (f"{ours['case'] + ' ' if ours['case'] else ''}B={ours['B']} H={ours['H']} "
-                 f"T={ours['T']} D={ours['D']} pad={ours['pad']:.0%}"
-                 + (f" bias={ours['bias']}" if ours["bias"] else "")
-                 + (f" p={ours['dropout']:g}" if ours["dropout"] else ""))
-        for peer in (r for r in rows if r["impl"] != "ours"
-                     and all(r[key] == ours[key] for key in same)):
+        for peer in (r for r in rows if r["case"] == ours["case"] and r["impl"] != "ours"):
             for phase in ("fwd", "fwd_bwd"):
                 records.append(common.record(
-                    f"attention_{phase}", shape, ours[f"{phase}_tflops"], peer["impl"],
+                    f"attention_{phase}", _shape(ours), ours[f"{phase}_tflops"], peer["impl"],
                     peer.get(f"{phase}_tflops"), "TFLOP/s",
                     ours[f"{phase}_tflops"] / peak, device))
     return records
+
+
+def print_rows(rows) -> None:
+    print("TFLOP/s of useful work: forward 4*B*H*Tq*Tk*D, forward+backward 3.5x that, over the "
+          "unpadded queries and keys only")
+    print(f"{'case':<16}{'impl':<16}{'fwd ms':>9}{'TFLOP/s':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:<16}{r['impl']:<16}  {r['error']}")
+            continue
+        print(f"{r['case']:<16}{r['impl']:<16}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>9.3g}"
+              f"{r['fwd_bwd_ms']:>12.3f}{r['fwd_bwd_tflops']:>9.3g}"
+              + (f"  (picked {r['picked']})" if r.get("picked") else ""))
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU check)")
     parser.add_argument("--quick", action="store_true", help="make gpu-check's cases")
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    rows = run_rows(args.tiny, args.quick)
-    print(f"{'T':>5} {'pad':>4} {'impl':<26}{'fwd TFLOP/s':>12}{'fwd+bwd TFLOP/s':>16}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['T']:>5} {r['pad']:>4.0%} {r['impl']:<26}  {r['error']}")
-        else:
-            print(f"{r['T']:>5} {r['pad']:>4.0%} {r['impl']:<26}{r['fwd_tflops']:>12.3g}"
-                  f"{r['fwd_bwd_tflops']:>16.3g}")
+    rows = run_rows(args.tiny, args.quick, tuple(c for c in args.cases.split(",") if c))
+    print_rows(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                       else "cpu", "torch": torch.__version__, "rows": rows}, f, indent=1)
+                       else "cpu", "torch": torch.__version__,
+                       "flops": "useful: 4*H*D*sum(len^2) forward, x3.5 forward+backward",
+                       "rows": rows}, f, indent=1)
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import os
 import platform
 
@@ -45,9 +46,10 @@ def detect() -> dict:
     }
 
 
-def describe(device: torch.device, loader: str | None = None) -> str:
+def describe(device: torch.device, loader: str | None = None, cfg=None) -> str:
     """One line saying which path each kind of op takes on `device`; `loader` is the data
-    loader's own line (engine.data.select.describe_loader)."""
+    loader's own line (engine.data.select.describe_loader). With `cfg` on CUDA the attention
+    backends are picked (timed) here for the config's training shapes."""
     info = detect()
     gpu = device.type == "cuda"
     triton = info["triton"] is not None and (gpu or info["triton_interpret"])
@@ -56,7 +58,7 @@ def describe(device: torch.device, loader: str | None = None) -> str:
         f"torch {info['torch']}" + (f" (cuda {info['cuda']}, {info['gpu']})" if gpu else " (cpu)"),
         f"targets: {_targets_backend(device)}",
         f"masking: {kernels}",
-        f"attention: {_attention_backend(device)}"
+        f"attention: {_attention_backend(device, cfg)}"
         + (" (flash-attn present)" if info["flash_attn"] else ""),
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
@@ -66,17 +68,64 @@ def describe(device: torch.device, loader: str | None = None) -> str:
     return "; ".join(parts)
 
 
-def _attention_backend(device: torch.device) -> str:
-    """What kernels.attention dispatches to for a bf16 (CUDA) / fp32 (CPU) B x H x T x 64 call."""
+_ATTENTION_NAMES = {"sdpa": "torch sdpa", "flash_attn": "flash-attn", "flex": "flex attention",
+                    "sdpa_flash": "sdpa flash", "sdpa_efficient": "sdpa efficient",
+                    "sdpa_cudnn": "sdpa cudnn", "sdpa_math": "sdpa math"}
+
+
+def _attention_backend(device: torch.device, cfg=None) -> str:
+    """What kernels.attention dispatches to: the forced backend, on CUDA the measured picks (for
+    cfg's shapes when given), else its fixed choice for a fp32 B x H x T x 64 CPU call."""
     try:
-        from kernels.attention import attention_backend
+        from kernels import attention_dispatch
+        from kernels.attention import attention_backend, supports
+        forced = os.environ.get("D2V_ATTENTION")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        name = attention_backend(torch.empty(1, 1, 1, 64, device=device, dtype=dtype))
+        probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
+        if attention_dispatch.measures(device) and not (forced and supports(forced, probe, probe,
+                                                                           probe)):
+            picks = attention_picks(cfg, device) if cfg is not None else []
+            if not picks:
+                return "measured per shape on its first call"
+            return "measured: " + ", ".join(f"{role} {_ATTENTION_NAMES.get(b, b)}"
+                                            for role, b in picks)
+        name = attention_backend(probe)
     except Exception as e:  # reporting must never stop a run
-        return f"unknown ({type(e).__name__})"
+        return f"unknown ({type(e).__name__}: {e})"
     if name == "triton":
         return "triton flash (interpreted)" if device.type == "cpu" else "triton flash"
-    return {"sdpa": "torch sdpa", "flash_attn": "flash-attn"}.get(name, name)
+    return _ATTENTION_NAMES.get(name, name)
+
+
+def attention_picks(cfg, device: torch.device) -> list[tuple[str, str]]:
+    """[(role, backend)] of the attention calls a training step of `cfg` makes (student forward +
+    backward, teacher forward: kernels.compile_check.attention_launches), each picked -- timed on
+    first sight -- by kernels.attention_dispatch. Audio and text batches shorter than the longest
+    crop are picked when they first occur."""
+    from kernels import attention_dispatch
+    from kernels.compile_check import attention_launches
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
+                                             and device.type == "cuda")
+    dtype = "bfloat16" if bf16 else "float32"
+    picks = []
+    for role, b, h, t, d, bias, padded, p, backward in attention_launches(cfg):
+        key = (str(device), b, h, t, t, d, d, dtype, bias or "none",
+               None if bias is None else "float32", padded, float(p), False, backward)
+        picks.append((role, attention_dispatch.pick_for(key)))
+    return picks
+
+
+def preload_attention_picks(run_dir) -> None:
+    """A resumed run keeps the attention backends its env.json recorded (kernels.attention_dispatch
+    .preload): the same numerics as before the restart."""
+    from pathlib import Path
+    env = Path(run_dir) / "env.json"
+    try:
+        recorded = json.loads(env.read_text()).get("attention_picks", {}) if env.exists() else {}
+    except (OSError, ValueError):  # an unreadable env.json: pick afresh
+        return
+    from kernels import attention_dispatch
+    attention_dispatch.preload(recorded)
 
 
 def _kernel_path(module: str, device: torch.device) -> str:
@@ -117,8 +166,13 @@ def dispatch_report(device: torch.device, optimizer=None, loader=None) -> dict:
 
 
 def env_report(device: torch.device, optimizer=None, loader=None) -> dict:
-    """detect() plus the device and the per-op dispatch: what env.json in the run directory holds."""
-    return {**detect(), "device": str(device), "dispatch": dispatch_report(device, optimizer, loader)}
+    """detect() plus the device, the per-op dispatch and the attention picks made so far (key ->
+    backend, each candidate's ms and the reasons others were skipped): what env.json in the run
+    directory holds."""
+    from kernels import attention_dispatch
+    return {**detect(), "device": str(device),
+            "dispatch": dispatch_report(device, optimizer, loader),
+            "attention_picks": attention_dispatch.picks()}
 def _targets_backend(device: torch.device) -> str:
     """Which teacher-targets path runs on `device` (kernels.targets decides; CUDA ext included)."""
     from kernels.targets import describe_backend

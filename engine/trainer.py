@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine.backends import describe, env_report
+from engine.backends import describe, env_report, preload_attention_picks
 from engine.cpu_setup import describe as describe_cpu
 from engine.buckets import buckets_for, describe_buckets
 from engine.compile import FirstStepTimer, compile_student_teacher
@@ -111,7 +111,7 @@ def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan,
     # One line per start in this directory: the original command first, then each resume's.
     with open(run_dir / "command.txt", "a") as f:
         f.write(" ".join([sys.executable, "-m", "engine.train"] + sys.argv[1:]) + "\n")
-    print(f"d2v-engine: {describe(dist.device, loader)}", file=sys.stderr)
+    print(f"d2v-engine: {describe(dist.device, loader, cfg)}", file=sys.stderr)
     print(f"d2v-engine: {cfg.modality} run '{cfg.run.name}' in {run_dir}: world {dist.world_size} "
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
           f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}, "
@@ -174,6 +174,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         return {"step": 0, "losses": [], "run_dir": str(run_dir), "plan": run_plan.info,
                 "pid": os.getpid()}
     resume_from = _prepare_run_dir(cfg, dist)
+    if resume_from is not None:  # the attention backends picked before the restart
+        preload_attention_picks(cfg.run_dir)
 
     dataset, plan = run_plan.dataset, run_plan.batch
     loader_kind = choose_loader(cfg.data, cfg.modality)

@@ -102,7 +102,7 @@ def _visible(cfg, tokens: int) -> int:
     return tokens - int(mk.mask_prob * tokens)
 
 
-def _attention_launches(cfg):
+def attention_launches(cfg):
     """(role, B, H, T, D, bias kind, padded, dropout, backward) of the student and the teacher."""
     m = cfg.model
     v2 = cfg.objective.mode == "v2"
@@ -124,15 +124,15 @@ def _run_attention(launch, dtype, torch, attention):
     role, B, H, T, D, bias, padded, p, backward = launch
     q = torch.empty(B, H, T, D, dtype=dtype)
     pad = torch.zeros(B, T, dtype=torch.bool) if padded else None
-    b = None
+    b = None  # the relative position bias is an fp32 parameter (autocast leaves it so)
     if bias == "shared":
-        b = torch.empty(H, T, T, dtype=dtype)
+        b = torch.empty(H, T, T, dtype=torch.float32)
     elif bias == "batched":
-        b = torch.empty(B, H, T, T, dtype=dtype)
+        b = torch.empty(B, H, T, T, dtype=torch.float32)
     seed = 12345  # a drawn seed is below 2^30: an i32 argument, not a multiple of 16
-    out, lse = attention.flash_forward(q, q, q, pad, b, D ** -0.5, p, seed)
+    out, lse, keep = attention.flash_forward(q, q, q, pad, b, D ** -0.5, p, seed)
     if backward:
-        attention.flash_backward(q, q, q, q, pad, b, q, lse, D ** -0.5, p, seed,
+        attention.flash_backward(q, q, q, q, pad, b, q, lse, D ** -0.5, p, keep,
                                  need_bias_grad=b is not None)
 
 
@@ -216,7 +216,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES, groups=GROUPS) -> tuple[list[Jo
         launches += [(f"{name}", rec) for rec in sink]
         for dtype_name in (dtypes if "attention" in groups else ()):
             dtype = getattr(torch, dtype_name)
-            for launch in _attention_launches(cfg):
+            for launch in attention_launches(cfg):
                 sink = []
                 with _recorded(attention, attention_kernels, sink):
                     _run_attention(launch, dtype, torch, attention)
@@ -236,7 +236,7 @@ def collect_jobs(configs=CONFIGS, dtypes=DTYPES, groups=GROUPS) -> tuple[list[Jo
             if len(kept) < len(kernel.configs):
                 notes.append(f"{kname} [{label}]: {len(kernel.configs) - len(kept)} of "
                              f"{len(kernel.configs)} configs pruned at this shape")
-            variants = [({**kwargs, **c.all_kwargs()}, _config_name(c)) for c in kept]
+            variants = [({**kwargs, **c.all_kwargs()}, _config_name(c, kwargs)) for c in kept]
         else:
             fn = kernel
             variants = [(kwargs, _meta_name(args, kwargs))]
@@ -261,8 +261,8 @@ def _meta_name(args, kwargs) -> str:
     return " ".join(parts)
 
 
-def _config_name(c) -> str:
-    kw = c.kwargs
+def _config_name(c, launch_kwargs) -> str:
+    kw = {**launch_kwargs, **c.kwargs}  # a launcher may fix BLOCK_M itself
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
 
 

@@ -16,18 +16,21 @@ the formulas registered below count them as FlashAttention does (engine.flops co
 step with them).
 
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
-attn_bias, scale) -> (out, lse B x H x Tq fp32, fp64 for fp64 inputs), backward(grad_out, q, k, v, out, lse, ...) ->
-(dq, dk, dv, dbias). The op carries the name of the implementation: "triton" (our flash kernels;
-kernels.attention routes its Triton path through the pair while torch.compile traces, since dynamo
-breaks the graph at the kernel launches behind an autograd.Function), "math" (a plain-PyTorch
-forward that keeps the log-sum-exp and a backward that recomputes the probabilities from it), or a
-pair plugged in with `register_attention_kernel`. Because "math" materializes T x T scores,
-`attention()` takes the custom-op path only when asked (impl=, use_custom_op=True) or once a kernel
-is registered; otherwise it calls kernels.attention.attention, which is
-torch's scaled_dot_product_attention plus elementwise ops that dynamo traces natively (no graph
-break, and inductor picks SDPA's flash / efficient backends). Dropout runs in the pair only with
-"triton", whose kernels draw the mask from a seed the op pair carries to the backward; with the
-other implementations dropout takes that traced path.
+attn_bias, scale, ...) -> (out, lse B x H x Tq fp32 (fp64 for fp64 inputs), keep),
+backward(grad_out, q, k, v, out, lse, ..., keep) -> (dq, dk, dv, dbias). The op carries the name
+of the implementation: "triton" (our flash kernels; kernels.attention routes its Triton path
+through the pair while torch.compile traces, since dynamo breaks the graph at the kernel launches
+behind an autograd.Function), "math" (a plain-PyTorch forward that keeps the log-sum-exp and a
+backward that recomputes the probabilities from it), or a pair plugged in with
+`register_attention_kernel`. Because "math" materializes T x T scores, `attention()` takes the
+custom-op path only when asked (impl=, use_custom_op=True) or once a kernel is registered;
+otherwise it calls kernels.attention.attention, which is torch's scaled_dot_product_attention plus
+elementwise ops that dynamo traces natively (no graph break, and inductor picks SDPA's flash /
+efficient backends). Dropout runs in the pair only with "triton": its forward draws the mask (from
+a seed tensor drawn from torch's generator, as eager does) and returns it bit-packed as `keep`,
+which the backward reads; with the other implementations dropout takes that traced path. The
+fakes declare the layouts the real ops return (`_out_like`, kernels.attention.new_like), so a
+compiled graph copies nothing around the pair.
 """
 from __future__ import annotations
 
@@ -191,23 +194,19 @@ def _scores(q, k, key_padding_mask, attn_bias, scale):
 
 
 def triton_attention_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p=0.0,
-                             seed=0):
-    """The Triton flash forward (kernels.attention) behind the op pair; its lse is base 2, which
-    only its own backward reads. Dropout is drawn in-kernel from (seed, position), so the
-    backward op recreates the same mask from the same seed."""
-    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, seed)
+                             seed=0, skip_padded_queries=False):
+    """The Triton flash forward (kernels.attention) behind the op pair -> (out, lse, keep); its
+    lse is base 2 and keep the bit-packed dropout mask, which only its own backward reads."""
+    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, seed,
+                                    skip_padded_queries=skip_padded_queries)
 
 
 def triton_attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale,
-                              dropout_p=0.0, seed=0):
+                              dropout_p=0.0, keep=None, skip_padded_queries=False):
     return _attention.flash_backward(grad_out, q, k, v, key_padding_mask, attn_bias, out, lse,
-                                     scale, dropout_p, seed,
-                                     need_bias_grad=attn_bias is not None)
-
-
-def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]) -> dict:
-    """Only the Triton pair takes dropout (attention() sends no other pair a dropout_p > 0)."""
-    return {"dropout_p": dropout_p, "seed": int(seed)} if dropout_p > 0 else {}
+                                     scale, dropout_p, keep,
+                                     need_bias_grad=attn_bias is not None,
+                                     skip_padded_queries=skip_padded_queries)
 
 
 # The implementations the op pair can run, by name; the op carries the name, so the forward and
@@ -235,21 +234,56 @@ def reset_attention_kernel() -> None:
     _default["impl"] = None
 
 
+# What each op returns, as its fake declares it (the real op returns exactly these layouts, so
+# torch.compile inserts no copy): out and the q/k/v gradients take kernels.attention.new_like of
+# the input -- a transposed B x T x H x D projection stays in that memory order, as the Triton
+# kernels write it -- lse, keep and the bias gradient are contiguous.
+
+
+def _out_like(q, v):
+    if v.shape[-1] == q.shape[-1]:
+        return _attention.new_like(q)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+def _keep_like(q, k, impl, dropout_p):
+    if impl == "triton" and dropout_p > 0:
+        b, h, tq, _ = q.shape
+        return q.new_empty(_attention.dropout_mask_shape(b, h, tq, k.shape[2]), dtype=torch.uint8)
+    return q.new_empty((0,), dtype=torch.uint8)
+
+
+def _as_declared(t, declared):
+    """t in the declared layout: t itself when its strides match (the Triton impl), else copied
+    (the plain-PyTorch pair, whose matmuls return contiguous tensors)."""
+    return t if t.stride() == declared.stride() else declared.copy_(t)
+
+
 @torch.library.custom_op("d2v::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_padding_mask: Optional[torch.Tensor],
                           attn_bias: Optional[torch.Tensor], scale: float, impl: str,
-                          dropout_p: float, seed: Optional[torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _kernels[impl][0](q, k, v, key_padding_mask, attn_bias, scale,
-                                 **_dropout_args(dropout_p, seed))
-    return out.contiguous(), lse.contiguous()
+                          dropout_p: float, seed: Optional[torch.Tensor],
+                          skip_padded_queries: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        out, lse, keep = triton_attention_forward(
+            q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
+            int(seed) if dropout_p > 0 else 0, skip_padded_queries)
+        return out, lse, keep if keep is not None else _keep_like(q, k, impl, 0.0)
+    out, lse = _kernels[impl][0](q, k, v, key_padding_mask, attn_bias, scale)
+    if skip_padded_queries:  # the math pair: padded queries attend to nothing
+        dead = key_padding_mask[:, None, :]
+        out = out.masked_fill(dead[..., None], 0.0)
+        lse = lse.masked_fill(dead, float("inf"))
+    return _as_declared(out, _out_like(q, v)), lse.contiguous(), _keep_like(q, k, impl, 0.0)
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed):
+def _(q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed, skip_padded_queries):
     b, h, tq, _ = q.shape
-    return q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=_acc(q))
+    return (_out_like(q, v), q.new_empty((b, h, tq), dtype=_acc(q)),
+            _keep_like(q, k, impl, dropout_p))
 
 
 @torch.library.custom_op("d2v::attention_backward", mutates_args=())
@@ -257,35 +291,43 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            key_padding_mask: Optional[torch.Tensor],
                            attn_bias: Optional[torch.Tensor], scale: float, impl: str,
-                           dropout_p: float, seed: Optional[torch.Tensor]
+                           dropout_p: float, keep: torch.Tensor, skip_padded_queries: bool
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dbias = _kernels[impl][1](grad_out, q, k, v, out, lse, key_padding_mask,
-                                          attn_bias, scale, **_dropout_args(dropout_p, seed))
+    if impl == "triton":
+        dq, dk, dv, dbias = triton_attention_backward(
+            grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, dropout_p,
+            keep if dropout_p > 0 else None, skip_padded_queries)
+    else:
+        dq, dk, dv, dbias = _kernels[impl][1](grad_out, q, k, v, out, lse, key_padding_mask,
+                                              attn_bias, scale)
+        dq, dk, dv = (_as_declared(g, _attention.new_like(x)) for g, x in ((dq, q), (dk, k),
+                                                                             (dv, v)))
     if dbias is None:  # a custom op returns tensors: an empty one stands for "no bias"
         dbias = q.new_empty((0,))
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+    return dq, dk, dv, _as_declared(dbias, dbias.new_empty(dbias.shape))
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl, dropout_p, seed):
-    # Contiguous, as the real op returns them (empty_like would copy a transposed q's strides)
+def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl, dropout_p, keep,
+      skip_padded_queries):
     dbias = q.new_empty((0,)) if attn_bias is None else attn_bias.new_empty(attn_bias.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    return (_attention.new_like(q), _attention.new_like(k), _attention.new_like(v), dbias)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias, seed)
-    ctx.scale, ctx.impl, ctx.dropout_p = scale, impl, dropout_p
+    q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed, skip = inputs
+    out, lse, keep = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias, keep)
+    ctx.scale, ctx.impl, ctx.dropout_p, ctx.skip = scale, impl, dropout_p, skip
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, attn_bias, seed = ctx.saved_tensors
-    dq, dk, dv, dbias = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
-                                               key_padding_mask, attn_bias, ctx.scale, ctx.impl,
-                                               ctx.dropout_p, seed)
-    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None, None, None
+def _attention_backward(ctx, grad_out, grad_lse, grad_keep):
+    q, k, v, out, lse, key_padding_mask, attn_bias, keep = ctx.saved_tensors
+    dq, dk, dv, dbias = _attention_backward_op(grad_out, q, k, v, out, lse, key_padding_mask,
+                                               attn_bias, ctx.scale, ctx.impl, ctx.dropout_p,
+                                               keep, ctx.skip)
+    return (dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None, None, None,
+            None)
 
 
 _attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -312,21 +354,24 @@ def _attention_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs
 
 
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
-              use_custom_op=None, impl=None):
+              use_custom_op=None, impl=None, skip_padded_queries=False):
     """kernels.attention's contract. The d2v::attention_* pair runs `impl` ("math", "triton" or
     a registered pair; default: the registered one, or "math" with use_custom_op=True); dropout
-    only with "triton". Otherwise, and by default, the traceable kernels.attention.attention."""
+    only with "triton", skip_padded_queries with "triton" and "math". Otherwise, and by default,
+    the traceable kernels.attention.attention."""
     if impl is None and use_custom_op is not False:
         impl = _default["impl"] or ("math" if use_custom_op else None)
-    if impl is None or (dropout_p > 0 and impl != "triton"):
+    skip = bool(skip_padded_queries and key_padding_mask is not None)
+    if impl is None or (dropout_p > 0 and impl != "triton") or (skip and impl == "registered"):
         return _attention.attention(q, k, v, key_padding_mask=key_padding_mask,
-                                    attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
+                                    attn_bias=attn_bias, scale=scale, dropout_p=dropout_p,
+                                    skip_padded_queries=skip)
     if impl not in _kernels:
         raise ValueError(f"attention impl must be one of {sorted(_kernels)}, got {impl!r}")
-    _attention._check(q, k, v, key_padding_mask, attn_bias)
+    _attention._check(q, k, v, key_padding_mask, attn_bias, skip)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # A CPU tensor, drawn from torch's generator: traceable, and no device sync to read it.
     seed = torch.randint(0, 2**30, ()) if dropout_p > 0 else None
-    out, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale, impl,
-                                   float(dropout_p), seed)
+    out, _, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale, impl,
+                                      float(dropout_p), seed, skip)
     return out

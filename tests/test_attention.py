@@ -1,6 +1,7 @@
 """kernels.attention: the dispatcher, the interpreted Triton kernels and the plain math against an
 independent float64 formula."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +270,114 @@ def test_attention_backend_picks_triton_for_what_it_supports(monkeypatch):
     assert attention_backend(q, attn_bias=torch.zeros(2, 5, 5, dtype=torch.long)) == "sdpa"
     monkeypatch.setenv("D2V_ATTENTION", "sdpa")
     assert attention_backend(q) == "sdpa"
+
+
+# ----------------------------------------------------------------------------- the dispatcher
+# On CUDA the backend of each shape and feature set is measured. Here the timer is replaced by one
+# that returns fixed times per candidate, and the measured path is switched on for CPU tensors.
+from kernels import attention_dispatch  # noqa: E402
+
+TIMES = {"triton": 3.0, "sdpa_flash": 2.0, "sdpa_efficient": 4.0, "sdpa_cudnn": 5.0,
+         "sdpa_math": 1.0, "flex": 0.5, "flash_attn": 0.1}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Measured dispatch on CPU with a fake timer; returns (timed names, run backend names)."""
+    attention_dispatch.reset()
+    monkeypatch.delenv("D2V_ATTENTION", raising=False)
+    monkeypatch.setattr(attention_dispatch, "measures", lambda device: True)
+    timed, ran = [], []
+    monkeypatch.setattr(attention_dispatch, "_timer",
+                        lambda name, fn: timed.append(name) or TIMES[name])
+    real = attention_module.run_backend
+
+    def spy(name, *args, **kwargs):
+        ran.append(name)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(attention_module, "run_backend", spy)
+    yield timed, ran
+    attention_dispatch.reset()
+
+
+def _call_inputs(t=19):
+    q, k, v = _qkv(2, 2, t, 16, seed=t, dtype=torch.float32)
+    pad = _padding(2, t, [t, t - 5])
+    bias = torch.randn(2, t, t, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    return q, k, v, pad, bias
+
+
+def test_dispatcher_pick_is_measured_once_recorded_and_honoured(measured):
+    """The fastest candidate that computes these arguments is kept (flex and flash-attn cannot:
+    no backward on CPU, no bias), is what the call runs, is timed once per key, and is what
+    picks() -- env.json's attention_picks -- records, with each candidate's time."""
+    timed, ran = measured
+    q, k, v, pad, bias = _call_inputs()
+    out = attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
+    assert ran == ["sdpa_math"]
+    assert sorted(timed) == sorted(["triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+                                    "sdpa_math"])
+    torch.testing.assert_close(out, attention_reference(q, k, v, pad, bias))
+    (desc, record), = attention_dispatch.picks().items()
+    assert record["backend"] == "sdpa_math"
+    assert record["ms"] == {name: TIMES[name] for name in timed}
+    assert set(record["skipped"]) == {"flex", "flash_attn"}
+    assert "T=19x19" in desc and "bias=shared" in desc and "pad=yes" in desc and "fwd+bwd" in desc
+    attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
+    assert len(timed) == 5 and ran == ["sdpa_math"] * 2, "a known key is not re-timed"
+    attention(q[:, :, :7], k, v, key_padding_mask=pad, attn_bias=bias[:, :7])  # another key
+    assert len(timed) == 10 and len(attention_dispatch.picks()) == 2
+
+
+def test_forced_backend_wins_over_the_measured_pick(measured, monkeypatch):
+    timed, ran = measured
+    monkeypatch.setenv("D2V_ATTENTION", "triton")
+    q, k, v, pad, bias = _call_inputs()
+    attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
+    assert ran == ["triton"] and timed == []
+    monkeypatch.setenv("D2V_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="D2V_ATTENTION must be one of"):
+        attention(q, k, v)
+
+
+def test_measuring_leaves_the_random_generators_alone(measured):
+    torch.manual_seed(5)
+    expect = torch.rand(3)
+    torch.manual_seed(5)
+    attention_dispatch.measure(attention_dispatch.shape_key(*_call_inputs()[:3]))
+    assert torch.equal(torch.rand(3), expect)
+
+
+def test_picks_reach_the_start_line_and_env_json_and_survive_a_resume(measured, tmp_path):
+    """engine.backends picks the config's shapes before training (the start line names them:
+    the student's forward + backward, the teacher's forward only, where CPU flex qualifies),
+    env_report carries them, and a resumed run preloads them instead of timing again."""
+    import json
+
+    from engine import backends
+    from engine.config import load_config
+    timed, _ = measured
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_audio.yaml")
+    line = backends.describe(torch.device("cpu"), "loader x", cfg)
+    assert "attention: measured: student sdpa math, teacher flex attention" in line, line
+    env = backends.env_report(torch.device("cpu"))
+    assert {r["backend"] for r in env["attention_picks"].values()} == {"sdpa_math", "flex"}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    attention_dispatch.reset()
+    timed.clear()
+    backends.preload_attention_picks(tmp_path)
+    assert [b for _, b in backends.attention_picks(cfg, torch.device("cpu"))] == [
+        "sdpa_math", "flex"]
+    assert timed == [], "a resumed run re-timed its attention"
+
+
+def test_compiled_call_takes_the_measured_pick(measured):
+    """Under torch.compile the pick is made while tracing and enters the graph as a constant."""
+    timed, ran = measured
+    q, k, v, pad, bias = _call_inputs(t=23)
+    compiled = torch.compile(lambda q, k, v, b: attention(q, k, v, key_padding_mask=pad,
+                                                          attn_bias=b),
+                             backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, bias)
+    assert "sdpa_math" in ran and len(timed) == 5
+    torch.testing.assert_close(out, attention_reference(q, k, v, pad, bias))

@@ -32,7 +32,9 @@ from torch import nn
 from engine.config import Config
 from engine.data2vec import StepOutput, group_mask_count
 from engine.models.decoder import ConvDecoder
-from engine.models.visible import encode_visible, gather_tokens, scatter_tokens, split_indices
+from engine.models.visible import (
+    encode_visible, gather_tokens, row_count_range, scatter_tokens, split_indices,
+)
 from kernels.masking import block_mask, clone_seeds, random_mask, span_mask
 from kernels.targets import teacher_targets
 
@@ -103,13 +105,15 @@ class Data2VecV2(nn.Module):
         return x
 
     def draw_masks(self, batch: dict, seeds: torch.Tensor) -> dict:
-        """{"mask": B*M x T bool}: the clones' masks from the inputs and per-sample seeds alone
+        """{"mask": B*M x T bool, "row_counts": [min, max] per-row masked counts}: the clones' masks from the inputs and per-sample seeds alone
         (no weights), so they can be drawn ahead of the step (engine/mask_ahead.py)."""
         clones = self.cfg.objective.clone_batch
         tokens, x_pad = self.encoder.token_layout(batch["source"], batch.get("padding_mask"))
         pad = None if x_pad is None else x_pad.repeat_interleave(clones, 0)
-        return {"mask": self.make_masks(clone_seeds(seeds, clones), pad, tokens,
-                                       batch.get("group_seeds"))}
+        mask = self.make_masks(clone_seeds(seeds, clones), pad, tokens, batch.get("group_seeds"))
+        # The rows' shared masked count sizes the step's gathers, so the host must know it: drawn
+        # ahead, engine.mask_ahead reads this range a step early and adds "masked_count".
+        return {"mask": mask, "row_counts": row_count_range(mask)}
 
     def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor,
                 masks: dict | None = None) -> StepOutput:
@@ -134,8 +138,9 @@ class Data2VecV2(nn.Module):
 
         x = x.repeat_interleave(clones, 0)
         pad = None if x_pad is None else x_pad.repeat_interleave(clones, 0)
-        mask = (self.draw_masks(batch, seeds) if masks is None else masks)["mask"]
-        keep, masked_at = split_indices(mask)
+        masks = self.draw_masks(batch, seeds) if masks is None else masks
+        mask = masks["mask"]
+        keep, masked_at = split_indices(mask, masks.get("masked_count"))
         student = encode_visible(self.encoder, x, pad, mask, keep)
         dec = self.decoder(self.decoder_input(student.x[:, n_extra:], keep, x.shape[1], pad))
 

@@ -23,6 +23,7 @@ import torch
 from engine.buckets import bucket_batch
 from engine.data.common import stand_in_batch
 from engine.data.loader import group_positions
+from engine.models.visible import shared_count
 from engine.seeding import STREAM_MASK, sample_seeds
 
 
@@ -49,6 +50,7 @@ class MicroBatch:
     weight: float  # 0: a stand-in for a micro-batch whose every file was bad
     bad_files: list = field(default_factory=list)
     ready: torch.cuda.Event | None = None  # recorded on the side stream after the masks
+    count_range: torch.Tensor | None = None  # host copy of masks["row_counts"] (data2vec 2.0)
 
 
 class Feed:
@@ -77,6 +79,12 @@ class Feed:
             # this stream is done with them.
             for t in _tensors(mb):
                 t.record_stream(main)
+        if mb.count_range is not None:
+            if mb.ready is not None:
+                # Enqueued a whole forward and backward ago: long done, this waits for nothing
+                # (an event, not a stream synchronization: the compute stream runs on).
+                mb.ready.synchronize()
+            mb.masks["masked_count"] = shared_count(mb.count_range)
         return mb
 
     def prefetch(self) -> None:
@@ -112,11 +120,17 @@ class Feed:
             batch = to_device(batch, self.device)
             seeds = host_to_device(seeds, self.device)
             masks = self.objective.draw_masks(batch, seeds) if self.ahead else None
+            counts = None
+            if masks is not None and "row_counts" in masks:
+                # data2vec 2.0's shared masked count, for the host: copied here, read in take().
+                counts = torch.empty(2, dtype=torch.long, pin_memory=self.stream is not None)
+                counts.copy_(masks["row_counts"], non_blocking=True)
             ready = None
             if self.stream is not None:
                 ready = torch.cuda.Event()
                 ready.record(self.stream)
-        self._next = MicroBatch(step, micro, batch, seeds, masks, weight, bad_files, ready)
+        self._next = MicroBatch(step, micro, batch, seeds, masks, weight, bad_files, ready,
+                                counts)
 
 
 def _tensors(mb: MicroBatch):

@@ -165,7 +165,7 @@ class MemoryModel:
             static = {k: _bytes(v) for k, v in parts.items()}
             tracker = PeakTracker(params, [t for v in parts.values() for t in v])
             with tracker:
-                for t in (batch.source, batch.padding_mask, batch.mask, batch.flat_masked,
+                for t in (batch.source, batch.padding_mask, batch.mask, batch.loss_mask,
                           batch.keep, batch.masked_at, batch.masked_source):
                     if t is not None:
                         tracker.add(t)  # the micro-batch on the device

@@ -8,8 +8,8 @@ GPU. `forward` runs what Data2Vec.forward / Data2VecV2.forward run, with the sam
 on values is taken out:
   - the masks are computed for real, on the CPU, by the objective's own mask functions with the
     trainer's seeds (cheap: B x T bools), so the masked / visible counts are the run's;
-  - positions picked by a mask (v1's `hidden[mask]`, v2's split_indices) come from those real
-    masks as index tensors of the same size;
+  - positions picked by a mask (v1's loss mask, v2's split_indices) come from those real
+    masks as tensors of the same size;
   - the teacher targets go through the d2v::teacher_targets op (its fake gives the shape);
   - attention goes through the d2v::attention_* op pair (kernels.attention routes meta and fake
     tensors there): the flash kernels' saved tensors and FlashAttention's FLOP count;
@@ -77,7 +77,7 @@ class ShadowBatch:
     padding_mask: Optional[torch.Tensor]
     masked_source: Optional[torch.Tensor]  # text v1: the student's ids
     mask: Optional[torch.Tensor]  # v1 image / audio: B x T bool
-    flat_masked: Optional[torch.Tensor]  # v1: indices of the masked positions in B*T
+    loss_mask: Optional[torch.Tensor]  # v1: B x T bool, the positions the loss reads
     keep: Optional[torch.Tensor]  # v2: B*M x V visible positions
     masked_at: Optional[torch.Tensor]  # v2: B*M x (T - V) masked positions
     samples: int
@@ -141,7 +141,7 @@ def make_batch(shadow: Shadow, samples: int, length: Optional[int] = None) -> Sh
     length = length or default_length(cfg)
     tokens = tokens_per_sample(cfg, length)
     seeds = sample_seeds(cfg.seed, 0, range(samples), STREAM_MASK)
-    masked_source = mask = flat = keep = masked_at = None
+    masked_source = mask = loss_mask = keep = masked_at = None
     visible = tokens
     if cfg.objective.mode == "v2":
         clones = cfg.objective.clone_batch
@@ -154,7 +154,7 @@ def make_batch(shadow: Shadow, samples: int, length: Optional[int] = None) -> Sh
         real = model.make_mask(None, None, None, seeds, tokens)
         mask = real
     if cfg.objective.mode == "v1":
-        flat = real.flatten().nonzero().squeeze(1)
+        loss_mask = real
 
     padding_mask = None
     with shadow.mode():
@@ -170,7 +170,7 @@ def make_batch(shadow: Shadow, samples: int, length: Optional[int] = None) -> Sh
             source = torch.empty(samples, length, dtype=torch.long, device=dev)
             padding_mask = torch.zeros(samples, length, dtype=torch.bool, device=dev)
     fake = shadow.from_real
-    return ShadowBatch(source, padding_mask, fake(masked_source), fake(mask), fake(flat),
+    return ShadowBatch(source, padding_mask, fake(masked_source), fake(mask), fake(loss_mask),
                        fake(keep), fake(masked_at), samples, tokens, visible)
 
 
@@ -253,8 +253,9 @@ def _forward_v1(shadow: Shadow, b: ShadowBatch, mark: Mark):
         targets = _targets(shadow, t_x, t_pad)
     mark("teacher")
     hidden = student.x[:, n_extra:]
-    pred = model.head(hidden.flatten(0, 1)[b.flat_masked]).float()
-    loss = _loss(cfg, pred, targets.flatten(0, 1)[b.flat_masked])
+    at = b.loss_mask[..., None]  # as Data2Vec.forward: the head on every position
+    pred = torch.where(at, model.head(hidden).float(), 0.0)
+    loss = _loss(cfg, pred, torch.where(at, targets, 0.0))
     mark("head")
     return loss, student.x
 

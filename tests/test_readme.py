@@ -571,3 +571,21 @@ def test_the_embedded_data_is_as_counted():
     labels = (data / "text/probe.label").read_text().split()
     assert len(labels) == 640 and len(set(labels)) == 8
     assert json.loads((data / "text/tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+
+def test_the_plan_example_prints_what_the_readme_shows(tmp_path):
+    """The README's image_base dry run (FLOPs, memory at the auto micro-batch) prints its lines."""
+    block = re.search(r"```sh\npython -m engine.train configs/image_base.yaml train.dry_run=true "
+                      r"\\\n\s+(.*?)\n(#.*?)```", README.read_text(), re.S)
+    assert block, "README.md no longer shows the image_base dry run"
+    args = block.group(1).split()
+    shown = [line.lstrip("#").strip() for line in block.group(2).splitlines()]
+    ran = run("engine.train", "configs/image_base.yaml", "train.dry_run=true", *args,
+              f"run.dir={tmp_path / 'plan'}")
+    assert ran.code == 0, ran.err[-2000:]
+    printed = " ".join((ran.out + ran.err).split())
+    flops, memory, memory_rest, auto = shown
+    assert flops in printed
+    assert f"{memory} {memory_rest}" in printed
+    head, tail = auto.split(" ...: ")
+    assert head.split(" [")[0] in printed and tail in printed

@@ -24,18 +24,34 @@ import torch
 from engine.models.encoders import AudioEncoder, EncoderOutput, ImageEncoder, TextEncoder
 
 
-def split_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B x T bool mask (True = masked, the same count per row) -> (keep B x V, masked B x (T - V)),
-    each row's visible and masked positions in ascending order.
-
-    One host synchronization: V sets the shape of everything after it.
-    """
+def row_count_range(mask: torch.Tensor) -> torch.Tensor:
+    """[min, max] of a B x T bool mask's per-row counts, on its device (no host read)."""
     counts = mask.sum(1)
-    lo, hi = torch.stack([counts.min(), counts.max()]).tolist() if mask.shape[0] else (0, 0)
+    if not mask.shape[0]:
+        return counts.new_zeros(2)
+    return torch.stack([counts.min(), counts.max()])
+
+
+def shared_count(count_range) -> int:
+    """The masked count every row shares, from row_count_range's [min, max] (ValueError if the
+    rows differ). From a device tensor this is a host read: the count sets the shape of
+    everything after it. Drawn a micro-batch ahead (engine.mask_ahead), the range is copied to the
+    host on the side stream and read a whole step later, so the step never waits for it."""
+    lo, hi = count_range.tolist()
     if lo != hi:
         raise ValueError(f"split_indices: every row needs the same masked count, got {lo}..{hi}")
+    return int(lo)
+
+
+def split_indices(mask: torch.Tensor, masked: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """B x T bool mask (True = masked, the same count per row) -> (keep B x V, masked B x (T - V)),
+    each row's visible and masked positions in ascending order. `masked`: the rows' count when
+    already known (shared_count), else read here."""
+    if masked is None:
+        masked = shared_count(row_count_range(mask))
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-    visible = mask.shape[1] - lo
+    visible = mask.shape[1] - masked
     return order[:, :visible], order[:, visible:]
 
 

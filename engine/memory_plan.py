@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine.config import Config
+from engine.data.audio import crop_group_size
 from engine.errors import ConfigError
 from engine.optim import build_optimizer
 from engine.shadow import Shadow, build_shadow, forward, make_batch
@@ -208,20 +209,22 @@ class MemoryModel:
         m["teacher"] = m["teacher"] // w + 2 * teacher_block
 
 
-def candidates(share: int) -> list[int]:
+def candidates(share: int, group: int = 0) -> list[int]:
     """Micro-batches allowed for a per-rank share of the global batch: its divisors that are
-    multiples of 8, or any divisor below 8."""
-    return [d for d in range(1, share + 1) if share % d == 0 and (d < 8 or d % 8 == 0)]
+    multiples of 8, or any divisor below 8; with audio crop groups of `group` clips, only those
+    that also divide the group (a micro-batch holds part of one group: engine.plan)."""
+    return [d for d in range(1, share + 1) if share % d == 0 and (d < 8 or d % 8 == 0)
+            and (not group or group % d == 0)]
 
 
-def largest_fitting(mm: MemoryModel, share: int, limit: float,
-                    below: Optional[int] = None) -> tuple[Optional[dict], list[dict]]:
-    """Search over candidates(share) (those under `below` only): (the largest one's estimate
+def largest_fitting(mm: MemoryModel, share: int, limit: float, below: Optional[int] = None,
+                    group: int = 0) -> tuple[Optional[dict], list[dict]]:
+    """Search over candidates(share, group) (those under `below` only): (the largest one's estimate
     that fits under `limit` bytes or None, every estimate made). Peak memory grows with the
     micro-batch, so the fitting ones are a prefix; each measurement narrows [lo, hi] as a binary
     search does, and the next probe is the one its activations per sample predict to be the
     answer (usually 3 measurements instead of log2 of the candidates)."""
-    options = [c for c in candidates(share) if below is None or c < below]
+    options = [c for c in candidates(share, group) if below is None or c < below]
     tried = []
     lo, hi, best, probe = 0, len(options) - 1, None, (len(options) - 1) // 2
     while lo <= hi:
@@ -264,18 +267,22 @@ def plan_memory(cfg: Config, share: int, world_size: int, device_type: str,
     against the budget. ConfigError when it does not fit, naming what does."""
     t = cfg.train
     mm = MemoryModel.build(cfg, device_type, world_size, special_ids)
+    group = crop_group_size(cfg.data, t.global_batch) if cfg.modality == "audio" else 0
     limit = budget["limit_gb"] * GB if budget else None
     if t.micro_batch == "auto":
         if budget is None:
             raise ConfigError("config key 'train.micro_batch': auto needs a memory budget: no GPU "
                               "is visible, so set train.device_memory_gb")
-        best, tried = largest_fitting(mm, share, limit)
+        best, tried = largest_fitting(mm, share, limit, group=group)
         if best is None:
             raise ConfigError(_nothing_fits(cfg, tried[-1] if tried else mm.measure(1, share),
                                             budget))
         larger = [m for m in tried if m["micro_batch"] > best["micro_batch"]]
-        why = (f"chose {best['micro_batch']} of {candidates(share)} (the divisors of the "
-               f"per-rank share {share} that are multiples of 8, or below 8): "
+        why = (f"chose {best['micro_batch']} of {candidates(share, group)} (the divisors of the "
+               f"per-rank share {share} that are multiples of 8, or below 8"
+               + (f", and divide data.crop_group's {group}"
+                  if candidates(share, group) != candidates(share) else "")
+               + f"): "
                f"{fmt_bytes(best['peak'])} fits {fmt_bytes(limit)}")
         if larger:
             nxt = min(larger, key=lambda m: m["micro_batch"])
@@ -287,7 +294,7 @@ def plan_memory(cfg: Config, share: int, world_size: int, device_type: str,
         micro = t.micro_batch or share
         result = mm.measure(micro, share // micro)
         if limit is not None and result["peak"] > limit:
-            best, _ = largest_fitting(mm, share, limit, below=micro)
+            best, _ = largest_fitting(mm, share, limit, below=micro, group=group)
             raise ConfigError(_too_big(result, best, budget) if best else
                               _nothing_fits(cfg, result, budget))
     result.update(precision=mm.precision, sharding=_sharding(cfg, world_size),

@@ -37,6 +37,17 @@ def test_candidates_are_multiples_of_8_or_below_8_dividing_the_share():
     assert candidates(2048) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     assert candidates(96) == [1, 2, 3, 4, 6, 8, 16, 24, 32, 48, 96]
     assert candidates(6) == [1, 2, 3, 6]
+    assert candidates(2048, group=16) == [1, 2, 4, 8, 16]  # audio crop groups of 16 clips
+    assert candidates(96, group=48) == [1, 2, 3, 4, 6, 8, 16, 24, 48]
+
+
+def test_auto_keeps_a_micro_batch_inside_one_audio_crop_group(tmp_path):
+    # Every micro-batch fits this budget, so without the crop groups auto would take all 16.
+    plan = _dry("tiny_audio", tmp_path, "data.crop_group=4", "train.micro_batch=auto",
+                "train.device_memory_gb=1000")
+    assert (plan["micro_batch"], plan["accumulation"], plan["crop_group"]) == (4, 4, 4)
+    assert "chose 4 of [1, 2, 4]" in plan["memory"]["auto"]
+    assert "divide data.crop_group's 4" in plan["memory"]["auto"]
 
 
 def test_peak_tracker_agrees_with_torch_mem_tracker():

@@ -774,7 +774,9 @@ if triton is not None:
                                             input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit
+    # The seed is new every call: specialized (equal to 1, divisible by 16), 1 call in 16 would
+    # compile a second binary mid-run.
+    @triton.jit(do_not_specialize=["seed"])
     def _fwd_kernel(
         Q, K, V, Bias, Pad, Out, Lse, Drop,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,

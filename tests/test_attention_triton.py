@@ -378,3 +378,14 @@ def test_compiled_attention_graph_has_no_copies_around_the_op_pair(blocks):
                                                     keep, False)
         assert [t.stride() for t in (dq, dk, dv)] == [attn.new_like(t).stride() for t in (q, k, v)]
         assert db.is_contiguous() and db.shape == bias.shape
+
+
+def test_the_dropout_seed_never_selects_another_binary():
+    # A fresh seed every call: were it specialized (== 1, divisible by 16), a later call would
+    # compile a second forward in the middle of a run.
+    from kernels import attention as module
+    fn = module._fwd_kernel.fn  # under the autotuner
+    if hasattr(fn, "params"):  # compiled
+        assert [p.do_not_specialize for p in fn.params if p.name == "seed"] == [True]
+    else:  # TRITON_INTERPRET=1 keeps the decorator's arguments instead
+        assert "seed" in fn.kwargs["do_not_specialize"]

@@ -732,13 +732,14 @@ if triton is not None:
         return _unpack_keep(tl.load(drop_ptr + offs, mask=ok, other=0), BLOCK_M, BLOCK_N)
 
     @triton.jit
-    def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, pad_row, drop_ptr, start_m,
-                   start_n, offs_n, d_ok, row_ok, kv_end, holes, T_K, s_kn, s_vn, s_bn, s_pn,
-                   qk_scale, seed, bh, thr, R8, C4, HAS_BIAS: tl.constexpr,
-                   HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                   PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, D_MASKED: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One key block of the online softmax; MASKED: the block holding the sequence's end."""
+    def _key_block_scores(q, k_ptrs, v_ptrs, bias_ptrs, pad_row, start_n, offs_n, d_ok, row_ok,
+                          kv_end, holes, T_K, s_kn, s_vn, s_bn, s_pn, qk_scale,
+                          HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, MASKED: tl.constexpr,
+                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          D_MASKED: tl.constexpr):
+        """A key block's K, V and base-2 scores of the resident queries (the forward's and dQ's
+        inner loop): bias added, keys past the sequence or padded set to -inf. MASKED: the block
+        holding the sequence's end (or any block of a mask with holes) is checked key by key."""
         cols = start_n + offs_n
         in_k = cols < T_K
         k = _load_rows(k_ptrs + start_n * s_kn, in_k, d_ok, MASKED, D_MASKED)
@@ -760,6 +761,19 @@ if triton is not None:
                 if holes:
                     ok = tl.load(pad_row + cols * s_pn) == 0
                     s = tl.where(ok[None, :], s, float("-inf"))
+        return s, k, v
+
+    @triton.jit
+    def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, pad_row, drop_ptr, start_m,
+                   start_n, offs_n, d_ok, row_ok, kv_end, holes, T_K, s_kn, s_vn, s_bn, s_pn,
+                   qk_scale, seed, bh, thr, R8, C4, HAS_BIAS: tl.constexpr,
+                   HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                   PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, D_MASKED: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key block of the online softmax; MASKED: the block holding the sequence's end."""
+        s, k, v = _key_block_scores(q, k_ptrs, v_ptrs, bias_ptrs, pad_row, start_n, offs_n, d_ok,
+                                    row_ok, kv_end, holes, T_K, s_kn, s_vn, s_bn, s_pn, qk_scale,
+                                    HAS_BIAS, HAS_PAD, MASKED, PRECISION, DOT_DTYPE, D_MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Until a row has seen an admissible key its max is -inf; subtracting 0 instead keeps
         # exp2(-inf - -inf) = NaN out (p and alpha are then exactly 0).
@@ -1064,27 +1078,9 @@ if triton is not None:
                   DROPOUT: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
-        cols = start_n + offs_n
-        in_k = cols < T_K
-        k = _load_rows(k_ptrs + start_n * s_kn, in_k, d_ok, MASKED, D_MASKED)
-        v = _load_rows(v_ptrs + start_n * s_vn, in_k, d_ok, MASKED, D_MASKED)
-        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
-        if HAS_BIAS:
-            b_ok = row_ok[:, None]
-            if MASKED:
-                b_ok = b_ok & in_k[None, :]
-            s += tl.load(bias_ptrs + start_n * s_bn, mask=b_ok, other=0.0).to(tl.float32) \
-                * 1.4426950408889634
-        if MASKED:
-            ok = cols < kv_end
-            if HAS_PAD:
-                ok = ok & (tl.load(pad_row + cols * s_pn, mask=in_k, other=1) == 0)
-            s = tl.where(ok[None, :], s, float("-inf"))
-        else:
-            if HAS_PAD:
-                if holes:
-                    ok = tl.load(pad_row + cols * s_pn) == 0
-                    s = tl.where(ok[None, :], s, float("-inf"))
+        s, k, v = _key_block_scores(q, k_ptrs, v_ptrs, bias_ptrs, pad_row, start_n, offs_n, d_ok,
+                                    row_ok, kv_end, holes, T_K, s_kn, s_vn, s_bn, s_pn, qk_scale,
+                                    HAS_BIAS, HAS_PAD, MASKED, PRECISION, DOT_DTYPE, D_MASKED)
         _, ds = _probs_and_ds(s, lse, do, v, delta, drop_ptr, start_m, start_n, drop_scale, R8,
                               C4, DROPOUT, PRECISION, DOT_DTYPE, BLOCK_M, BLOCK_N)
         return dq + tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k.to(DOT_DTYPE),

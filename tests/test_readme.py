@@ -589,3 +589,19 @@ def test_the_plan_example_prints_what_the_readme_shows(tmp_path):
     assert f"{memory} {memory_rest}" in printed
     head, tail = auto.split(" ...: ")
     assert head.split(" [")[0] in printed and tail in printed
+
+
+def test_every_results_file_the_readme_names_exists():
+    named = set(re.findall(r"benchmarks/results/([\w.-]+\.(?:json|md|png))", README.read_text()))
+    assert named, "README.md names no results file"
+    missing = sorted(n for n in named if not (ROOT / "benchmarks/results" / n).is_file())
+    assert not missing, f"README.md names results files that do not exist: {missing}"
+
+
+def test_the_attention_estimates_table_is_the_sass_counts():
+    rows = json.loads((ROOT / "benchmarks/results/2026-11-27-attention-sm90-sass.json"
+                       ).read_text())["rows"]
+    table = (ROOT / "benchmarks/results/2026-11-27-attention-sm90.md").read_text()
+    for r in rows:
+        assert (f"| {r['kernel']} | {r['tile']} | {r['loop']} | {r['loop_with_dropout']} | "
+                f"{r['ratio']:.2f} |") in table, r

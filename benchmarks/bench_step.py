@@ -55,7 +55,7 @@ from benchmarks import common
 from engine.compile import compile_encoder
 from engine.config import Config, load_config
 from engine.data2vec import Data2Vec
-from engine.ema import EMATeacher
+from engine.ema import EMATeacher, teacher_shared_prefixes
 from engine.models import build_model
 from engine.optim import build_optimizer
 from engine.seeding import STREAM_MASK, sample_seeds
@@ -200,8 +200,7 @@ class Step:
         encoder = build_model(cfg.model, cfg.modality)
         ids = special_ids(cfg.model.vocab_size) if cfg.modality == "text" else None
         self.model = Data2Vec(cfg, encoder, ids).to(dev)
-        shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
-        self.teacher = EMATeacher(encoder, shared_prefixes=shared)
+        self.teacher = EMATeacher(encoder, teacher_shared_prefixes(encoder, cfg.objective.ema_scope))
         if variant != "plain":
             torch.compiler.reset()
             compile_encoder(self.model.encoder, backend=compile_backend)

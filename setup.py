@@ -46,8 +46,11 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "dali": ["nvidia-dali-cuda130"],
-        "hf": ["transformers", "safetensors"],
+        # export, init_from, tokenization; accelerate: transformers' Trainer needs it to fine-tune
+        "hf": ["transformers", "safetensors", "tokenizers>=0.15.1", "accelerate"],
         "audio": ["soundfile"],  # FLAC and non-16-bit WAV in engine.prepare and the loader
+        "text": ["tokenizers>=0.15.1"],  # engine.prepare text (encode_special_tokens)
+        "tensorboard": ["tensorboard"],  # run.tensorboard: event files in <run dir>/tensorboard
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

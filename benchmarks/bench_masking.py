@@ -370,7 +370,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--step-ms", type=float, default=IMAGE_STEP_MS,
                         help=f"training step time for the step fraction (default {IMAGE_STEP_MS}: "
-                             f"{IMAGE_STEP_SOURCE})")
+                             f"{IMAGE_STEP_SOURCE})".replace("%", "%%"))  # argparse %-formats help
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
     unknown = set(impls) - set(IMPLS)
@@ -390,8 +390,9 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
-def run(tiny: bool = False) -> list[dict]:
-    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop."""
+def run(tiny: bool = False, quick: bool = False) -> list[dict]:
+    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop
+    (quick: the same cases, the base configs' full batches, are already the headline ones)."""
     from benchmarks import common
     device = _device()
     records = []

@@ -1,16 +1,29 @@
 """Training-step throughput: samples/s, tokens/s and MFU of the full data2vec step, with a breakdown.
 
-    python -m benchmarks.bench_step [--tiny] [--modalities image,audio,text] [--steps N] [--json PATH]
+    python -m benchmarks.bench_step [--tiny] [--quick] [--modalities image,image_v2,audio,text]
+                                    [--steps N] [--json PATH]
     python -m pytest benchmarks/bench_step.py        (pytest-benchmark; never collected by default)
 
-Per base config (image, audio, text; --tiny: the tiny configs, small batches, for the CPU) three
-steps built from the same models, the same synthetic batch and the same seeds run side by side:
+Per base config (image v1 and v2, audio, text; --tiny: the tiny configs, small batches, for the
+CPU) three steps built from the same models, the same synthetic batch and the same seeds run side
+by side:
 
-  ours          engine.compile'd student and teacher encoders, our public ops (Triton targets and
-                masking on CUDA), engine.optim's AdamW, the foreach EMA, grads scaled in one launch
-  plain         eager, the plain-math attention_reference, the *_reference ops, per-parameter
-                (for-loop) AdamW, clipping and EMA: a straightforward PyTorch data2vec step
+  ours          engine.compile'd student and teacher encoders, our public ops (Triton attention,
+                targets and masking on CUDA), engine.optim's AdamW
+  plain         eager, the plain-math attention_reference, the *_reference ops: a straightforward
+                PyTorch data2vec step
   sdpa_compile  plain, but with scaled_dot_product_attention and torch.compile'd encoders
+
+The peers run at their best outside the ops under test: all three scale the gradients, clip and
+update the EMA teacher with torch's multi-tensor (foreach) ops, and the peers' AdamW is torch's
+fused one on CUDA (foreach on the CPU), over the same parameter groups as ours.
+
+--quick (make gpu-check): image v1, image v2 and audio v1 only, 6 timed steps (2 for the
+breakdown), no encoder-alone comparison, regional compilation for both compiled variants (each
+block compiled on its own, engine.compile: one block graph per mode, train and eval, that every
+block of the student and the teacher reuses, instead of whole-encoder graphs: a fraction of the
+compile time, the same kernels inside each block), and the configs' own dropout (the full runs
+switch dropout off).
 
 The step is what the trainer runs for one micro-batch that is also the whole batch: host-to-device
 copy of a pinned, collated batch (the "loader" phase; decoding is bench_loader's), forward of
@@ -32,6 +45,9 @@ FLOPs (model FLOPs, counted analytically from the config; MFU = FLOPs x steps/s 
 The peak is a bf16 8192^3 torch.matmul measured in the same run (fp32 512^3 on the CPU, where the
 step runs in fp32; CPU numbers check the suite, they are not a performance claim).
 
+data2vec 2.0 (image_v2) has no FLOP model here: its rows give samples/s without MFU, and no
+phase breakdown (the phases above are the v1 objective's).
+
 Also the encoder alone (image; forward + backward of its output's sum) against Hugging Face
 transformers' Data2VecVisionModel and timm's ViT-B/16 (same width, depth, heads, patch size),
 each where installed. Records: benchmarks.common.record; `run(tiny)` returns them for run_all.
@@ -40,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -50,14 +67,15 @@ import pytest
 import torch
 
 import engine.data2vec as d2v_module
+import engine.data2vec_v2 as d2v2_module
 import engine.models.transformer as transformer_module
 from benchmarks import common
 from engine.compile import compile_encoder
 from engine.config import Config, load_config
-from engine.data2vec import Data2Vec
+from engine.data2vec import build_objective
 from engine.ema import EMATeacher, teacher_shared_prefixes
 from engine.models import build_model
-from engine.optim import build_optimizer
+from engine.optim import build_optimizer, param_groups
 from engine.seeding import STREAM_MASK, sample_seeds
 from kernels import attention as attention_ops
 from kernels import masking as masking_ops
@@ -65,7 +83,8 @@ from kernels import targets as targets_ops
 
 VARIANTS = ("ours", "plain", "sdpa_compile")
 PHASES = ("loader", "masking", "teacher", "targets", "student", "optimizer", "ema")
-MODALITIES = ("image", "audio", "text")
+MODALITIES = ("image", "image_v2", "audio", "text")
+QUICK = ("image", "image_v2", "audio")
 
 
 @dataclass(frozen=True)
@@ -78,11 +97,13 @@ class Case:
 
 CASES = {
     "image": Case("image", "configs/image_base.yaml", 256, 0),
+    "image_v2": Case("image", "configs/image_v2.yaml", 16, 0),  # x 16 clones
     "audio": Case("audio", "configs/audio_base.yaml", 16, 320000),
     "text": Case("text", "configs/text_base.yaml", 64, 512),
 }
 TINY = {
     "image": Case("image", "configs/tiny_image.yaml", 8, 0),
+    "image_v2": Case("image", "configs/tiny_image_v2.yaml", 4, 0),
     "audio": Case("audio", "configs/tiny_audio.yaml", 4, 16000),
     "text": Case("text", "configs/tiny_text.yaml", 8, 64),
 }
@@ -92,9 +113,12 @@ def special_ids(vocab: int) -> dict:
     return {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": vocab - 1}
 
 
-def load_case(case: Case) -> Config:
+def load_case(case: Case, keep_dropout: bool = False) -> Config:
+    """The case's config; dropout off unless keep_dropout (--quick keeps the configs' dropout: the
+    attention kernels it compiles are then the ones make gpu-check's tests compiled before)."""
     cfg = load_config(common.ROOT / case.config)
-    cfg.model.dropout = cfg.model.attention_dropout = 0.0  # dropout kernels are not the question
+    if not keep_dropout:
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
     return cfg
 
 
@@ -170,14 +194,19 @@ def reference_ops(attention: str):
     """Swaps the ops the models and the objective call: attention "reference" (plain math) or
     "sdpa", and the reference masks and targets; restores them afterwards."""
     saved = {(transformer_module, "attention"): transformer_module.attention}
-    for name in ("span_mask", "block_mask", "token_mask", "teacher_targets"):
-        saved[(d2v_module, name)] = getattr(d2v_module, name)
+    swaps = {(d2v_module, "span_mask"): masking_ops.span_mask_reference,
+             (d2v_module, "block_mask"): masking_ops.block_mask_reference,
+             (d2v_module, "token_mask"): masking_ops.token_mask_reference,
+             (d2v_module, "teacher_targets"): targets_ops.teacher_targets_reference,
+             (d2v2_module, "span_mask"): masking_ops.span_mask_reference,
+             (d2v2_module, "block_mask"): masking_ops.block_mask_reference,
+             (d2v2_module, "teacher_targets"): targets_ops.teacher_targets_reference}
+    for (module, name) in swaps:
+        saved[(module, name)] = getattr(module, name)
     transformer_module.attention = (attention_ops.attention_reference if attention == "reference"
                                     else attention_ops.attention)
-    d2v_module.span_mask = masking_ops.span_mask_reference
-    d2v_module.block_mask = masking_ops.block_mask_reference
-    d2v_module.token_mask = masking_ops.token_mask_reference
-    d2v_module.teacher_targets = targets_ops.teacher_targets_reference
+    for (module, name), value in swaps.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
@@ -194,23 +223,26 @@ def variant_ops(variant: str):
 class Step:
     """One variant's models, optimizer and step function (built inside its variant_ops)."""
 
-    def __init__(self, variant: str, cfg: Config, dev: torch.device, compile_backend: str):
+    def __init__(self, variant: str, cfg: Config, dev: torch.device, compile_backend: str,
+                 regional: bool = False):
         self.variant, self.cfg, self.dev = variant, cfg, dev
         torch.manual_seed(cfg.seed)
         encoder = build_model(cfg.model, cfg.modality)
         ids = special_ids(cfg.model.vocab_size) if cfg.modality == "text" else None
-        self.model = Data2Vec(cfg, encoder, ids).to(dev)
+        self.model = build_objective(cfg, encoder, ids).to(dev)
+        self.v2 = cfg.objective.mode == "v2"
         self.teacher = EMATeacher(encoder, teacher_shared_prefixes(encoder, cfg.objective.ema_scope))
         if variant != "plain":
             torch.compiler.reset()
-            compile_encoder(self.model.encoder, backend=compile_backend)
-            compile_encoder(self.teacher.model, backend=compile_backend)
+            compile_encoder(self.model.encoder, backend=compile_backend, regional=regional)
+            compile_encoder(self.teacher.model, backend=compile_backend, regional=regional)
         if variant == "ours":
             self.optimizer = build_optimizer(self.model, cfg.optim, cfg.optim.lr, dev)
-        else:
-            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, foreach=False,
-                                               weight_decay=cfg.optim.weight_decay)
+        else:  # torch's best AdamW for the device, over the same groups as ours
+            best = {"fused": True} if dev.type == "cuda" else {"foreach": True}
+            self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay),
+                                               lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                               eps=cfg.optim.eps, **best)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
                     else contextlib.nullcontext())
@@ -223,30 +255,16 @@ class Step:
         return sample_seeds(self.cfg.seed, step, torch.arange(batch_size), STREAM_MASK).to(self.dev)
 
     def update(self, masked):
-        """Grad scaling, clipping, optimizer, EMA: fused for ours, per parameter for the others."""
+        """Grad scaling and clipping (multi-tensor for every variant), then the optimizer."""
         o = self.cfg.optim
         max_norm = o.clip_norm if o.clip_norm > 0 else float("inf")
-        if self.variant == "ours":
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
-                                1.0 / masked.clamp(min=1.0))
-            torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        else:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.div_(masked.clamp(min=1.0))
-            torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
+                            1.0 / masked.clamp(min=1.0))
+        torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         self.optimizer.step()
 
     def ema(self, decay: float = 0.999):
-        if self.variant == "ours":
-            self.teacher.update(self.model.encoder, decay)
-            return
-        with torch.no_grad():  # fairseq's EMAModule: one update per parameter
-            for name in self.teacher.averaged:
-                t = self.teacher.model.get_parameter(name)
-                t.mul_(decay).add_(self.model.encoder.get_parameter(name).detach(), alpha=1 - decay)
-            for name in self.teacher.shared:
-                self.teacher.model.get_parameter(name).copy_(self.model.encoder.get_parameter(name))
+        self.teacher.update(self.model.encoder, decay)  # one multi-tensor lerp for every variant
 
     def __call__(self, cpu_batch, step: int) -> torch.Tensor:
         batch = self.to_device(cpu_batch)
@@ -340,10 +358,10 @@ class PhaseTimer:
 
 
 def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, steps: int,
-                    compile_backend: str) -> dict:
-    """{"step_ms", "compile_s", "phases": {phase: ms}, "loss"} for one variant."""
+                    compile_backend: str, regional: bool = False) -> dict:
+    """{"step_ms", "compile_s", "phases": {phase: ms}, "loss"} for one variant (no phases for v2)."""
     with variant_ops(variant):
-        step = Step(variant, cfg, dev, compile_backend)
+        step = Step(variant, cfg, dev, compile_backend, regional)
         batch = make_batch(cfg, case)
         start = time.perf_counter()
         loss = step(batch, 0)  # compiles
@@ -357,7 +375,7 @@ def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, st
         common.sync(dev)
         step_ms = (time.perf_counter() - start) * 1e3 / steps
         timer, phases = PhaseTimer(dev), {}
-        repeats = max(1, min(steps, 5))
+        repeats = 0 if step.v2 else max(1, min(steps, 2 if regional else 5))  # breakdown passes
         for i in range(repeats):
             timer.start()
             step.phased(batch, 100 + i, timer.mark)
@@ -366,27 +384,31 @@ def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, st
     return {"step_ms": step_ms, "compile_s": compile_s, "phases": phases, "loss": float(loss)}
 
 
-def bench_modality(case: Case, dev: torch.device, steps: int, compile_backend: str,
-                   peak_tflops: float, variants=VARIANTS) -> tuple[list[dict], dict]:
-    cfg = load_case(case)
-    flops = step_flops(cfg, case)
+def bench_modality(name: str, case: Case, dev: torch.device, steps: int, compile_backend: str,
+                   peak_tflops: float, variants=VARIANTS,
+                   regional: bool = False) -> tuple[list[dict], dict]:
+    cfg = load_case(case, keep_dropout=regional)
+    v2 = cfg.objective.mode == "v2"
+    flops = None if v2 else step_flops(cfg, case)
     tokens = tokens_per_sample(cfg, case) * case.batch
-    shape = (f"{case.modality} B={case.batch} T={tokens_per_sample(cfg, case)} "
-             f"C={cfg.model.embed_dim} L={cfg.model.depth}")
-    results = {v: measure_variant(v, cfg, case, dev, steps, compile_backend) for v in variants}
+    shape = (f"{name} B={case.batch}" + (f"x{cfg.objective.clone_batch}" if v2 else "")
+             + f" T={tokens_per_sample(cfg, case)} C={cfg.model.embed_dim} L={cfg.model.depth}")
+    results = {v: measure_variant(v, cfg, case, dev, steps, compile_backend, regional)
+               for v in variants}
     ours = results["ours"]
     sps = lambda r: case.batch / (r["step_ms"] / 1e3)  # noqa: E731
-    mfu = lambda r: flops / (r["step_ms"] / 1e3) / (peak_tflops * 1e12)  # noqa: E731
+    mfu = lambda r: (None if flops is None  # noqa: E731
+                     else flops / (r["step_ms"] / 1e3) / (peak_tflops * 1e12))
     records = []
     for peer in variants[1:]:
-        records.append(common.record(f"step/{case.modality}", shape, sps(ours), peer,
+        records.append(common.record(f"step/{name}", shape, sps(ours), peer,
                                      sps(results[peer]), "samples/s", mfu(ours), dev))
-        records.append(common.record(f"step/{case.modality}", shape, tokens / (ours["step_ms"] / 1e3),
+        records.append(common.record(f"step/{name}", shape, tokens / (ours["step_ms"] / 1e3),
                                      peer, tokens / (results[peer]["step_ms"] / 1e3), "tokens/s",
                                      mfu(ours), dev))
-    for phase in PHASES:
+    for phase in PHASES if not v2 else ():
         peer_ms = results["plain"]["phases"].get(phase) if "plain" in results else None
-        records.append(common.record(f"step_phase/{case.modality}/{phase}", shape,
+        records.append(common.record(f"step_phase/{name}/{phase}", shape,
                                      ours["phases"].get(phase, 0.0), "plain" if peer_ms else None,
                                      peer_ms, "ms", None, dev))
     details = {v: {**r, "samples_per_s": sps(r), "tokens_per_s": tokens / (r["step_ms"] / 1e3),
@@ -467,27 +489,34 @@ def bench_encoder(case: Case, dev: torch.device, compile_backend: str, peak_tflo
 # ---------------------------------------------------------------------------------------------
 
 
-def run(tiny: bool = False, modalities=MODALITIES, steps: int | None = None,
-        compile_backend: str | None = None, details: dict | None = None) -> list[dict]:
+def run(tiny: bool = False, modalities=None, steps: int | None = None,
+        compile_backend: str | None = None, details: dict | None = None,
+        quick: bool = False) -> list[dict]:
     """Every record of this bench (the run_all interface). `details`, if given, receives the
-    per-variant timings, breakdowns and compile times."""
+    per-variant timings, breakdowns and compile times. quick: QUICK modalities, 10 steps,
+    regional compilation, no encoder-alone comparison (module docstring)."""
+    modalities = modalities or (QUICK if quick else MODALITIES)
     dev = common.device()
     if compile_backend is None:
         # Inductor on the GPU; on the CPU the suite check uses aot_eager (inductor's C++ compile
         # of three variants x three modalities would take most of the run).
         compile_backend = "inductor" if dev.type == "cuda" else "aot_eager"
-    steps = steps or (20 if dev.type == "cuda" else 2)
+    steps = steps or ((6 if quick else 20) if dev.type == "cuda" else (1 if quick else 2))
     if dev.type != "cuda" and "D2V_ATTENTION" not in os.environ:
         # Interpreted, our attention costs minutes per model step on the CPU; bench_attention
         # times it on its own. Masking and targets still take our (interpreted) kernels.
         os.environ["D2V_ATTENTION"] = "sdpa"
     peak, _ = common.matmul_peak_tflops(dev.type)
     cases = TINY if tiny else CASES
-    records, info = [], {"compile_backend": compile_backend, "steps": steps}
+    if quick and dev.type != "cuda":  # make gpu-check --cpu: 2 samples (the interpreter is slow)
+        cases = {name: dataclasses.replace(case, batch=2) for name, case in cases.items()}
+    records, info = [], {"compile_backend": compile_backend, "steps": steps,
+                         "compile": "regional (one block graph)" if quick else "whole encoders"}
     for modality in modalities:
-        recs, info[modality] = bench_modality(cases[modality], dev, steps, compile_backend, peak)
+        recs, info[modality] = bench_modality(modality, cases[modality], dev, steps,
+                                              compile_backend, peak, regional=quick)
         records += recs
-    if "image" in modalities:
+    if "image" in modalities and not quick:
         recs, info["encoder"] = bench_encoder(cases["image"], dev, compile_backend, peak,
                                               repeats=10 if dev.type == "cuda" else 2)
         records += recs
@@ -501,29 +530,34 @@ def print_details(info: dict) -> None:
         if modality not in info:
             continue
         d = info[modality]
-        print(f"\n{d['shape']}: {d['flops_per_step'] / 1e9:.3g} GFLOP per step")
+        flops = "no FLOP model (v2)" if d["flops_per_step"] is None else \
+            f"{d['flops_per_step'] / 1e9:.3g} GFLOP per step"
+        print(f"\n{d['shape']}: {flops}")
         print(f"  {'variant':<14}{'ms/step':>9}{'samples/s':>11}{'tokens/s':>11}{'MFU':>7}"
               f"{'compile s':>10}  breakdown ms ({', '.join(PHASES)})")
         for v, r in d["variants"].items():
             parts = " ".join(f"{r['phases'].get(p, 0):.2f}" for p in PHASES)
+            mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             print(f"  {v:<14}{r['step_ms']:>9.2f}{r['samples_per_s']:>11.1f}"
-                  f"{r['tokens_per_s']:>11.0f}{100 * r['mfu']:>6.1f}%{r['compile_s']:>10.1f}  {parts}")
+                  f"{r['tokens_per_s']:>11.0f}{mfu:>7}{r['compile_s']:>10.1f}  {parts}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU check)")
-    parser.add_argument("--modalities", default=",".join(MODALITIES))
+    parser.add_argument("--quick", action="store_true", help="make gpu-check's subset")
+    parser.add_argument("--modalities", default=None, help=f"subset of {MODALITIES}")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--compile-backend", default=None)
     parser.add_argument("--json", metavar="PATH", help="also write header + records as JSON")
     args = parser.parse_args(argv)
-    modalities = [m for m in args.modalities.split(",") if m]
+    modalities = [m for m in (args.modalities or ",".join(QUICK if args.quick else MODALITIES))
+                  .split(",") if m]
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
         parser.error(f"unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
     details: dict = {}
-    records = run(args.tiny, modalities, args.steps, args.compile_backend, details)
+    records = run(args.tiny, modalities, args.steps, args.compile_backend, details, args.quick)
     print_details(details)
     common.print_records(records)
     if args.json:
@@ -552,7 +586,7 @@ def test_bench_step(benchmark, modality, variant):
             common.sync(dev)
 
         benchmark.extra_info.update(modality=modality, variant=variant,
-                                    flops_per_step=step_flops(cfg, case))
+                                    flops_per_step=None if step.v2 else step_flops(cfg, case))
         benchmark.pedantic(one, rounds=20 if dev.type == "cuda" else 2, warmup_rounds=1)
 
 

@@ -54,6 +54,7 @@ CASES = [
     Case("text", 64, 512, 768, 8, "layer", "none"),
 ]
 TINY = [Case(c.name, 2, 33, 64, min(c.K, 3), c.layer_norm, c.final_norm) for c in CASES]
+QUICK = ("image_v1", "audio")  # make gpu-check: the image and audio base configs' targets
 IMPLS = ("ours", "triton", "cuda", "eager", "compiled")
 
 
@@ -192,13 +193,14 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
-def run(tiny: bool = False) -> list[dict]:
-    """run_all's interface: ours vs eager and vs torch.compile(reference), one record per peer."""
+def run(tiny: bool = False, quick: bool = False) -> list[dict]:
+    """run_all's interface: ours vs eager and vs torch.compile(reference), one record per peer
+    (quick: the QUICK cases only)."""
     from benchmarks import common
     device = _device()
     copy_gbps = copy_bandwidth_gbps(device)
     records, impls = [], available(IMPLS)
-    for case in (TINY if tiny else CASES):
+    for case in (c for c in (TINY if tiny else CASES) if not quick or c.name in QUICK):
         rows = {r["impl"]: r for r in run_case(case, impls, device, copy_gbps)}
         shape = f"{case.name} K={case.K} B={case.B} T={case.T} C={case.C} bf16"
         for peer in ("eager", "compiled"):

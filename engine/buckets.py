@@ -70,6 +70,26 @@ def bucket_batch(batch: dict, buckets: list[int], pad_value=0) -> dict:
     return {**batch, "source": source, "padding_mask": pad}
 
 
+def describe_buckets(cfg, buckets: list[int]) -> str:
+    """Why a run has the buckets it has: fewer than train.length_buckets when rounding to the
+    multiple (the conv stride for audio, 8 tokens for text) merges neighbouring sizes."""
+    if not buckets:
+        return "no length buckets" + (" (images: static shapes)" if cfg.modality == "image"
+                                      else " (train.length_buckets=0)")
+    multiple = _multiple(cfg)
+    merged = "" if len(buckets) == cfg.train.length_buckets else (
+        f"; train.length_buckets={cfg.train.length_buckets} geometric sizes rounded down to "
+        f"multiples of {multiple} leave {len(buckets)} distinct")
+    return f"{len(buckets)} length buckets {buckets[0]}..{buckets[-1]}{merged}"
+
+
+def _multiple(cfg) -> int:
+    # A multiple of the conv stack's total stride keeps the frame count an exact function.
+    if cfg.modality == "audio":
+        return math.prod(s for _, _, s in cfg.model.conv_layers)
+    return 8
+
+
 def buckets_for(cfg) -> list[int]:
     """The ladder for a run: audio samples between data.min_sample_size and max_sample_size,
     text tokens up to data.max_tokens; [] for images (static shapes) or train.length_buckets=0."""
@@ -78,7 +98,5 @@ def buckets_for(cfg) -> list[int]:
         return []
     if cfg.modality == "audio":
         low = cfg.data.min_sample_size or cfg.data.max_sample_size // 8
-        # A multiple of the conv stack's total stride keeps the frame count an exact function.
-        stride = math.prod(s for _, _, s in cfg.model.conv_layers)
-        return bucket_sizes(cfg.data.max_sample_size, count, low, stride)
-    return bucket_sizes(cfg.data.max_tokens, count, min(16, cfg.data.max_tokens), 8)
+        return bucket_sizes(cfg.data.max_sample_size, count, low, _multiple(cfg))
+    return bucket_sizes(cfg.data.max_tokens, count, min(16, cfg.data.max_tokens), _multiple(cfg))

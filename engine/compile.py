@@ -12,7 +12,9 @@ traced natively.
 
 With model.layerdrop > 0 the block loop draws a random number per block on the host side of a
 branch, which dynamo cannot keep in one graph; then each block is compiled on its own instead
-(regional compilation: one compiled graph, reused by every block of the same shape).
+(regional compilation: one compiled graph, reused by every block of the same shape). `regional=True`
+asks for that layout without layerdrop: a fraction of the compile time (make gpu-check's step
+benchmark uses it to fit its time budget).
 
 Shapes: dynamic=False. Images are static; audio and text batches are snapped to the length buckets
 of engine.buckets by the trainer, so each encoder compiles once per bucket (recompile limit raised
@@ -43,10 +45,10 @@ def compile_fn(fn, mode: str = "default", backend: str = "inductor"):
 
 
 def compile_encoder(encoder: torch.nn.Module, mode: str = "default", backend: str = "inductor",
-                    shapes: int = 1) -> torch.nn.Module:
-    """Compiles `encoder`'s embed and encode in place (per block when it uses layerdrop)."""
+                    shapes: int = 1, regional: bool = False) -> torch.nn.Module:
+    """Compiles `encoder`'s embed and encode in place (per block with layerdrop or `regional`)."""
     _raise_recompile_limit(shapes)
-    if getattr(getattr(encoder, "blocks", None), "layerdrop", 0) > 0:
+    if regional or getattr(getattr(encoder, "blocks", None), "layerdrop", 0) > 0:
         for block in encoder.blocks.blocks:
             block.forward = compile_fn(block.forward, mode, backend)
         encoder.embed = compile_fn(encoder.embed, mode, backend)

@@ -112,7 +112,7 @@ class ObjectiveConfig:
     loss_scale: Optional[float] = None  # None: 1/sqrt(C)
     ema_decay: float = 0.999
     ema_end_decay: float = 0.9999
-    ema_anneal_end_step: int = 30000
+    ema_anneal_end_step: int = 30000  # at optim.schedule_reference_steps (engine.schedule)
     # What the teacher averages (engine.ema.teacher_shared_prefixes); the rest it copies from the
     # student, and with "transformer" / "context" it encodes the student's local features:
     #   transformer  the blocks (+ audio's encoder norm): fairseq v1 ema_transformer_only
@@ -162,8 +162,16 @@ class DataConfig:
     normalize: bool = True  # zero mean, unit variance per utterance
     resample: bool = False  # other rates are resampled to sample_rate; False: they are bad files
     pad_audio: bool = False  # False: crop a batch to its shortest sample (the reference)
+    # Audio clips cropped to one length per group of this many consecutive positions of the
+    # global batch (the paper's per-GPU batch; 0: the whole global batch), whatever the world
+    # size and micro-batch: engine.data.audio.
+    crop_group: int = 0
     # text
-    max_tokens: int = 512  # tokens per sample, <s> and </s> included
+    max_tokens: int = 512  # tokens per sample, <s> included (fairseq tokens_per_sample)
+    # How unlabelled text is cut into samples (fairseq's TokenBlockDataset): "none" = the token
+    # stream in blocks of max_tokens - 1, across documents; "complete_doc" = blocks inside one
+    # document (a longer one is split), shorter samples padded (the text v1 recipe).
+    sample_break_mode: Literal["none", "complete_doc"] = "none"
 
 
 @dataclass
@@ -183,7 +191,12 @@ class OptimConfig:
     weight_decay_exempt: Literal["none", "1d", "beit"] = "1d"
     clip_norm: float = 0.0  # 0 disables clipping
     schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # at schedule_reference_steps (engine.schedule)
+    # The run length at which warmup_steps and objective.ema_anneal_end_step are stated (the
+    # paper's max_steps; 0: train.max_steps). proportional: they scale with train.max_steps /
+    # schedule_reference_steps; absolute: as stated (fairseq's step counts).
+    schedule_reference_steps: int = 0
+    schedule_scaling: Literal["proportional", "absolute"] = "proportional"
     tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
     # cosine floor / tri-stage end, as a fraction of lr; null: 0 for cosine (fairseq min_lr),
     # 0.01 for tri_stage (fairseq's final_lr_scale)
@@ -195,7 +208,12 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000
     global_batch: int = 8
-    micro_batch: int = 0  # per rank and forward; 0: global_batch / world_size
+    # per rank and forward; 0: global_batch / world_size; auto: the largest that fits the memory
+    # budget (engine.memory_plan), a multiple of 8 (or below 8) dividing the per-rank share
+    micro_batch: int | Literal["auto"] = 0
+    device_memory_gb: Optional[float] = None  # memory budget per rank (GB); None: the GPU's, if any
+    memory_fraction: float = 0.9  # of device_memory_gb the plan's estimated peak may use
+    peak_tflops: Optional[float] = None  # the device's dense bf16 peak for MFU; None: engine.flops
     checkpoint_every: int = 0  # 0: only at the end
     stop_at: int = 0  # checkpoint and exit at this step, as a preemption would
     resume: bool = False
@@ -380,7 +398,12 @@ def validate(cfg: Config) -> None:
     need(1 <= o.top_k <= m.depth, "objective.top_k", f"must be in 1..model.depth={m.depth}")
     need(t.max_steps >= 1, "train.max_steps", "must be >= 1")
     need(t.global_batch >= 1, "train.global_batch", "must be >= 1")
-    need(t.micro_batch >= 0, "train.micro_batch", "must be >= 0")
+    need(t.micro_batch == "auto" or t.micro_batch >= 0, "train.micro_batch",
+         "must be >= 0 or auto")
+    need(t.device_memory_gb is None or t.device_memory_gb > 0, "train.device_memory_gb",
+         "must be > 0 (GB per rank) or null")
+    need(0.0 < t.memory_fraction <= 1.0, "train.memory_fraction", "must be in (0, 1]")
+    need(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 or null")
     need(t.stop_at >= 0, "train.stop_at", "must be >= 0")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
@@ -391,6 +414,10 @@ def validate(cfg: Config) -> None:
     need(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.debug_nan_steps),
          "train.debug_nan_steps", "must be a list of steps >= 1")
     need(o.collapse_check_after >= 0, "objective.collapse_check_after", "must be >= 0")
+    need(o.ema_anneal_end_step >= 0, "objective.ema_anneal_end_step", "must be >= 0")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(cfg.optim.schedule_reference_steps >= 0, "optim.schedule_reference_steps",
+         "must be >= 0 (0: train.max_steps, no scaling)")
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
     need(not (t.resume and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")
@@ -416,6 +443,7 @@ def validate(cfg: Config) -> None:
     f = cfg.optim.final_lr_scale
     need(f is None or (0 <= f <= 1 and (f > 0 or cfg.optim.schedule != "tri_stage")),
          "optim.final_lr_scale", "must be in [0, 1] (> 0 for tri_stage: it decays exponentially)")
+    need(cfg.data.crop_group >= 0, "data.crop_group", "must be >= 0 (0: the whole global batch)")
     if cfg.modality == "image":
         need(m.img_size % m.patch_size == 0, "model.patch_size",
              f"must divide model.img_size={m.img_size}")

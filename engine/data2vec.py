@@ -46,6 +46,17 @@ def channel_std(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.float().var(dim=0) + 1e-6).mean()
 
 
+def group_mask_count(group_seeds: torch.Tensor, num_tokens: int, m) -> torch.Tensor:
+    """The smallest span-masked count (0-d int64) among a crop group's samples, all of
+    `num_tokens` frames: fairseq's require_same_masks count for the group, which the rows of any
+    micro-batch cut from it keep (engine.data.audio). A group's mask draws depend only on each
+    sample's seed and length, so no other sample's data is needed."""
+    full = torch.full((group_seeds.shape[0],), num_tokens, dtype=torch.long,
+                      device=group_seeds.device)
+    return span_mask(full, num_tokens, m.mask_prob, m.mask_length, min_masks=m.min_masks,
+                     seed=group_seeds).sum(1).min()
+
+
 class Data2Vec(nn.Module):
     """Student encoder + regression head; the forward computes one micro-batch's loss."""
 
@@ -56,8 +67,10 @@ class Data2Vec(nn.Module):
         self.head = regression_head(encoder.embed_dim, cfg.model.head_layers)
         self.special_ids = special_ids or {}
 
-    def make_mask(self, source, padding_mask, x_padding_mask, seeds, num_tokens):
-        """B x T bool mask (True = masked) over the feature tokens, seeded per sample."""
+    def make_mask(self, source, padding_mask, x_padding_mask, seeds, num_tokens,
+                  group_seeds=None):
+        """B x T bool mask (True = masked) over the feature tokens, seeded per sample; audio rows
+        keep the masked count of their crop group (group_seeds: its G samples' seeds)."""
         m = self.cfg.masking
         batch = seeds.shape[0]
         if self.cfg.modality == "audio":
@@ -65,8 +78,11 @@ class Data2Vec(nn.Module):
                 lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=seeds.device)
             else:
                 lengths = (~x_padding_mask).sum(1)
+            same = None
+            if m.require_same_masks and group_seeds is not None and x_padding_mask is None:
+                same = group_mask_count(group_seeds, num_tokens, m)
             return span_mask(lengths, num_tokens, m.mask_prob, m.mask_length, min_masks=m.min_masks,
-                             seed=seeds, require_same_masks=m.require_same_masks)
+                             seed=seeds, require_same_masks=m.require_same_masks, same_count=same)
         side = self.cfg.model.img_size // self.cfg.model.patch_size
         return block_mask(batch, (side, side), m.mask_prob, seed=seeds, min_block=m.min_block,
                           inverse=m.inverse, device=seeds.device)
@@ -96,7 +112,8 @@ class Data2Vec(nn.Module):
                 t_x, t_pad = teacher.embed(source, padding_mask)
         else:
             x, x_pad = self.encoder.embed(source, padding_mask)
-            mask = self.make_mask(source, padding_mask, x_pad, seeds, x.shape[1])
+            mask = self.make_mask(source, padding_mask, x_pad, seeds, x.shape[1],
+                                  batch.get("group_seeds"))
             student = self.encoder.encode(x, x_pad, mask=mask)
             with torch.no_grad():
                 if shared_features:

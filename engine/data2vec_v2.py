@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Config
-from engine.data2vec import StepOutput
+from engine.data2vec import StepOutput, group_mask_count
 from engine.ema import teacher_reads_student_features
 from engine.models.decoder import ConvDecoder
 from engine.models.visible import encode_visible, gather_tokens, scatter_tokens, split_indices
@@ -66,8 +66,10 @@ class Data2VecV2(nn.Module):
         if getattr(encoder, "mask_emb", None) is not None:
             encoder.mask_emb.requires_grad_(False)
 
-    def make_masks(self, seeds: torch.Tensor, padding_mask, num_tokens: int) -> torch.Tensor:
-        """B*M x T bool masks (True = masked), the same masked count in every row."""
+    def make_masks(self, seeds: torch.Tensor, padding_mask, num_tokens: int,
+                   group_seeds=None) -> torch.Tensor:
+        """B*M x T bool masks (True = masked), the same masked count in every row: for audio
+        spans, the count of the rows' crop group (group_seeds: its samples' seeds, cloned alike)."""
         cfg, m = self.cfg, self.cfg.masking
         rows, device = seeds.shape[0], seeds.device
         if cfg.modality == "image":
@@ -79,12 +81,16 @@ class Data2VecV2(nn.Module):
             eligible = torch.ones(rows, num_tokens, dtype=torch.bool, device=device) \
                 if padding_mask is None else ~padding_mask
             return random_mask(eligible, m.mask_prob, seed=seeds, same_count=True)
+        same = None
         if padding_mask is None:
             lengths = torch.full((rows,), num_tokens, dtype=torch.long, device=device)
+            if group_seeds is not None:
+                same = group_mask_count(clone_seeds(group_seeds, cfg.objective.clone_batch),
+                                        num_tokens, m)
         else:
             lengths = (~padding_mask).sum(1)
         return span_mask(lengths, num_tokens, m.mask_prob, m.mask_length, min_masks=m.min_masks,
-                         seed=seeds, require_same_masks=True)
+                         seed=seeds, require_same_masks=True, same_count=same)
 
     def decoder_input(self, visible: torch.Tensor, keep, num_tokens: int,
                       padding_mask=None) -> torch.Tensor:
@@ -122,7 +128,8 @@ class Data2VecV2(nn.Module):
 
         x = x.repeat_interleave(clones, 0)
         pad = None if x_pad is None else x_pad.repeat_interleave(clones, 0)
-        mask = self.make_masks(clone_seeds(seeds, clones), pad, x.shape[1])
+        mask = self.make_masks(clone_seeds(seeds, clones), pad, x.shape[1],
+                               batch.get("group_seeds"))
         keep, masked_at = split_indices(mask)
         student = encode_visible(self.encoder, x, pad, mask, keep)
         dec = self.decoder(self.decoder_input(student.x[:, n_extra:], keep, x.shape[1], pad))

@@ -1,10 +1,12 @@
 """Export the student encoder of a run as a Hugging Face transformers model directory.
 
-    python -m engine.export RUN_DIR_OR_CHECKPOINT OUT_DIR
+    python -m engine.export RUN_DIR_OR_CHECKPOINT OUT_DIR [--tokenizer TOKENIZER_JSON]
 
 writes OUT_DIR/config.json + model.safetensors (save_pretrained) of type Data2VecVision,
-Data2VecAudio or Data2VecText. `transformers.AutoModel.from_pretrained(OUT_DIR)` then gives a model
-whose last_hidden_state equals our encoder's output (eval mode, fp32):
+Data2VecAudio or Data2VecText, the processor of the modality (engine.export_processors: feature
+extractor, image processor or tokenizer, as our loader's eval path makes inputs) and a README.md
+model card (engine.model_card). `transformers.AutoModel.from_pretrained(OUT_DIR)` then gives a
+model whose last_hidden_state equals our encoder's output (eval mode, fp32):
 
     image: pixel_values B x 3 x H x W (already normalized as our data pipeline does); CLS first.
     audio: input_values B x L (normalized waveform), attention_mask B x L (1 = keep) for padding.
@@ -17,6 +19,7 @@ the linear probe.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +32,6 @@ from engine.errors import CheckpointError, ConfigError, D2VError
 from engine.export_remote import export_remote, needs_remote_code
 from engine.models import build_model
 
-USAGE = "usage: python -m engine.export RUN_DIR_OR_CHECKPOINT OUT_DIR"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ def load_encoder(checkpoint: str | Path, random_init: bool = False) -> EncoderFo
                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     wrapper = EncoderForExport(encoder, cfg)
     wrapper.checkpoint_path = path
+    wrapper.step = int(state.get("step", 0))
     return wrapper.eval()
 
 
@@ -278,29 +281,44 @@ def to_hf_model(wrapper: EncoderForExport):
     return model.eval()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Writes the student encoder of `checkpoint` (file or run dir) to out_dir; returns out_dir."""
+def export(checkpoint: str | Path, out_dir: str | Path,
+           tokenizer_file: str | Path | None = None) -> Path:
+    """Writes the student encoder of `checkpoint` (file or run dir), its processor and model card
+    to out_dir; returns out_dir. Text: the tokenizer is tokenizer_file, else data.path's."""
+    from engine.export_processors import build_processor, save_processor
+    from engine.model_card import write_model_card
+
     wrapper = load_encoder(checkpoint)
     if needs_remote_code(wrapper.cfg):
         return export_remote(wrapper, out_dir)
     model = to_hf_model(wrapper)
+    processor, facts = build_processor(wrapper.cfg, tokenizer_file)  # checked before writing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    save_processor(wrapper.cfg, processor, out_dir)
+    command = " ".join(["python -m engine.export", str(checkpoint), str(out_dir)]
+                       + (["--tokenizer", str(tokenizer_file)] if tokenizer_file else []))
+    write_model_card(out_dir, wrapper.cfg, wrapper.checkpoint_path, wrapper.step,
+                     sum(p.numel() for p in model.parameters()), facts, command)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    parser = argparse.ArgumentParser(prog="python -m engine.export",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint file")
+    parser.add_argument("out", help="folder to write the Hugging Face model into")
+    parser.add_argument("--tokenizer", default=None,
+                        help="text: tokenizer.json to ship instead of the one in data.path")
+    args = parser.parse_args(argv)
     try:
-        out = export(argv[0], argv[1])
+        out = export(args.checkpoint, args.out, args.tokenizer)
     except D2VError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"d2v-engine: exported {argv[0]} to {out}", file=sys.stderr)
+    print(f"d2v-engine: exported {args.checkpoint} to {out}", file=sys.stderr)
     return 0
 
 

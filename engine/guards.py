@@ -60,11 +60,13 @@ class UpdateGuard:
         self.empty_steps = state.get("empty_steps", 0)
         self.empty_in_a_row = state.get("empty_in_a_row", 0)
 
-    def update_ok(self, done: int, loss: float, grad_norm: float, masked: float = 1.0) -> bool:
+    def update_ok(self, done: int, loss: float, grad_norm: float, masked: float = 1.0,
+                  bad_files: list | None = None) -> bool:
         """False (skip the update) when the global loss or gradient norm is not finite, or when
-        no rank had a readable sample in this step (`masked` == 0: every file was skipped)."""
+        no rank had a readable sample in this step (`masked` == 0: every file was skipped;
+        `bad_files`: the first skipped paths, for the no_data row and the stop message)."""
         if masked <= 0 and math.isfinite(loss):
-            return self._empty(done)
+            return self._empty(done, list(bad_files or []))
         self.empty_in_a_row = 0
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.bad_in_a_row = 0
@@ -80,27 +82,29 @@ class UpdateGuard:
             raise TrainingError(
                 f"non-finite loss or gradient in {self.bad_in_a_row} updates in a row (steps "
                 f"{first}-{done}; limit train.max_bad_steps={limit}; last loss {loss}, gradient "
-                f"norm {grad_norm}); nothing of them was applied, the newest checkpoint in "
-                f"{self.cfg.run_dir} is {_newest(self.cfg.run_dir)}: resume from it with a lower "
-                f"optim.lr, optim.clip_norm > 0 or train.precision=fp32"
+                f"norm {grad_norm}); nothing of them was applied; {_restart_from(self.cfg)} "
+                f"with a lower optim.lr, optim.clip_norm > 0 or train.precision=fp32"
             )
         return False
 
-    def _empty(self, done: int) -> bool:
+    def _empty(self, done: int, bad_files: list) -> bool:
         """A step whose every sample was a skipped bad file: nothing to learn from, so no update
         (an AdamW step on zero gradients would still move the weights); too many in a row means
         the data is unreadable, not unlucky."""
         self.empty_steps += 1
         self.empty_in_a_row += 1
         self.log.write({"event": "no_data", "step": done, "empty_steps": self.empty_steps,
-                        "in_a_row": self.empty_in_a_row})
+                        "in_a_row": self.empty_in_a_row, "bad_files_first": bad_files})
         limit = self.cfg.train.max_bad_steps
         if self.empty_in_a_row >= limit:
-            self.log.write({"event": "stopped", "step": done, "reason": "no_data"})
+            self.log.write({"event": "stopped", "step": done, "reason": "no_data",
+                            **({"bad_files_first": bad_files} if bad_files else {})})
+            first = ", ".join(bad_files[:3]) + (", ..." if len(bad_files) > 3 else "")
             raise TrainingError(
                 f"every sample of {self.empty_in_a_row} steps in a row was an unreadable file "
                 f"(data.on_bad_file=skip; limit train.max_bad_steps={limit}): check data.path "
-                f"{self.cfg.data.path} (metrics.jsonl lists the first bad files)")
+                f"{self.cfg.data.path}; first bad files: {first or 'none recorded'} "
+                f"(all of the first ones in metrics.jsonl's no_data rows)")
         return False
 
     def check_collapse(self, step: int, target_var: float, pred_var: float) -> None:
@@ -126,6 +130,14 @@ class UpdateGuard:
 def _newest(run_dir: Path) -> str:
     newest = latest_checkpoint(run_dir)
     return newest.name if newest else "none"
+
+
+def _restart_from(cfg: Config) -> str:
+    """Where a stopped run can start again: its newest checkpoint, or the beginning."""
+    newest = latest_checkpoint(cfg.run_dir)
+    if newest is None:
+        return f"no checkpoint was written yet in {cfg.run_dir}: start the run again"
+    return f"the newest checkpoint is {newest}: resume from it (train.resume=true)"
 
 
 class CheckpointSaver:

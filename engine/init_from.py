@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.checkpoint import error_line, load_checkpoint
 from engine.errors import CheckpointError, ConfigError
 
 HF_MODEL_TYPES = {"data2vec-audio": "audio", "data2vec-vision": "image", "data2vec-text": "text"}
@@ -41,7 +42,11 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         return out
     legacy = folder / "pytorch_model.bin"
     if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused globals or a damaged file: one line, nothing ran
+            raise CheckpointError(f"model.init_from={legacy}: refused or unreadable "
+                                  f"({error_line(e, 'Unsupported')})") from None
     raise CheckpointError(f"model.init_from={folder}: no model.safetensors or pytorch_model.bin")
 
 
@@ -101,7 +106,6 @@ def hf_encoder_state(folder: Path, modality: str, encoder: nn.Module) -> dict[st
 
 def checkpoint_encoder_state(path: Path, modality: str, encoder: nn.Module) -> dict:
     """Our encoder's state_dict from one of our checkpoints (file or run directory)."""
-    from engine.checkpoint import load_checkpoint
     from engine.export import encoder_state_dict, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)

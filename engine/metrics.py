@@ -27,9 +27,14 @@ def _tensorboard_writer(run_dir: Path):
         print("d2v-engine: tensorboard not installed: metrics.jsonl only (pip install tensorboard)",
               file=sys.stderr)
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    try:  # an install that imports but cannot run (a missing dependency such as absl)
+        from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+    except Exception as e:  # noqa: BLE001  whatever breaks, the run does not need it
+        print(f"d2v-engine: tensorboard installed but unusable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}): metrics.jsonl only", file=sys.stderr)
+        return None
 
 
 def _wandb_run(run_dir: Path, wandb: dict):
@@ -84,6 +89,18 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def throughput(flops: float, tokens: float, seconds: float, world_size: int,
+               peak_tflops: float | None) -> dict:
+    """A log row's compute rates from the FLOPs and tokens of all ranks over `seconds` of wall
+    time: tflops_per_gpu, mfu (against the dense bf16 peak; None when it is unknown, e.g. CPU)
+    and tokens_per_s (the tokens the teacher encodes, all ranks: patches + CLS, audio frames,
+    text tokens, padding included)."""
+    tflops = flops / world_size / seconds / 1e12
+    return {"tflops_per_gpu": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None,
+            "tokens_per_s": tokens / seconds}
 
 
 DATA_WAIT_WARN = 0.2  # fraction of a step spent waiting for the loader that earns a warning

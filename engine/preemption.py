@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import latest_checkpoint
+from engine.checkpoint import latest_checkpoint, load_checkpoint
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -76,10 +76,9 @@ def restart_checkpoint(run_dir: Path) -> Path | None:
     newest = latest_checkpoint(run_dir)
     if newest is None:
         return None
-    try:  # mmap: reads the pickled dict, not the tensors
-        state = torch.load(newest, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:
-        return None  # unreadable: the normal resume path reports it when asked to resume
+    # mmap: reads the pickled dict, not the tensors. A file refused here (damaged, foreign,
+    # unsafe) stops the restart with its one-line error rather than a misleading one later.
+    state = load_checkpoint(newest, mmap=True)
     return newest if state.get("launch_id") == launch_id() else None
 
 

@@ -3,7 +3,9 @@
     python -m engine.prepare audio SRC_DIR OUT_DIR [--valid-percent P] [--sample-rate 16000]
                                  [--resample] [--min-seconds S] [--max-seconds S] [--workers N]
     python -m engine.prepare image SRC_DIR OUT_DIR [--valid-percent P] [--workers N]
-    python -m engine.prepare text ...      (the tokenization command, engine.data.tokenize)
+    python -m engine.prepare text SRC OUT_DIR [--docs file|paragraphs|lines] [--valid-percent P]
+                                [--vocab-size 8192 | --tokenizer tokenizer.json] [--min-tokens N]
+                                [--errors strict|replace] [--no-dedup] [--workers N]
 
 Every file is decoded once, in a pool over the machine's cores, with the same decoder the
 loader uses, so a file that passes here loads in training. What each writes in OUT_DIR:
@@ -16,13 +18,17 @@ audio  train.tsv / valid.tsv, fairseq manifests: the root line (SRC_DIR, absolut
 image  train.tsv (/ valid.tsv): the root line, then `relative_path[<TAB>label]`; class
        sub-folders (sorted by name) become labels 0..n-1, their names in classes.txt.
        data.path=OUT_DIR/train.tsv.
+text   the token folder of engine/data/text.py: meta.json, tokenizer.json, train.bin / .idx
+       (valid.bin / .idx); documents rejected by reason (engine/prepare_text.py). data.path=OUT_DIR.
 report.json  {"accepted", "rejected": {reason: count}, "rejected_files": [{"path", "reason"}]
-       (first 100), "total_seconds" (audio) | "total_tokens" (text), "lengths": {"min", "p50",
-       "p95", "max"}} with lengths in seconds (audio), short-side pixels (image), tokens (text).
+       (first 100; text adds the byte "offset"), "total_seconds" (audio) | "total_tokens"
+       (text), "lengths": {"min", "p50", "p95", "max"}} with lengths in seconds (audio),
+       short-side pixels (image), tokens per document, </s> included (text).
 
 --valid-percent is a fraction, as in fairseq's wav2vec_manifest (0.01 = 1 %); the held-out files
 are a seeded draw (--seed), so the split is reproducible. Exit 0 when anything was accepted;
-exit 2, with the counts by reason and no manifest, when nothing was.
+exit 2, with the counts by reason and no manifest, when nothing was. Every error is one line
+naming the file or option and the reason, exit code 2.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ NOT_AUDIO = "not_audio"  # no WAV / FLAC signature
 NOT_IMAGE = "not_image"  # no image format recognised
 TRUNCATED = "truncated"  # the file ends before its declared content
 CORRUPT = "corrupt"  # recognised format, but decoding failed
+UNSUPPORTED = "unsupported_encoding"  # a well-formed file the installed decoders cannot read
 NO_SAMPLES = "no_samples"  # decodes to zero audio frames
 SAMPLE_RATE = "wrong_sample_rate"  # without --resample
 CHANNELS = "not_mono"  # without --resample
@@ -75,8 +82,9 @@ def find_files(src: Path, extensions: tuple[str, ...]) -> list[str]:
 class ProgressBar:
     """A one-line stderr bar (on a terminal), else a line every 10 %; at most ~5 redraws/s."""
 
-    def __init__(self, total: int, what: str, enabled: bool = True):
+    def __init__(self, total: int, what: str, enabled: bool = True, unit: str = "files"):
         self.total, self.what, self.enabled = total, what, enabled and total > 0
+        self.unit = unit
         self.tty = sys.stderr.isatty()
         self.start = self.last = time.time()
         self.next_tenth = 1
@@ -92,15 +100,15 @@ class ProgressBar:
             self.last = now
             filled = int(30 * done / self.total)
             sys.stderr.write(f"\r{self.what} [{'#' * filled}{'.' * (30 - filled)}] "
-                             f"{done}/{self.total} files, {rate:.0f}/s")
+                             f"{done}/{self.total} {self.unit}, {rate:.0f}/s")
             if done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
         elif done * 10 >= self.next_tenth * self.total:
             while done * 10 >= self.next_tenth * self.total:
                 self.next_tenth += 1
-            print(f"{self.what}: {done}/{self.total} files, {rate:.0f}/s", file=sys.stderr,
-                  flush=True)
+            print(f"{self.what}: {done}/{self.total} {self.unit}, {rate:.0f}/s",
+                  file=sys.stderr, flush=True)
 
 
 def default_workers() -> int:
@@ -135,37 +143,64 @@ def length_stats(values) -> dict:
             "p95": float(np.percentile(v, 95)), "max": float(v.max())}
 
 
-def build_report(accepted: int, rejected: list[tuple[str, str]], lengths, **totals) -> dict:
-    """The report.json object; `rejected` is [(path, reason)] in scan order."""
+def _fixes() -> dict:
+    """What accepts the files rejected for a reason that is not the file's fault."""
+    from engine.data.audio import SOUNDFILE_FIX
+
+    return {UNSUPPORTED: SOUNDFILE_FIX, SAMPLE_RATE: "--resample converts them",
+            CHANNELS: "--resample converts them"}
+
+
+def build_report(accepted: int, rejected: list[tuple], lengths, **totals) -> dict:
+    """The report.json object; `rejected` is [(path, reason)] or [(path, reason, byte offset)]
+    in scan order."""
+    counts = dict(sorted(Counter(r[1] for r in rejected).items()))
     report = {"accepted": accepted,
-              "rejected": dict(sorted(Counter(reason for _, reason in rejected).items())),
-              "rejected_files": [{"path": p, "reason": r} for p, r in rejected[:MAX_LISTED]]}
+              "rejected": counts,
+              "rejected_files": [{"path": r[0], "reason": r[1],
+                                  **({"offset": int(r[2])} if len(r) > 2 else {})}
+                                 for r in rejected[:MAX_LISTED]]}
+    fixes = {reason: fix for reason, fix in _fixes().items() if reason in counts}
+    if fixes:
+        report["fixes"] = fixes
     report.update(totals)
     report["lengths"] = length_stats(lengths)
     return report
 
 
-def write_report(out_dir: Path, report: dict) -> int:
+def write_report(out_dir: Path, report: dict, what: str = "file") -> int:
     """Writes OUT_DIR/report.json, prints a summary; the exit code (0 accepted, 2 none)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    counts = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
+    fixes = report.get("fixes", {})
+    counts = ", ".join(f"{k} {v}" + (f" ({fixes[k]})" if k in fixes else "")
+                       for k, v in report["rejected"].items()) or "none"
     if report["accepted"] == 0:
-        print(f"error: no file accepted; rejected by reason: {counts} (details in "
+        print(f"error: no {what} accepted; rejected by reason: {counts} (details in "
               f"{out_dir / 'report.json'})", file=sys.stderr)
         return 2
-    print(f"d2v-engine prepare: accepted {report['accepted']}, rejected: {counts}; "
+    print(f"d2v-engine prepare: accepted {report['accepted']} {what}s, rejected: {counts}; "
           f"report {out_dir / 'report.json'}", file=sys.stderr)
     return 0
 
 
 def split_valid(count: int, valid_percent: float, seed: int) -> np.ndarray:
-    """Boolean mask of the held-out entries: round(count * valid_percent) of them, seeded."""
+    """Boolean mask of the held-out entries: round(count * valid_percent) of them, seeded; at
+    least one when valid_percent > 0 and there are two entries or more (valid.tsv was asked for)."""
     is_valid = np.zeros(count, dtype=bool)
     n_valid = int(round(count * valid_percent))
+    if valid_percent > 0 and count >= 2:
+        n_valid = max(1, n_valid)
     if n_valid:
         is_valid[np.random.default_rng(seed).permutation(count)[:n_valid]] = True
     return is_valid
+
+
+def _warn_no_valid(valid_percent: float, is_valid: np.ndarray) -> None:
+    if valid_percent > 0 and not is_valid.any():
+        print(f"d2v-engine prepare: warning: --valid-percent {valid_percent} but only "
+              f"{len(is_valid)} file accepted: it stays in train.tsv, no valid.tsv written",
+              file=sys.stderr)
 
 
 def _remove_stale(out_dir: Path, names: tuple[str, ...]) -> None:
@@ -215,7 +250,7 @@ def write_wav16(path: Path, samples: np.ndarray, rate: int) -> None:
 
 def check_audio(job: tuple) -> tuple:
     """(relative path, manifest path or None, num_samples at the target rate, reason or None)."""
-    from engine.data.audio import read_audio
+    from engine.data.audio import UnsupportedEncoding, read_audio
 
     rel, src, out_dir, rate, do_resample, min_s, max_s = job
     path = Path(src) / rel
@@ -227,6 +262,8 @@ def check_audio(job: tuple) -> tuple:
         samples, file_rate, channels = read_audio(path)
     except OSError:
         return rel, None, 0, CORRUPT
+    except UnsupportedEncoding:
+        return rel, None, 0, UNSUPPORTED
     except ValueError as e:
         return rel, None, 0, TRUNCATED if "truncated" in str(e).lower() else CORRUPT
     if samples.shape[0] == 0:
@@ -267,6 +304,7 @@ def prepare_audio(args) -> int:
     _remove_stale(out, ("train.tsv", "valid.tsv"))
     if good:
         is_valid = split_valid(len(good), args.valid_percent, args.seed)
+        _warn_no_valid(args.valid_percent, is_valid)
         for name, want in (("train.tsv", False), ("valid.tsv", True)):
             rows = [f"{entry}\t{num}" for (entry, num), v in zip(good, is_valid) if v == want]
             if rows or name == "train.tsv":
@@ -323,6 +361,7 @@ def prepare_image(args) -> int:
     if good:
         label_of = {name: i for i, name in enumerate(classes)}
         is_valid = split_valid(len(good), args.valid_percent, args.seed)
+        _warn_no_valid(args.valid_percent, is_valid)
         for name, want in (("train.tsv", False), ("valid.tsv", True)):
             rows = [rel + (f"\t{label_of[rel.split(os.sep, 1)[0]]}" if classes else "")
                     for (rel, _), v in zip(good, is_valid) if v == want]
@@ -331,24 +370,6 @@ def prepare_image(args) -> int:
         if classes:
             (out / "classes.txt").write_text("\n".join(classes) + "\n")
     return write_report(out, report)
-
-
-# ----------------------------------------------------------------------------------------------
-# text: the tokenization command of the data-loading issue, mounted here
-
-
-def prepare_text(argv: list[str]) -> int:
-    import importlib
-
-    try:
-        tokenize = importlib.import_module("engine.data.tokenize")
-    except ImportError as e:
-        if getattr(e, "name", None) not in ("engine.data.tokenize", None):
-            raise
-        print("error: 'engine.prepare text' runs the tokenizer engine.data.tokenize, which this "
-              "installation lacks (engine/data/tokenize.py not found)", file=sys.stderr)
-        return 2
-    return tokenize.main(argv) or 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +396,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from engine.prepare_text import add_arguments as text_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m engine.prepare",
         description="Check a raw data folder and write the manifests the loaders read, plus "
@@ -402,22 +425,32 @@ def _parser() -> argparse.ArgumentParser:
     audio.add_argument("--max-seconds", type=_seconds, default=None)
     image = sub.add_parser("image", help="image folder (class sub-folders = labels) -> train.tsv")
     common(image)
-    sub.add_parser("text", add_help=False, help="tokenize text (engine.data.tokenize)")
+    text = sub.add_parser(
+        "text", help="text folder or file -> token folder (train.bin / .idx, meta.json)",
+        prog=prog, usage=f"{prog or parser.prog + ' text'} SRC OUT_DIR [options]\n       "
+                         f"{prog or parser.prog + ' text'} OUT_DIR SPLIT=PATH [SPLIT=PATH ...] "
+                         "[options]")
+    text_arguments(text)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The whole command; the exit code (`prog` names engine.data.tokenize in text usage lines)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "text":
-        return prepare_text(argv[1:])
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+        args = _parser(prog).parse_args(argv)
+    except SystemExit as e:  # argparse's usage error (exit 2) or --help (exit 0)
+        return 2 if isinstance(e.code, str) else int(e.code or 0)
     try:
+        if args.modality == "text":
+            from engine.prepare_text import prepare_text
+            return prepare_text(args)
         return prepare_audio(args) if args.modality == "audio" else prepare_image(args)
     except D2VError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that cannot be written, a file gone while reading
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -7,7 +7,8 @@ hidden states are mean-pooled over non-padded positions (image: patch tokens, CL
 multinomial logistic regression (standardized features, L-BFGS, small L2) is trained on a fixed
 seeded 80/20 split and scored on the 20%. The same is done for the same architecture at its random
 initialization (the run's own initial weights: torch.manual_seed(seed) before build_model). Both
-accuracies go to stdout and to <run dir>/probe.json.
+accuracies go to stdout and to <run dir>/probe.json (a checkpoint file: <its name>.probe.json
+beside it).
 
 Labelled data per modality (the embedded data/ sets unless --data says otherwise):
     image: the run's data.path when it has class folders, else data/images/digits; center crop
@@ -185,7 +186,9 @@ def probe_accuracy(feats: torch.Tensor, labels: torch.Tensor, n_train: int,
 
 def run_probe(checkpoint: str | Path, max_samples: int = 1000, data_path: str | Path | None = None,
               write: bool = True) -> dict:
-    """Probes the checkpoint and the random-init encoder; writes <run dir>/probe.json."""
+    """Probes the checkpoint and the random-init encoder; writes <run dir>/probe.json for a run
+    directory, <checkpoint name>.probe.json beside a checkpoint file (the run's own probe.json,
+    of its newest checkpoint, stays)."""
     torch.set_grad_enabled(False)
     try:
         trained = load_encoder(checkpoint)
@@ -199,9 +202,11 @@ def run_probe(checkpoint: str | Path, max_samples: int = 1000, data_path: str | 
     finally:
         torch.set_grad_enabled(True)
     if write:
-        run_dir = Path(trained.checkpoint_path).parent
-        (run_dir / "probe.json").write_text(json.dumps(result, indent=1) + "\n")
-        result["probe_json"] = str(run_dir / "probe.json")
+        ckpt = Path(trained.checkpoint_path)
+        out = ckpt.with_name(f"{ckpt.stem}.probe.json") if Path(checkpoint).is_file() \
+            else ckpt.parent / "probe.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        result["probe_json"] = str(out)
     return result
 
 

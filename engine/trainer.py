@@ -16,30 +16,33 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from engine.backends import describe, env_report
 from engine.cpu_setup import describe as describe_cpu
-from engine.buckets import bucket_batch, buckets_for
+from engine.buckets import bucket_batch, buckets_for, describe_buckets
 from engine.compile import FirstStepTimer, compile_student_teacher
 from engine.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
 )
 from engine.config import Config, dump_yaml, to_dict
 from engine.data.common import stand_in_batch
-from engine.data.loader import BatchPlan
+from engine.data.loader import BatchPlan, group_positions
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
-from engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed
 from engine.ema import EMATeacher, ema_decay_at, teacher_shared_prefixes
 from engine.errors import CheckpointError, ConfigError
+from engine.flops import device_peak
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
 from engine.init_from import init_encoder
-from engine.metrics import MetricsLog, Progress, warn_data_wait
+from engine.metrics import MetricsLog, Progress, throughput, warn_data_wait
 from engine.models import build_model
 from engine.plan import describe_plan, make_plan, write_plan
 from engine.preemption import (
@@ -47,17 +50,27 @@ from engine.preemption import (
 )
 from engine.optim import build_optimizer, describe_optimizer
 from engine.parallel import (
-    full_tensor, gather_states, load_states, no_sync, shard_student_and_teacher, wrap_ddp,
+    forget_unused_blocks, full_tensor, gather_states, load_states, no_sync,
+    shard_student_and_teacher, wrap_ddp,
 )
 from engine.schedule import lr_factor, scaled_lr
 from engine.seeding import STREAM_DROPOUT, STREAM_MASK, mix_seed, sample_seeds
 
 
+def _use_bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not _use_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _precision(device: torch.device, precision: str) -> str:
+    """The precision in use, in words, with the train.precision that chose it."""
+    used = "bf16 autocast" if _use_bf16(device, precision) else "fp32"
+    return f"{used} (train.precision={precision})"
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device):
@@ -67,6 +80,14 @@ def _optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.dev
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()}
+
+
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor made in the step on `device`: to CUDA through pinned memory, non_blocking (a
+    copy from pageable memory would synchronize the host with the device every micro-batch)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
@@ -100,13 +121,14 @@ def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan,
                     loader: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    (run_dir / "command.txt").write_text(" ".join([sys.executable, "-m", "engine.train"]
-                                                  + sys.argv[1:]) + "\n")
+    # One line per start in this directory: the original command first, then each resume's.
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(" ".join([sys.executable, "-m", "engine.train"] + sys.argv[1:]) + "\n")
     print(f"d2v-engine: {describe(dist.device, loader)}", file=sys.stderr)
     print(f"d2v-engine: {cfg.modality} run '{cfg.run.name}' in {run_dir}: world {dist.world_size} "
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
-          f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}",
-          file=sys.stderr, flush=True)
+          f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}, "
+          f"{_precision(dist.device, cfg.train.precision)}", file=sys.stderr, flush=True)
 
 
 def _wandb(cfg: Config) -> dict | None:
@@ -122,8 +144,27 @@ def train(cfg: Config) -> dict:
 
     While it runs, SIGTERM / SIGUSR1 stop it cleanly after the current step (engine.preemption).
     """
-    with StopSignals() as signals, contextlib.ExitStack() as cleanup:
-        return _train(cfg, signals, cleanup)
+    fresh = not cfg.run_dir.exists()
+    try:
+        with StopSignals() as signals, contextlib.ExitStack() as cleanup:
+            return _train(cfg, signals, cleanup)
+    except BaseException:
+        if fresh and int(os.environ.get("RANK", "0")) == 0:
+            _remove_failed_start(cfg.run_dir)
+        raise
+
+
+def _remove_failed_start(run_dir: Path) -> None:
+    """A start that failed before its first logged row leaves no directory behind (only what it
+    created itself is there: the start's info files, an empty metrics.jsonl, event files)."""
+    metrics = run_dir / "metrics.jsonl"
+    if list_checkpoints(run_dir) or (metrics.exists() and metrics.stat().st_size):
+        return
+    for name in ("config.yaml", "command.txt", "plan.json", "env.json", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only when nothing else is in it
 
 
 def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> dict:
@@ -140,23 +181,25 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
               flush=True)
     if cfg.train.dry_run:
         if dist.is_main:
-            write_plan(run_dir, run_plan.info)
+            path = write_plan(run_dir, run_plan.info)
+            print(f"d2v-engine: dry run (train.dry_run=true): nothing was trained; the plan is in "
+                  f"{path}", file=sys.stderr, flush=True)
         return {"step": 0, "losses": [], "run_dir": str(run_dir), "plan": run_plan.info,
                 "pid": os.getpid()}
     resume_from = _prepare_run_dir(cfg, dist)
 
     dataset, plan = run_plan.dataset, run_plan.batch
     loader_kind = choose_loader(cfg.data, cfg.modality)
-    vocab = getattr(dataset, "vocab_size", 0)
-    if cfg.modality == "text" and vocab > cfg.model.vocab_size:
-        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than "
-                          f"the data's vocabulary ({vocab})")
     peak_lr = scaled_lr(cfg.optim, plan.global_batch)
 
     torch.manual_seed(cfg.seed)
     encoder = build_model(cfg.model, cfg.modality)
     if cfg.model.init_from:  # student and teacher (its copy) start from these weights
         init_encoder(encoder, cfg.model.init_from, cfg.modality)
+        if dist.is_main:
+            print(f"d2v-engine: student and teacher encoders start from {cfg.model.init_from} "
+                  f"(model.init_from); the head is fresh, the run starts at step 0",
+                  file=sys.stderr)
     model = build_objective(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
     teacher = EMATeacher(encoder, teacher_shared_prefixes(encoder, cfg.objective.ema_scope))
     shard_student_and_teacher(model, teacher, cfg, dist)  # train.distributed=fsdp only
@@ -189,12 +232,22 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name,
                        "restart": restart_count()})
             print(f"d2v-engine: resumed from {resume_from} at step {start_step}", file=sys.stderr)
+            if start_step >= cfg.train.max_steps:
+                print(f"d2v-engine: the run is finished (step {start_step} of train.max_steps="
+                      f"{cfg.train.max_steps}): nothing to train; raise train.max_steps to go on",
+                      file=sys.stderr)
         print(f"d2v-engine: optimizer {describe_optimizer(optimizer)}; "
-              + (f"compiled ({cfg.train.compile_mode}, {len(buckets)} length buckets)"
+              + (f"compiled ({cfg.train.compile_mode}, {describe_buckets(cfg, buckets)})"
                  if cfg.train.compile else "eager"), file=sys.stderr)
+    peak_name, peak_tflops = device_peak(cfg, device)  # MFU's denominator (engine.flops)
+    if dist.is_main:
+        print(f"d2v-engine: MFU against {peak_name}"
+              + (f" {peak_tflops:.0f} TFLOP/s" if peak_tflops else ": mfu is null"),
+              file=sys.stderr)
 
     ddp = wrap_ddp(model, cfg, dist, plan.accumulation)  # DDP on several ranks (ddp mode)
     pad_value = getattr(dataset, "special_ids", {}).get("pad", 0)
+    crop_group = run_plan.info.get("crop_group", 0)
     first_step = FirstStepTimer(cfg.train.compile and dist.is_main, device)
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
     loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
@@ -207,11 +260,14 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     progress = Progress(cfg.train.max_steps, enabled=dist.is_main and cfg.train.progress)
     params = [p for p in model.parameters() if p.requires_grad]
     losses, preempted = [], False
-    # Skipped files, all ranks (the count rides the step's all-reduce); the paths are rank 0's,
-    # every rank prints its own to stderr.
-    bad_files, first_bad = bad_state.get("count", 0), list(bad_state.get("first", []))
+    # Skipped files, each counted once over all ranks and the whole run (resumes included): a
+    # rank's newly seen paths ride the step's all-reduce as a count, and only a step with any
+    # gathers them, so every rank keeps the same set. Every rank prints its own to stderr.
+    bad_seen = set(bad_state.get("paths", bad_state.get("first", [])))
+    first_bad = list(bad_state.get("first", []))
     stand_in = None  # this rank's last good micro-batch (see the skipped-files case below)
     last_log_time, last_log_step = time.time(), start_step
+    flops_since_log = tokens_since_log = 0.0  # all ranks, from each micro-batch's shape
     cycle_start, data_wait, last_wait_warning = time.perf_counter(), 0.0, -1e9
 
     model.train()
@@ -221,14 +277,13 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         masked = torch.zeros((), device=device)
-        step_bad = 0
+        new_bad, step_flops, step_tokens = [], 0.0, 0
         for micro in range(plan.accumulation):
             wait_start = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - wait_start
             if batch["bad_files"]:
-                step_bad += len(batch["bad_files"])
-                first_bad += batch["bad_files"][:max(0, 10 - len(first_bad))]
+                new_bad += [p for p in batch["bad_files"] if p not in bad_seen and p not in new_bad]
                 print(f"d2v-engine: rank {dist.rank} skipped bad files: {batch['bad_files']}",
                       file=sys.stderr)
             weight = 1.0
@@ -242,7 +297,13 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 batch = bucket_batch(batch, buckets, pad_value)
             if weight:
                 stand_in = batch
-            seeds = sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK).to(device)
+            seeds = _host_to_device(sample_seeds(cfg.seed, step, batch["position"], STREAM_MASK),
+                                    device)
+            if crop_group:  # audio: the crop group's masked count (engine.data.audio)
+                batch["group_seeds"] = sample_seeds(
+                    cfg.seed, step, group_positions(batch["position"][0], crop_group), STREAM_MASK)
+            micro_flops, micro_tokens = run_plan.flops.batch_flops(batch["source"].shape)
+            step_flops, step_tokens = step_flops + micro_flops, step_tokens + micro_tokens
             batch = _to_device(batch, device)
             # Seeded by the micro-batch's place in the global batch, not by (rank, micro), so
             # dropout does not depend on the world size either.
@@ -260,31 +321,42 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             loss_sum += micro_loss.detach().float()
             masked += out.masked * weight
 
-        # Fraction of this step's cycle (since the last one) spent waiting for the loader, and the
-        # files skipped: summed over ranks in the same all-reduce as the loss (one small copy to
-        # the device, no extra synchronization).
+        # Fraction of this step's cycle (since the last one) spent waiting for the loader, the
+        # files skipped, the FLOPs and tokens: summed over ranks in the same all-reduce as the
+        # loss (one small pinned copy to the device, no extra synchronization).
         now = time.perf_counter()
-        host_values = torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(step_bad)],
-                                   device=device)
+        host_values = _host_to_device(
+            torch.tensor([data_wait / max(now - cycle_start, 1e-9), float(len(new_bad)),
+                          step_flops, float(step_tokens)]), device)
         cycle_start, data_wait = now, 0.0
         totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, masked, signals.vote(device)]),
                                            host_values]))
+        forget_unused_blocks(model)  # FSDP with layerdrop: no gradient where no rank ran a block
         grad_scale = dist.world_size / totals[1].clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # The step's one host read (engine.guards): skip decision, stop votes, logged numbers.
-        loss_total, masked_total, stop_votes, wait_total, bad_total, grad_norm = \
-            torch.cat([totals, full_tensor(grad_norm).float().reshape(1)]).tolist()
-        bad_files += int(bad_total)
+        loss_total, masked_total, stop_votes, wait_total, bad_total, flops_total, tokens_total, \
+            grad_norm = torch.cat([totals, full_tensor(grad_norm).float().reshape(1)]).tolist()
+        flops_since_log, tokens_since_log = flops_since_log + flops_total, \
+            tokens_since_log + tokens_total
+        if bad_total:
+            for paths in all_gather_objects(new_bad):
+                first_bad += [p for p in paths if p not in bad_seen][:max(0, 10 - len(first_bad))]
+                bad_seen.update(paths)
         lr = optimizer.param_groups[0]["lr"]
         done = step + 1
-        apply = guard.update_ok(done, loss_total, grad_norm, masked_total)
+        apply = guard.update_ok(done, loss_total, grad_norm, masked_total, first_bad)
         if apply:
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update still moves the schedule on (engine.guards); torch warns when the
+            # optimizer has not stepped yet, which is the point of the skip.
+            warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)` before")
+            scheduler.step()
         decay = ema_decay_at(step, cfg.objective.ema_decay, cfg.objective.ema_end_decay,
-                             cfg.objective.ema_anneal_end_step)
+                             run_plan.info["schedule"]["ema_anneal_end_step"])
         if apply:
             teacher.update(model.encoder, decay)
         compile_s = first_step.stop()
@@ -297,14 +369,17 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             target_var, pred_var = (all_reduce_sum(torch.stack(
                 [channel_std(out.target), channel_std(out.pred)])) / dist.world_size).tolist()
             now = time.time()
+            elapsed = max(now - last_log_time, 1e-9)
             row = {
                 "step": done, "loss": loss, "lr": lr, "ema_decay": decay,
-                "samples_per_s": plan.global_batch * (done - last_log_step) / max(now - last_log_time, 1e-9),
+                "samples_per_s": plan.global_batch * (done - last_log_step) / elapsed,
+                **throughput(flops_since_log, tokens_since_log, elapsed, dist.world_size,
+                             peak_tflops),
                 "grad_norm": grad_norm,
                 "target_var": target_var,
                 "pred_var": pred_var,
                 "masked_per_step": masked_total,
-                "bad_files": bad_files,
+                "bad_files": len(bad_seen),
                 "bad_files_first": first_bad,
                 "skipped_steps": guard.skipped_steps,
                 "empty_steps": guard.empty_steps,
@@ -312,6 +387,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
             }
             last_wait_warning = warn_data_wait(row, last_wait_warning, dist.is_main)
             last_log_time, last_log_step = now, done
+            flops_since_log = tokens_since_log = 0.0
             losses.append(loss)
             log.write(row)
             progress.update(done, row)
@@ -325,7 +401,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                 "step": done, **states, "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
                 "guard": guard.state_dict(), "launch_id": launch_id(),
-                "bad_files": {"count": bad_files, "first": first_bad},
+                "bad_files": {"count": len(bad_seen), "first": first_bad,
+                              "paths": sorted(bad_seen)},
             }, must_succeed=done == stop or preempted)
         if preempted:
             stop = done
@@ -336,7 +413,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         log.write({"event": "preempted", "step": stop, "signal": signals.received})
         print(f"d2v-engine: stop requested ({signals.received or 'signal on another rank'}): "
               f"checkpoint at step {stop} written; resume with train.resume=true", file=sys.stderr)
-    elif dist.is_main and stop < cfg.train.max_steps:
+    elif dist.is_main and start_step < stop < cfg.train.max_steps:
+        log.write({"event": "stopped", "step": stop, "reason": "stop_at"})
         print(f"d2v-engine: stopped at step {stop} (train.stop_at); resume with train.resume=true",
               file=sys.stderr)
     log.close()

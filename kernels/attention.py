@@ -8,9 +8,10 @@ to the first path that supports the arguments (`attention_backend` says which on
                 fp16/bf16/fp32, D == Dv <= 128, any mask / bias / dropout;
   "flash_attn"  the flash-attn package when installed: CUDA fp16/bf16, no bias, no padding;
   "sdpa"        torch's scaled_dot_product_attention (everything else, e.g. float64, CPU).
-D2V_ATTENTION=triton|flash_attn|sdpa moves that path to the front (it still needs to support
-the arguments). A query row whose every key is excluded (a fully padded sample, or a bias row of
--inf) attends to nothing: its output is 0, and neither its output nor its gradients are NaN.
+Meta and fake tensors (the plan's FLOP and memory counts) take the d2v op pair of kernels.ops
+instead. D2V_ATTENTION=triton|flash_attn|sdpa moves that path to the front (it still needs to
+support the arguments). A query row whose every key is excluded (a fully padded sample, or a bias
+row of -inf) attends to nothing: its output is 0, and neither its output nor its gradients are NaN.
 
 Algorithm (FlashAttention-2 style, written for data2vec's shapes: no causal mask, T ~ 50-1000,
 D = 64, large B*H):
@@ -48,6 +49,7 @@ sequence (up to 256).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -124,6 +126,13 @@ def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropou
     """q, k, v B x H x T x D (fp16/bf16/fp32), B x Tk bool (True = ignore), bias H x Tq x Tk or
     B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype; dispatched as attention_backend says."""
     _check(q, k, v, key_padding_mask, attn_bias)
+    if _shape_only(q):
+        # Meta or fake tensors: the plan counting FLOPs and memory (engine.flops). The d2v op
+        # pair stands in for the flash kernels: one node each way, counted by FlashAttention's
+        # convention (kernels.ops), saving what the kernels save (out and lse, no T x T scores).
+        from kernels import ops
+        return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
+                             impl="triton")
     backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
@@ -164,6 +173,19 @@ def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
         if name == "sdpa":
             return name
     return "sdpa"
+
+
+def _shape_only(q: torch.Tensor) -> bool:
+    """Tensors with shapes and no data (meta device, or FakeTensorMode's)."""
+    if q.device.type == "meta":
+        return True
+    if torch.compiler.is_compiling():
+        # dynamo traces with fake tensors too, and refuses to trace is_fake: a compiled graph
+        # takes the backend's own branch below, which goes through the same op pair.
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(q)
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -357,25 +379,41 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in shapes]
 
-    def _prune(configs, named_args, **kwargs):
-        """Drop blocks far larger than the sequence (T=197 needs no 256 x 256 tiles of work)."""
+    def _shape(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+    def _prune(configs, named_args, plain_only=frozenset(), **kwargs):
+        """Drop blocks far larger than the sequence (T=197 needs no 256 x 256 tiles of work), and
+        the `plain_only` tiles where there is a bias or dropout."""
         bucket = named_args["T_BUCKET"]
+        plain = not kwargs.get("HAS_BIAS") and not kwargs.get("DROPOUT")
         kept = [c for c in configs
-                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(bucket, 64)]
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(bucket, 64)
+                and (plain or _shape(c) not in plain_only)]
         return kept or configs[:1]
 
-    # H100-oriented: 64/128 blocks, 4/8 warps, 2/3 stages; BLOCK_N=256 keeps all of a T<=256
-    # head's keys on chip in one step (no online rescaling) for the short image sequences.
-    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                             (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 2), (64, 256, 8, 2)])
-    _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-                             (32, 128, 4, 3), (128, 128, 8, 2)])
+    # Each list holds only configs that compile for the H100 (sm_90) without register spills at
+    # the base configs' launches (python -m kernels.compile_check, with triton 3.6 and 3.9). With
+    # the relative-position bias and dropout (image v1's student) the 128-row tiles and the
+    # 64 x 64 tiles with 4 warps spilled in the forward, dK/dV and d(bias) kernels (255 registers,
+    # 0.1-4 KB of spill stores), 64 x 256 everywhere, 32 x 128 (dQ) and 32 x 64 (forward) at
+    # text's shapes: the lists hold 32- and 64-row tiles, 8 warps for a 64 x 64 forward, and keep
+    # the larger forward tiles (the second list of _tuned) for launches without bias and dropout
+    # (the EMA teacher, image v2). The first config of a list is _prune's fallback.
+    _FWD_CONFIGS = [(64, 64, 8, 3), (64, 32, 4, 3)], [(128, 64, 8, 3), (128, 128, 8, 2)]
+    _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], []
+    _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)], []
+    _DBIAS_CONFIGS = [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)], []
     _KEY = ["T_BUCKET", "BLOCK_D", "HAS_BIAS", "HAS_PAD", "DROPOUT"]
 
-    def _tuned(configs):
+    def _tuned(lists):
+        """Autotuned on _KEY over everywhere + plain-only configs (see _prune)."""
+        everywhere, plain_only = lists
+        prune = functools.partial(_prune, plain_only=frozenset(plain_only))
+
         def wrap(fn):
-            return triton.autotune(configs, key=_KEY,
-                                   prune_configs_by={"early_config_prune": _prune})(fn)
+            return triton.autotune(_configs(everywhere + plain_only), key=_KEY,
+                                   prune_configs_by={"early_config_prune": prune})(fn)
         return wrap
 
     @triton.jit
@@ -655,6 +693,6 @@ if triton is not None:
                  acc.to(dBias.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
 
     _fwd_kernel = _tuned(_FWD_CONFIGS)(_fwd_kernel)
-    _bwd_dkdv_kernel = _tuned(_BWD_CONFIGS)(_bwd_dkdv_kernel)
-    _bwd_dq_kernel = _tuned(_BWD_CONFIGS)(_bwd_dq_kernel)
-    _bwd_dbias_kernel = _tuned(_BWD_CONFIGS)(_bwd_dbias_kernel)
+    _bwd_dkdv_kernel = _tuned(_DKDV_CONFIGS)(_bwd_dkdv_kernel)
+    _bwd_dq_kernel = _tuned(_DQ_CONFIGS)(_bwd_dq_kernel)
+    _bwd_dbias_kernel = _tuned(_DBIAS_CONFIGS)(_bwd_dbias_kernel)

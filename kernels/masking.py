@@ -116,16 +116,26 @@ def _per_sample_seeds(seed, batch: int, device) -> torch.Tensor:
         if seed.dtype != torch.int64 or seed.shape != (batch,):
             raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} "
                              f"{tuple(seed.shape)}")
-        return seed.to(device).contiguous()
+        return _from_host(seed, device).contiguous()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int or an int64 tensor of shape B, got "
                          f"{type(seed).__name__}")
     s = seed % 2**64
-    s = torch.tensor([s - 2**64 if s >= 2**63 else s], dtype=torch.int64, device=device)
+    s = _from_host(torch.tensor([s - 2**64 if s >= 2**63 else s], dtype=torch.int64), device)
     rows = torch.arange(batch, device=device)
     stream = _stream(s, _SEED)
     hi, lo = _bits(stream, 2 * rows)[0], _bits(stream, 2 * rows + 1)[0]
     return ((hi & 0x7FFFFFFF) << 32) | lo
+
+
+def _from_host(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`. From the host to CUDA through pinned memory with non_blocking=True: a copy
+    from pageable memory would synchronize the host with the device (pinning is only asked for on
+    a CUDA device, so a CPU-only torch never pins)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _smallest(bits: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -160,18 +170,23 @@ def _use_triton(device: torch.device) -> bool:
 
 
 def span_mask(lengths, max_len, mask_prob, mask_length, min_masks=0, seed=0,
-              require_same_masks=False):
-    """B int lengths -> B x max_len bool span mask (True = masked) on lengths.device."""
+              require_same_masks=False, same_count=None):
+    """B int lengths -> B x max_len bool span mask (True = masked) on lengths.device.
+
+    same_count (with require_same_masks): a 1-element int64 tensor, the count every row keeps
+    instead of the batch's smallest (the smallest of a larger group the batch is part of, as
+    the trainer's audio crop groups); rows with fewer masked steps keep them all.
+    """
     lengths, seeds = _check_span(lengths, max_len, mask_prob, mask_length, min_masks, seed)
     if _use_triton(lengths.device) and lengths.numel():
         return _span_mask_triton(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
-                                 require_same_masks)
+                                 require_same_masks, same_count=same_count)
     return _span_reference(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
-                           require_same_masks)
+                           require_same_masks, same_count)
 
 
 def span_mask_reference(lengths, max_len, mask_prob, mask_length, min_masks=0, seed=0,
-                        require_same_masks=False):
+                        require_same_masks=False, same_count=None):
     """Plain-PyTorch ground truth of span_mask: same arguments, B x max_len bool.
 
     A sample of length L masks num = max(min_masks, int(mask_prob * L / mask_length + U)) spans
@@ -181,7 +196,7 @@ def span_mask_reference(lengths, max_len, mask_prob, mask_length, min_masks=0, s
     """
     lengths, seeds = _check_span(lengths, max_len, mask_prob, mask_length, min_masks, seed)
     return _span_reference(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
-                           require_same_masks)
+                           require_same_masks, same_count)
 
 
 def _check_span(lengths, max_len, mask_prob, mask_length, min_masks, seed):
@@ -207,7 +222,7 @@ def _need_int(op, name, value, low):
 
 
 def _span_reference(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
-                    require_same_masks):
+                    require_same_masks, same_count=None):
     batch, device = lengths.shape[0], lengths.device
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     u = _bits(_stream(seeds, _SPAN_COUNT), zero)[:, 0]
@@ -222,13 +237,15 @@ def _span_reference(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
     mask = _spread(starts.long(), mask_length, max_len)
     mask &= torch.arange(max_len, device=device) < lengths[:, None]
     if require_same_masks and batch:
-        mask = _trim_to_min(mask, seeds)
+        mask = _trim_to_min(mask, seeds, same_count)
     return mask
 
 
-def _trim_to_min(mask, seeds):
-    """fairseq require_same_masks: keep a uniform subset of the batch's smallest masked count."""
-    target = mask.sum(1).min().expand(mask.shape[0])
+def _trim_to_min(mask, seeds, same_count=None):
+    """fairseq require_same_masks: keep a uniform subset of the batch's smallest masked count
+    (or of same_count)."""
+    target = mask.sum(1).min() if same_count is None else same_count.reshape(()).to(mask.device)
+    target = target.expand(mask.shape[0])
     t = torch.arange(mask.shape[1], device=mask.device)
     return _smallest(_bits(_stream(seeds, _SPAN_TRIM), t), mask, target)
 
@@ -557,13 +574,13 @@ _MAX_TRITON_WIDTH = 8192  # longer rows take the reference path (still on the de
 
 
 def _span_mask_triton(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
-                      require_same_masks, out=None):
+                      require_same_masks, out=None, same_count=None):
     """Checked span_mask arguments -> B x max_len bool by the kernels (into `out` when given)."""
     batch = lengths.shape[0]
     width = max(max_len, min_masks) + 1
     if width > _MAX_TRITON_WIDTH:
         return _span_reference(lengths, max_len, mask_prob, mask_length, min_masks, seeds,
-                               require_same_masks)
+                               require_same_masks, same_count)
     if out is None:
         out = torch.empty(batch, max_len, dtype=torch.bool, device=lengths.device)
     assert out.shape == (batch, max_len) and out.dtype == torch.bool and out.is_contiguous()
@@ -575,7 +592,9 @@ def _span_mask_triton(lengths, max_len, mask_prob, mask_length, min_masks, seeds
         num_warps=_warps(width),
     )
     if require_same_masks and max_len:
-        _trim_kernel[(batch,)](seeds, out.view(torch.uint8), counts.min().reshape(1), max_len,
+        target = counts.min().reshape(1) if same_count is None else \
+            same_count.reshape(1).to(device=lengths.device, dtype=torch.int64)
+        _trim_kernel[(batch,)](seeds, out.view(torch.uint8), target, max_len,
                                _salt(_SPAN_TRIM), BLOCK=triton.next_power_of_2(max_len),
                                num_warps=_warps(max_len))
     return out
@@ -602,7 +621,9 @@ def _token_mask_triton(tokens, special, seeds, rate, span, mask_id, keep_below, 
         selected.view(torch.uint8), table, len(exclude), length, rate, mask_id, keep_below,
         random_below, choices, _salt(_TOKEN_COUNT), _salt(_TOKEN_START), _salt(_TOKEN_REPLACE),
         _salt(_TOKEN_RANDOM), SPAN=span, BLOCK=triton.next_power_of_2(length),
-        num_warps=_warps(length),
+        # half the other kernels' warps: at 4 and 8, ptxas (triton 3.9) spills 4 bytes at text's
+        # 512 tokens (python -m kernels.compile_check); at 2 it does not
+        num_warps=max(2, _warps(length) // 2),
     )
     return out, selected
 

@@ -11,6 +11,10 @@ that gives the output shapes, and calls our dispatcher at run time.
   token_mask       d2v::token_mask        no gradient
   attention        d2v::attention_forward + d2v::attention_backward, tied by register_autograd
 
+FLOPs: torch.utils.flop_counter.FlopCounterMode sees the attention pair as two opaque nodes;
+the formulas registered below count them as FlashAttention does (engine.flops counts the plan's
+step with them).
+
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
 attn_bias, scale) -> (out, lse B x H x Tq fp32, fp64 for fp64 inputs), backward(grad_out, q, k, v, out, lse, ...) ->
 (dq, dk, dv, dbias). The op carries the name of the implementation: "triton" (our flash kernels;
@@ -30,6 +34,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from kernels import attention as _attention
 from kernels import masking as _masking
@@ -284,6 +289,26 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 _attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention_flops(q_shape, k_shape, v_shape) -> int:
+    """FlashAttention's count for one forward: S = Q K^T and O = P V, 2 FLOPs per multiply-add,
+    so 4 * B * H * Tq * Tk * D when Dv = D (softmax and masking not counted)."""
+    b, h, tq, d = q_shape
+    return 2 * b * h * tq * k_shape[2] * (d + v_shape[3])
+
+
+# torch.utils.flop_counter.FlopCounterMode sees the op pair as two opaque nodes: these formulas
+# count them, the backward as 2.5 x the forward (FlashAttention's convention: its backward
+# recomputes S, then dV, dP, dQ, dK: 5 matmuls against the forward's 2).
+@register_flop_formula(torch.ops.d2v.attention_forward)
+def _attention_forward_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return attention_flops(q, k, v)
+
+
+@register_flop_formula(torch.ops.d2v.attention_backward)
+def _attention_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 5 * attention_flops(q, k, v) // 2
 
 
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,

@@ -311,7 +311,9 @@ def _combine(ys, pad_bytes, out, eps, layer_norm, final_norm, count_pad, keep_pa
         _stats_kernel[(triton.cdiv(C, block_c), K, B)](
             ys[0], table, pad_arg, mean, rstd, B, T, C, eps,
             HAS_PAD=has_pad, COUNT_PAD=count_pad, ALIGN=align, BLOCK_T=32, BLOCK_C=block_c,
-            num_warps=4,
+            # 8 warps: with 4, ptxas (triton 3.9) spills at the padded audio shapes (96 registers
+            # and a 4-byte spill; python -m kernels.compile_check), with 8 it does not (80)
+            num_warps=8,
         )
     block_c = triton.next_power_of_2(C)
     block_r = max(1, min(64, 4096 // block_c))

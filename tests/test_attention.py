@@ -1,5 +1,7 @@
 """kernels.attention: the dispatcher, the interpreted Triton kernels and the plain math against an
 independent float64 formula."""
+import os
+
 import pytest
 import torch
 
@@ -108,6 +110,10 @@ from kernels import attention as attention_module  # noqa: E402
 from kernels.attention import attention_backend, flash_backward, flash_forward  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton interpreter on CPU tensors (set only "
+                                 "without CUDA); tests/test_cuda_kernels.py runs these kernels "
+                                 "compiled")
 
 
 @pytest.fixture
@@ -156,6 +162,7 @@ CASES = [  # B, H, Tq, Tk, D, dtype, key lengths, bias, interpreter blocks
 ]
 
 
+@INTERPRETER
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[2]}x{c[3]}-D{c[4]}-{str(c[5])[6:]}"
                          f"-{'pad' if c[6] else 'nopad'}-{c[7]}")
 def test_triton_output_and_grads_match_float64_math(case, blocks):
@@ -178,6 +185,7 @@ def test_triton_output_and_grads_match_float64_math(case, blocks):
         assert _rel(got, want) < tol, f"{case}: d{name} rel err {_rel(got, want):.2e}"
 
 
+@INTERPRETER
 @pytest.mark.parametrize("bias_kind", ["shared", "batched"])
 def test_triton_writes_every_output_element_of_poisoned_buffers(bias_kind, blocks):
     """A missed tail block, padded row or bias tile would stay NaN."""
@@ -202,6 +210,7 @@ def test_triton_writes_every_output_element_of_poisoned_buffers(bias_kind, block
         assert _rel(got, want) < 1e-5, f"d{name} rel err {_rel(got, want):.2e}"
 
 
+@INTERPRETER
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_fully_padded_rows_give_zero_output_and_finite_grads(dtype, blocks):
     blocks((16, 16))
@@ -220,6 +229,7 @@ def test_triton_fully_padded_rows_give_zero_output_and_finite_grads(dtype, block
     assert grads[1][1].abs().max().item() == 0 and grads[2][1].abs().max().item() == 0
 
 
+@INTERPRETER
 def test_triton_dropout_is_seeded_inverted_dropout_with_exact_gradients(blocks):
     blocks((16, 16))
     t, d, p = 19, 32, 0.3
@@ -250,6 +260,7 @@ def test_triton_dropout_is_seeded_inverted_dropout_with_exact_gradients(blocks):
     assert ((other != 0) != keep).any(), "another seed gave the same dropout mask"
 
 
+@INTERPRETER
 def test_attention_backend_picks_triton_for_what_it_supports(monkeypatch):
     q = torch.zeros(1, 2, 5, 64)
     assert attention_backend(q) == "triton"

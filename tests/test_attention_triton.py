@@ -1,9 +1,16 @@
 """The Triton flash attention (interpreted on CPU) against float64 math: output and the gradients
 of q, k, v and the additive bias, with key padding, both bias layouts, odd lengths, every dtype."""
+import os
+
 import pytest
 import torch
 
 from kernels.attention import attention, attention_backend, attention_reference
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton interpreter on CPU tensors (set only "
+                                "without CUDA); tests/test_cuda_kernels.py runs these kernels "
+                                "compiled")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytest.importorskip("nvidia.dali")
+
 from engine.config import DataConfig
 from engine.data import build_dataset
 from engine.data.audio import audio_info

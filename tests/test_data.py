@@ -211,11 +211,17 @@ def test_audio_collate_crops_to_shortest_or_pads_with_mask():
     assert (pad["source"][mask] == 0).all() and pad["label"].tolist() == ds.labels[:3]
 
 
-def test_audio_collate_random_crop_is_seeded():
+def test_audio_collate_random_crop_is_each_samples_own_draw():
     ds = build_dataset(cfg(AUDIO, augment=True), "audio")
-    samples = [ds.load(i, rng()) for i in (0, 1, 2, 3)]
-    a, b, c = (ds.collate(samples, rng(s))["source"] for s in (5, 5, 6))
+    a, b, c = (ds.collate([ds.load(i, rng(s + i)) for i in (0, 1, 2, 3)])["source"]
+               for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # A sample's crop does not depend on its batch-mates: the same sample in another batch, at
+    # the same length, sits at the same offset.
+    samples = [ds.load(i, rng(5 + i)) for i in (0, 1, 2, 3)]
+    length = min(s["source"].numel() for s in samples)
+    alone = ds.collate(samples[2:3], length=length)["source"][0]
+    assert torch.equal(alone, ds.collate(samples)["source"][2])
 
 
 def test_audio_min_sample_size_skips_and_reports():
@@ -238,19 +244,96 @@ def test_audio_reads_float32_wav_like_pcm16(tmp_path):
     assert ds.num_labels == 0 and "label" not in ds.load(0, rng())
 
 
+def test_audio_reads_flac_and_24_bit_wav_through_soundfile_like_pcm16(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    x = np.sin(np.linspace(0, 60, 5000)).astype(np.float32) * 0.5
+    write_wav(tmp_path / "a.wav", x)
+    soundfile.write(tmp_path / "b.flac", x, 16000, subtype="PCM_16")
+    soundfile.write(tmp_path / "c.wav", x, 16000, subtype="PCM_24")
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\nb.flac\t5000\nc.wav\t5000\n")
+    ds = build_dataset(cfg(tmp_path / "m.tsv", normalize=False, augment=False), "audio")
+    a = ds.load(0, rng())["source"]
+    for i in (1, 2):
+        b = ds.load(i, rng())["source"]
+        assert b.shape == a.shape == (5000,) and (a - b).abs().max() < 1e-4, (i, (a - b).abs().max())
+
+
 # ---------------------------------------------------------------- text
 
 
-def test_text_samples_are_bos_block_eos_covering_the_stream():
+def test_text_samples_are_bos_then_stream_blocks_as_fairseq_none():
+    # fairseq masked_lm: TokenBlockDataset(tokens_per_sample - 1, "none"), then <s> prepended.
     ds = build_dataset(cfg(TEXT, max_tokens=64), "text")
     ids = ds.special_ids
     samples = [ds.load(i, rng())["source"] for i in range(len(ds))]
     assert ds.vocab_size == 4096 and ids == dict(bos=0, pad=1, eos=2, unk=3, mask=4095), ids
     assert all(s.dtype == torch.int64 for s in samples)
-    assert all(s[0] == ids["bos"] and s[-1] == ids["eos"] for s in samples)
-    assert all(len(s) == 64 for s in samples[:-1]) and 3 <= len(samples[-1]) <= 64, len(samples[-1])
-    stream = torch.cat([s[1:-1] for s in samples])
+    assert all(s[0] == ids["bos"] for s in samples)
+    assert all(len(s) == 64 for s in samples[:-1]) and 2 <= len(samples[-1]) <= 64, len(samples[-1])
+    stream = torch.cat([s[1:] for s in samples])
     assert torch.equal(stream, torch.from_numpy(np.asarray(ds.tokens, dtype=np.int64)))
+
+
+def _token_folder(path: Path, doc_lengths, eos=2, vocab=100, seed=0) -> np.ndarray:
+    """A text folder whose documents have these lengths (each ending with </s>); the offsets."""
+    path.mkdir(parents=True, exist_ok=True)
+    meta = dict(vocab_size=vocab, bos=0, pad=1, eos=eos, unk=3, mask=vocab - 1)
+    (path / "meta.json").write_text(json.dumps(meta))
+    gen = np.random.default_rng(seed)
+    docs = [np.append(gen.integers(4, vocab - 1, n - 1), eos) for n in doc_lengths]
+    np.concatenate(docs).astype("<u2").tofile(path / "train.bin")
+    offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype("<i8")
+    offsets.tofile(path / "train.idx")
+    return offsets
+
+
+@pytest.mark.parametrize("max_tokens", [4, 9, 16])
+def test_complete_doc_blocks_never_cross_a_document_boundary_and_cover_every_token_once(
+        tmp_path, max_tokens):
+    lengths = [1, 3, 8, 9, 17, 2, 40, 8, 1, 5]  # around and across the block size
+    offsets = _token_folder(tmp_path, lengths)
+    ds = build_dataset(cfg(tmp_path, max_tokens=max_tokens, sample_break_mode="complete_doc"),
+                       "text")
+    block = max_tokens - 1
+    doc_of = np.searchsorted(offsets, ds.spans[:, 0], side="right") - 1
+    for (start, end), doc in zip(ds.spans, doc_of):
+        assert offsets[doc] <= start < end <= offsets[doc + 1], (start, end, offsets[doc:doc + 2])
+    # a document gets ceil(length / block) blocks: full ones, then its remainder
+    assert np.bincount(doc_of, minlength=len(lengths)).tolist() == [-(-n // block)
+                                                                      for n in lengths]
+    samples = [ds.load(i, rng())["source"] for i in range(len(ds))]
+    assert all(s[0] == 0 and 2 <= len(s) <= max_tokens for s in samples)
+    stream = torch.cat([s[1:] for s in samples])
+    assert torch.equal(stream, torch.from_numpy(np.asarray(ds.tokens, dtype=np.int64))), \
+        "every token must be in exactly one block, in stream order"
+    ends_doc = [end == offsets[doc + 1] for (_, end), doc in zip(ds.spans, doc_of)]
+    assert all((s[-1] == 2) == e for s, e in zip(samples, ends_doc)), \
+        "a block ends with </s> exactly when it ends its document (no </s> is added)"
+
+
+def test_complete_doc_pads_short_blocks_and_the_padding_is_masked(tmp_path):
+    _token_folder(tmp_path, [3, 10, 5])
+    ds = build_dataset(cfg(tmp_path, max_tokens=8, sample_break_mode="complete_doc"), "text")
+    batch = ds.collate([ds.load(i, rng()) for i in range(len(ds))], rng())
+    lengths = (~batch["padding_mask"]).sum(1).tolist()
+    assert lengths == [4, 8, 4, 6], lengths  # <s> + 3 | <s> + 7 | <s> + 3 | <s> + 5
+    assert (batch["source"][batch["padding_mask"]] == ds.special_ids["pad"]).all()
+
+
+def test_embedded_text_folder_loads_in_both_break_modes():
+    # data/text predates sample_break_mode: its .idx offsets are the document boundaries.
+    none = build_dataset(cfg(TEXT, max_tokens=64), "text")
+    doc = build_dataset(cfg(TEXT, max_tokens=64, sample_break_mode="complete_doc"), "text")
+    assert len(none) == -(-len(none.tokens) // 63)
+    assert len(doc) >= len(none.offsets) - 1 > len(none), (len(doc), len(none))
+    assert int((doc.sizes - 1).sum()) == int((none.sizes - 1).sum()) == len(doc.tokens)
+
+
+def test_unknown_sample_break_mode_is_a_config_error(tmp_path):
+    from engine.config import load_config
+
+    with pytest.raises(ConfigError, match="data.sample_break_mode"):
+        load_config(REPO / "configs/tiny_text.yaml", ["data.sample_break_mode=eos"])
 
 
 def test_text_collate_pads_with_pad_id_and_masks_padding():

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("transformers")  # the fixture exports to Hugging Face
+
 from engine.checkpoint import latest_checkpoint, load_checkpoint
 from engine.config import load_config
 from engine.errors import CheckpointError, ConfigError

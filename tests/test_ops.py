@@ -278,6 +278,31 @@ def test_run_directory_holds_config_command_env_report_metrics_and_dashboards(tm
         assert "wandb is not installed" in err
 
 
+def test_tensorboard_that_imports_but_is_broken_warns_and_logging_goes_on(tmp_path, capfd,
+                                                                          monkeypatch):
+    import importlib.machinery
+    import types
+
+    from engine.metrics import MetricsLog
+
+    # A tensorboard that imports (version and all) but whose parts are missing, as when one of
+    # its dependencies is absent: torch.utils.tensorboard fails while importing its writer.
+    broken = types.ModuleType("tensorboard")
+    broken.__version__ = "2.21.0"
+    broken.__spec__ = importlib.machinery.ModuleSpec("tensorboard", None)
+    for name in [n for n in sys.modules if n == "tensorboard" or n.startswith(
+            ("tensorboard.", "torch.utils.tensorboard"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", broken)
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write({"step": 1, "loss": 2.5})
+    log.close()
+    err = capfd.readouterr().err
+    assert "tensorboard installed but unusable" in err and "metrics.jsonl only" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert _rows(tmp_path) == [{"step": 1, "loss": 2.5}]
+
+
 def test_steps_without_any_readable_sample_skip_the_update_and_stop_after_the_limit(tmp_path):
     from engine.guards import UpdateGuard
     from engine.metrics import MetricsLog

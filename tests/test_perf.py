@@ -261,8 +261,8 @@ def test_fsdp_two_gloo_ranks_follow_the_one_rank_trajectory(tmp_path):
     for a, b in zip(fsdp, one):
         assert a == pytest.approx(b, rel=1e-5), (fsdp, one)
     # The checkpoint holds full (unsharded) tensors: loadable without FSDP.
-    state = torch.load(tmp_path / "fsdp" / "checkpoint_00000002.pt", weights_only=False)
-    one_state = torch.load(tmp_path / "one" / "checkpoint_00000003.pt", weights_only=False)
+    state = torch.load(tmp_path / "fsdp" / "checkpoint_00000002.pt", weights_only=True)
+    one_state = torch.load(tmp_path / "one" / "checkpoint_00000003.pt", weights_only=True)
     assert state["model"].keys() == one_state["model"].keys()
     for name, value in state["model"].items():
         assert type(value) is torch.Tensor and value.shape == one_state["model"][name].shape

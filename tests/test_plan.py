@@ -56,7 +56,8 @@ def test_dry_run_of_text_counts_tokens(tmp_path):
     plan = _dry("text", tmp_path)["plan"]
     tokens = (ROOT / "data/text/train.bin").stat().st_size // 2
     assert plan["data"]["tokens"] == tokens
-    assert plan["data"]["samples"] == -(-tokens // 62)  # blocks of max_tokens - 2
+    assert plan["data"]["samples"] == -(-tokens // 63)  # blocks of max_tokens - 1, then <s>
+    assert plan["data"]["sample_break_mode"] == "none"
 
 
 def test_real_runs_store_the_plan_too(tmp_path):

@@ -1,26 +1,27 @@
 """The CUDA C++ teacher-target extension (csrc/, kernels/_cuda.py, the dispatcher's choice).
 
 With a GPU (and nvcc or an installed d2v_cuda) the CUDA kernels are compared with the reference on
-fresh inputs into a NaN-poisoned allocation. Without one, the same tests check the other half of
-the contract: the loader answers None with a reason, never raises, and nothing dispatches to it.
+fresh inputs into a NaN-poisoned allocation; without one those tests are skipped ("needs CUDA").
+Every machine checks the other half of the contract: the loader answers None with a reason, never
+raises, and nothing dispatches to it.
 """
 import ast
 import itertools
-import os
 import re
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # as conftest: before triton is first imported
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels import _cuda, targets  # noqa: E402
+from kernels import _cuda, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.cuda.is_available()
 NORM_PAIRS = list(itertools.product(targets.NORMS, targets.NORMS))
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# fp32 accumulation of the same (widened) inputs as the reference: only the order of the fp32 sums
+# differs, a few ulp, for every input dtype.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+needs_cuda = pytest.mark.skipif(not GPU, reason="needs CUDA")
 
 
 def cuda_module():
@@ -163,15 +164,14 @@ def test_bad_backend_name_is_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA numerics (GPU machines; elsewhere the graceful-None assertion)
+# CUDA numerics (GPU machines only)
 
 
+@needs_cuda
 @pytest.mark.parametrize("padding", ["exclude", "include"])
-@pytest.mark.parametrize("layer_norm,final_norm", NORM_PAIRS if GPU else NORM_PAIRS[:1])
+@pytest.mark.parametrize("layer_norm,final_norm", NORM_PAIRS)
 def test_cuda_matches_reference_for_every_norm_pair(layer_norm, final_norm, padding):
     module = cuda_module()
-    if module is None:
-        return
     layers = make_layers(3, 4, 49, 96, torch.float32, seed=2)
     pad = make_padding(4, 49, seed=2)
     got = run_cuda(module, layers, pad, layer_norm, final_norm, padding)
@@ -179,33 +179,30 @@ def test_cuda_matches_reference_for_every_norm_pair(layer_norm, final_norm, padd
                              f"{layer_norm}/{final_norm}/{padding}")
 
 
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layer_norm,final_norm", NORM_PAIRS if GPU else NORM_PAIRS[:1])
+@pytest.mark.parametrize("layer_norm,final_norm", NORM_PAIRS)
 def test_cuda_matches_reference_at_vit_shape(dtype, layer_norm, final_norm):
     module = cuda_module()
-    if module is None:
-        return
     layers = make_layers(6, 3, 197, 768, dtype, seed=3)
     got = run_cuda(module, layers, None, layer_norm, final_norm)
     assert_matches_reference(got, layers, None, layer_norm, final_norm, what=f"{dtype}")
 
 
-@pytest.mark.parametrize("k", list(range(1, 13)) if GPU else [1])
+@needs_cuda
+@pytest.mark.parametrize("k", list(range(1, 13)))
 def test_cuda_matches_reference_for_k_layers(k):
     module = cuda_module()
-    if module is None:
-        return
     layers = make_layers(k, 3, 49, 64, torch.bfloat16, seed=4 + k)
     pad = make_padding(3, 49, seed=k)
     got = run_cuda(module, layers, pad, "instance", "layer")
     assert_matches_reference(got, layers, pad, "instance", "layer", what=f"K={k}")
 
 
-@pytest.mark.parametrize("c", [1, 7, 100, 1000, 2048] if GPU else [7])
+@needs_cuda
+@pytest.mark.parametrize("c", [1, 7, 100, 1000, 2048])
 def test_cuda_unvectorized_and_wide_channel_counts(c):
     module = cuda_module()
-    if module is None:
-        return
     for dtype in (torch.float32, torch.bfloat16):
         layers = make_layers(2, 2, 33, c, dtype, seed=c)
         pad = make_padding(2, 33, seed=c)
@@ -214,10 +211,9 @@ def test_cuda_unvectorized_and_wide_channel_counts(c):
             assert_matches_reference(got, layers, pad, *norms, what=f"C={c} {dtype} {norms}")
 
 
+@needs_cuda
 def test_cuda_reads_strided_views_and_stacked_tensors():
     module = cuda_module()
-    if module is None:
-        return
     stacked = torch.randn(4, 2, 50, 128, device="cuda").bfloat16()
     views = list(stacked.unbind(0))
     strided = [torch.randn(2, 60, 256, device="cuda")[:, 5:55, 64:192] for _ in range(3)]
@@ -226,10 +222,9 @@ def test_cuda_reads_strided_views_and_stacked_tensors():
         assert_matches_reference(got, layers, None, "instance", "layer", what="views")
 
 
+@needs_cuda
 def test_cuda_rejects_what_it_cannot_run():
     module = cuda_module()
-    if module is None:
-        return
     too_many = [torch.randn(1, 4, 8, device="cuda")] * (module.MAX_LAYERS + 1)
     assert not module.supports(too_many)
     assert not module.supports([torch.randn(1, 4, 4096, device="cuda")])

@@ -3,9 +3,11 @@
     dataset = build_dataset(cfg.data, cfg.modality, split="train")
     len(dataset); dataset.num_labels; dataset.describe()
     sample = dataset.load(index, rng)       # {"source": tensor, "label": int when labelled}
-    batch = dataset.collate(samples, rng)   # {"source", "padding_mask" (or None), "label"?}
+    batch = dataset.collate(samples)        # {"source", "padding_mask" (or None), "label"?}
 
-All randomness comes from the numpy Generator `rng`, and only when data.augment is true. A file
+All randomness comes from the numpy Generator `rng` of each sample's load, and only when
+data.augment is true; collate draws nothing (its `rng` argument is accepted and unused), so a
+sample's augmentation does not depend on its batch-mates. A file
 that cannot be decoded raises DataError, or BadSample (a DataError carrying `.path`) when
 data.on_bad_file is "skip": the loader catches BadSample, counts it and draws another index.
 """

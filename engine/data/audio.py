@@ -6,9 +6,20 @@ to the manifest's own folder); every other line is `relative/path.wav<TAB>num_sa
 
 Semantics follow fairseq's RawAudioDataset: entries shorter than data.min_sample_size are dropped
 using the manifest sizes; each waveform is normalized over the whole utterance (layer norm without
-affine) before it is cropped to data.max_sample_size; a batch is cropped to its shortest sample, or
-zero-padded to its longest with a padding mask when data.pad_audio. A file at another sample rate
-is resampled when data.resample, else a bad file; several channels are always a bad file.
+affine) before it is cropped to data.max_sample_size; batches are cropped to a shortest clip
+(below), or zero-padded to their longest with a padding mask when data.pad_audio. A file at another
+sample rate is resampled when data.resample, else a bad file; several channels are always a bad
+file.
+
+Crop groups. fairseq crops each GPU's batch to its shortest clip (and gives its rows one masked
+count, require_same_masks), so its crops depend on how the global batch is cut. Here the global
+batch is cut into fixed groups of data.crop_group consecutive positions (the paper's per-GPU
+batch; 0: the whole global batch), and every clip of a group is cropped to the group's shortest:
+the clip lengths come from the file headers (crop_length), each clip's offset from its own
+generator (seed, step, position). A sample's crop therefore depends on the seed, the step, its
+position and its group's lengths, never on the world size, the micro-batch or the accumulation;
+the trainer gives a group's rows one masked count the same way (engine.data2vec). A micro-batch
+holds whole groups' parts only: train.micro_batch must divide data.crop_group (engine.plan).
 """
 from __future__ import annotations
 
@@ -50,9 +61,17 @@ def _wav_chunks(data: bytes, total: int) -> tuple[bytes, int, int]:
     return fmt, *payload
 
 
-def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
+class UnsupportedEncoding(ValueError):
+    """A well-formed WAV or FLAC file that the built-in decoder cannot read and the optional
+    soundfile package, which can, is not installed."""
+
+
+SOUNDFILE_FIX = "pip install soundfile, or pip install -e '.[audio]'"
+
+
+def _wav_header(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
     """(format code, channels, rate, bits, data offset, data size) of a RIFF/WAVE file (its first
-    bytes `data` of `total`, or all of it); ValueError if damaged or not 16-bit PCM / float32."""
+    bytes `data` of `total`, or all of it), any encoding; ValueError if damaged."""
     fmt, offset, size = _wav_chunks(data, len(data) if total is None else total)
     code = int.from_bytes(fmt[0:2], "little")
     channels = int.from_bytes(fmt[2:4], "little")
@@ -62,9 +81,18 @@ def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, i
         code = int.from_bytes(fmt[24:26], "little")  # first bytes of the sub-format GUID
     if channels < 1:
         raise ValueError("no channels")
+    if bits < 8 or bits % 8:
+        raise ValueError(f"{bits} bits per sample")
+    return code, channels, rate, bits, offset, size
+
+
+def _wav_format(data: bytes, total: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """_wav_header, and UnsupportedEncoding unless 16-bit PCM or 32-bit float (what read_wav
+    decodes without a dependency)."""
+    code, channels, rate, bits, offset, size = _wav_header(data, total)
     if (code, bits) not in ((_PCM, 16), (_FLOAT, 32)):
-        raise ValueError(f"unsupported encoding (format {code}, {bits} bits); "
-                         "use 16-bit PCM or 32-bit float")
+        raise UnsupportedEncoding(f"unsupported encoding (format {code}, {bits} bits); "
+                                  "use 16-bit PCM or 32-bit float")
     return code, channels, rate, bits, offset, size
 
 
@@ -90,7 +118,7 @@ def audio_info(data: bytes, total: int | None = None) -> tuple[int, int, int]:
         raise ValueError("empty file")
     if data[:4] == b"fLaC":
         return _flac_info(data, total)
-    code, channels, rate, bits, _, size = _wav_format(data, total)
+    code, channels, rate, bits, _, size = _wav_header(data, total)
     return rate, channels, size // (bits // 8) // channels
 
 
@@ -147,14 +175,16 @@ def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
     if path.suffix.lower() == ".wav":
         try:
             return read_wav(path)
-        except ValueError as e:
-            if not str(e).startswith("unsupported encoding"):
-                raise
+        except UnsupportedEncoding:
+            pass
     try:
         import soundfile
     except ImportError:
-        raise ValueError(f"decoding {path.suffix or 'this file'} needs the soundfile package "
-                         "(pip install soundfile) or the DALI loader (data.loader=dali)") from None
+        with open(path, "rb") as f:  # a damaged header is damage, whatever decodes it
+            audio_info(f.read(_HEAD_BYTES), os.fstat(f.fileno()).st_size)
+        raise UnsupportedEncoding(
+            f"decoding this {path.suffix or 'file'} needs the soundfile package ({SOUNDFILE_FIX})"
+            " or the DALI loader (data.loader=dali)") from None
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:
@@ -185,6 +215,16 @@ def read_manifest(manifest: Path) -> tuple[Path, list[tuple[str, int]]]:
     if not root.is_dir():
         raise DataError(f"{manifest}: root folder {root} not found")
     return root, entries
+
+
+def crop_start(u: float, size: int, length: int) -> int:
+    """Offset of a `length` crop in a clip of `size` samples from the clip's uniform draw u."""
+    return min(int(u * (size - length + 1)), size - length)
+
+
+def crop_group_size(cfg: DataConfig, global_batch: int) -> int:
+    """Positions per crop group (module docstring); 0 when batches are padded, not cropped."""
+    return 0 if cfg.pad_audio else (cfg.crop_group or global_batch)
 
 
 def check_format(cfg: DataConfig, path: Path, rate: int, channels: int, frames: int) -> None:
@@ -235,8 +275,25 @@ class AudioManifestDataset:
         check_format(self.cfg, path, rate, channels, samples.shape[0])
         return resample(samples[:, 0], rate, self.cfg.sample_rate)
 
+    def clip_length(self, index: int) -> int | None:
+        """Samples that load(index) returns, from the file's header alone (resampled length,
+        capped at data.max_sample_size); None for a file the loaders reject."""
+        path = self.root / self.files[index]
+        try:
+            rate, channels, frames = audio_file_info(path)
+            check_format(self.cfg, path, rate, channels, frames)
+        except (OSError, ValueError, DataError):
+            return None
+        return min(-(-frames * self.cfg.sample_rate // rate), self.cfg.max_sample_size)
+
+    def crop_length(self, indices) -> int:
+        """A crop group's length: its shortest clip (header lengths; rejected files left out)."""
+        lengths = [n for n in map(self.clip_length, indices) if n is not None]
+        return min(lengths) if lengths else 0
+
     def load(self, index: int, rng: np.random.Generator) -> dict:
-        """Sample `index`: "source" L float32 with L <= data.max_sample_size (+ "label" int)."""
+        """Sample `index`: "source" L float32 with L <= data.max_sample_size (+ "label" int), and
+        "crop_u", the uniform draw that places its crop in a shorter batch (collate)."""
         wav = torch.from_numpy(np.ascontiguousarray(self.read(self.root / self.files[index])))
         if self.cfg.normalize:
             wav = F.layer_norm(wav, wav.shape)
@@ -244,15 +301,17 @@ class AudioManifestDataset:
         if excess > 0:
             start = int(rng.integers(0, excess + 1)) if self.cfg.augment else 0
             wav = wav[start:start + self.cfg.max_sample_size]
-        sample = {"source": wav.contiguous()}
+        sample = {"source": wav.contiguous(), "crop_u": float(rng.random())}
         if self.labels is not None:
             sample["label"] = self.labels[index]
         return sample
 
-    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+    def collate(self, samples: list[dict], rng: np.random.Generator | None = None, *,
+                length: int | None = None) -> dict:
         """"source" B x L float32. data.pad_audio: L = longest, "padding_mask" B x L bool (True =
-        pad); else L = shortest (longer ones cropped, random offset when data.augment), mask None.
-        """
+        pad); else L = `length` (the crop group's, crop_length) or the shortest sample, each
+        longer one cropped at its own "crop_u" draw when data.augment, mask None. `rng` is not
+        used: every draw is the sample's own, so a crop does not depend on its batch-mates."""
         assert samples, "collate needs at least one sample"
         sizes = [s["source"].numel() for s in samples]
         if self.cfg.pad_audio:
@@ -263,11 +322,14 @@ class AudioManifestDataset:
                 source[i, :n] = s["source"]
                 padding_mask[i, :n] = False
         else:
-            length = min(sizes)
+            length = min(sizes) if length is None else length
             rows = []
             for s, n in zip(samples, sizes):
-                crop_randomly = self.cfg.augment and n > length
-                start = int(rng.integers(0, n - length + 1)) if crop_randomly else 0
+                if n < length:
+                    raise DataError(f"the audio clip at position {s.get('position')} of step "
+                                    f"{s.get('step')} decoded to {n} samples, fewer than the "
+                                    f"{length} its crop group's file headers announce")
+                start = crop_start(s["crop_u"], n, length) if self.cfg.augment else 0
                 rows.append(s["source"][start:start + length])
             source, padding_mask = torch.stack(rows), None
         batch = {"source": source, "padding_mask": padding_mask}

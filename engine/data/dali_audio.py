@@ -1,14 +1,14 @@
 """DALI audio loader: the manifest's WAV and FLAC files read and decoded by DALI.
 
 Same files, labels and random draws as audio.AudioManifestDataset + its collate: the per-utterance
-crop offset (data.max_sample_size) and the batch crop to the shortest sample come from the same
-numpy generators, computed from the lengths in the file headers (after resampling: ceil(frames x
-sample_rate / rate), what DALI produces). DALI reads each file on its threads (fn.io.file.read:
-Python never copies the samples) and decodes it (fn.decoders.audio, resampling to
-data.sample_rate only when data.resample). Then each utterance is normalized over its whole
-length (layer norm, no affine), its window is kept, and the batch is zero-padded to the longest
-(data.pad_audio) with the padding mask built from the known lengths: "source" B x L float32 on the
-loader's device, "padding_mask" B x L bool (True = pad) or None.
+crop offset (data.max_sample_size) and the crop to the crop group's shortest clip come from the
+same per-sample numpy generators and the same header lengths (after resampling: ceil(frames x
+sample_rate / rate), what DALI produces; AudioManifestDataset.crop_length). DALI reads each file on
+its threads (fn.io.file.read: Python never copies the samples) and decodes it (fn.decoders.audio,
+resampling to data.sample_rate only when data.resample). Then each utterance is normalized over its
+whole length (layer norm, no affine), its window is kept, and the batch is zero-padded to the
+longest (data.pad_audio) with the padding mask built from the known lengths: "source" B x L float32
+on the loader's device, "padding_mask" B x L bool (True = pad) or None.
 
 Where that arithmetic runs: on the GPU, in the DALI graph (fn.normalize, fn.slice, fn.pad). On the
 CPU, in torch on the decoded utterances (F.layer_norm, as the torch loader, so the two agree
@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.audio import AudioManifestDataset, audio_file_info, check_format
+from engine.data.audio import AudioManifestDataset, audio_file_info, check_format, crop_start
 from engine.data.common import bad_file
-from engine.data.dali_common import DaliLoader, collate_rng, one_torch_thread
+from engine.data.dali_common import DaliLoader, one_torch_thread
+from engine.data.loader import check_crop_group, global_batch_indices, group_positions
 from engine.errors import DataError
 
 _LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the torch path
@@ -39,12 +40,14 @@ class DaliAudioLoader(DaliLoader):
 
     num_inputs = 3  # file path (utf-8 bytes), start and length of the window kept
 
-    def __init__(self, dataset: AudioManifestDataset, *args, **kwargs):
+    def __init__(self, dataset: AudioManifestDataset, *args, crop_group: int = 0, **kwargs):
         super().__init__(dataset, *args, **kwargs)
         from nvidia.dali import types
 
         self.input_dtypes = (types.UINT8, types.INT64, types.INT64)
         self.cfg = dataset.cfg
+        check_crop_group(crop_group, self.plan)
+        self.crop_group = crop_group  # positions per crop group; 0: crop to the micro-batch
 
     def path_of(self, index: int) -> str:
         return str(self.dataset.root / self.dataset.files[index])
@@ -67,19 +70,25 @@ class DaliAudioLoader(DaliLoader):
         arrays = [np.frombuffer(path.encode(), dtype=np.uint8), np.array([start], dtype=np.int64),
                   np.array([length], dtype=np.int64)]
         label = self.dataset.labels[index] if self.dataset.labels is not None else None
-        return arrays, {"label": label, "length": length}
+        # The draw AudioManifestDataset.load makes next: where the clip's crop sits in its group's.
+        return arrays, {"label": label, "length": length, "crop_u": float(rng.random())}
 
     def plan_batch(self, prepared, facts) -> None:
-        """The batch crop of AudioManifestDataset.collate, folded into each sample's window."""
+        """The crop of AudioManifestDataset.collate to the crop group's length, folded into each
+        sample's window."""
         sizes = [f["length"] for f in facts]
         if self.cfg.pad_audio:
             prepared.extra["lengths"] = sizes
         else:
-            rng = collate_rng(self.seed, prepared.step, prepared.first_position)
             shortest = min(sizes)
-            for start, length, n in zip(prepared.inputs[1], prepared.inputs[2], sizes):
-                crop_randomly = self.cfg.augment and n > shortest
-                start += int(rng.integers(0, n - shortest + 1)) if crop_randomly else 0
+            if self.crop_group:
+                indices = global_batch_indices(len(self.dataset), self.plan.global_batch,
+                                               self.seed, prepared.step)
+                members = group_positions(prepared.first_position, self.crop_group)
+                shortest = self.dataset.crop_length(indices[list(members)])
+            for start, length, n, fact in zip(prepared.inputs[1], prepared.inputs[2], sizes,
+                                              facts):
+                start += crop_start(fact["crop_u"], n, shortest) if self.cfg.augment else 0
                 length[0] = shortest
         if self.dataset.labels is not None:
             prepared.extra["label"] = [f["label"] for f in facts]

@@ -62,11 +62,6 @@ def sample_rng(seed: int, step: int, position: int) -> np.random.Generator:
     return np.random.default_rng(mix_seed(seed, step, position, STREAM_DATA))
 
 
-def collate_rng(seed: int, step: int, first_position: int) -> np.random.Generator:
-    """The generator the torch loader hands dataset.collate() for this micro-batch."""
-    return np.random.default_rng(mix_seed(seed, step, first_position, STREAM_DATA, 1))
-
-
 @dataclass
 class Prepared:
     """One micro-batch made ready for DALI: per-sample inputs of the good samples, the bad ones."""

@@ -157,7 +157,7 @@ class ImageFolderDataset:
             sample["label"] = self.labels[index]
         return sample
 
-    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+    def collate(self, samples: list[dict], rng: np.random.Generator | None = None) -> dict:
         """Stacks samples: "source" B x 3 x S x S float32, "padding_mask" None, "label" B int64."""
         batch = {"source": torch.stack([s["source"] for s in samples]), "padding_mask": None}
         return with_labels(batch, samples)

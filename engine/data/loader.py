@@ -5,7 +5,8 @@ The run is defined by its global batch. Which samples form global batch `step` d
 that does not fill one is dropped). Each rank takes its micro-batches from that global batch, so
 the data position of a run is its step alone and a resumed run reads exactly what an
 uninterrupted one would. Every sample's augmentation is seeded by (seed, step, its position in the
-global batch), so it does not depend on the world size either.
+global batch), and audio crops to a length fixed per crop group (engine.data.audio), so neither
+depends on the world size or the micro-batch.
 """
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def global_batch_indices(num_samples: int, global_batch: int, seed: int, step: i
     epoch, pos = divmod(step, per_epoch)
     perm = np.random.default_rng(mix_seed(seed, epoch, 0x5EED)).permutation(num_samples)
     return perm[pos * global_batch:(pos + 1) * global_batch]
+
+
+def group_positions(position: int, group: int) -> range:
+    """Positions of the group of `group` consecutive positions of the global batch that holds
+    `position` (audio crop groups, engine.data.audio)."""
+    first = int(position) // group * group
+    return range(first, first + group)
+
+
+def check_crop_group(crop_group: int, plan: BatchPlan) -> None:
+    """ConfigError when a micro-batch would hold parts of two crop groups (engine.plan)."""
+    if crop_group and (crop_group % plan.micro_batch or plan.global_batch % crop_group):
+        raise ConfigError(f"config key 'data.crop_group': {crop_group} must divide the global "
+                          f"batch ({plan.global_batch}) and be a multiple of the micro-batch "
+                          f"({plan.micro_batch})")
 
 
 class GlobalBatchSampler:
@@ -96,15 +112,22 @@ class _Keyed(torch.utils.data.Dataset):
 
 
 class _Collate:
-    def __init__(self, dataset, seed: int):
+    def __init__(self, dataset, seed: int, global_batch: int, crop_group: int):
         self.dataset, self.seed = dataset, seed
+        self.global_batch, self.crop_group = global_batch, crop_group
+
+    def crop_length(self, step: int, position: int) -> int:
+        """Audio: the length of the crop group holding `position` (engine.data.audio)."""
+        indices = global_batch_indices(len(self.dataset), self.global_batch, self.seed, step)
+        return self.dataset.crop_length(indices[list(group_positions(position, self.crop_group))])
 
     def __call__(self, samples):
         good = [s for s in samples if "bad" not in s]
         bad = [s["bad"] for s in samples if "bad" in s]
         step = samples[0]["step"]
-        rng = np.random.default_rng(mix_seed(self.seed, step, samples[0]["position"], STREAM_DATA, 1))
-        batch = self.dataset.collate(good, rng) if good else {}
+        crop = {"length": self.crop_length(step, samples[0]["position"])} \
+            if self.crop_group and good else {}
+        batch = self.dataset.collate(good, **crop) if good else {}
         batch["position"] = torch.tensor([s["position"] for s in good], dtype=torch.long)
         batch["step"] = step
         batch["bad_files"] = bad
@@ -112,13 +135,15 @@ class _Collate:
 
 
 def make_loader(dataset, plan: BatchPlan, rank: int, seed: int, start_step: int, max_steps: int,
-                num_workers: int = 0, skip_bad: bool = False) -> DataLoader:
-    """A DataLoader over this rank's micro-batches of steps start_step .. max_steps - 1."""
+                num_workers: int = 0, skip_bad: bool = False, crop_group: int = 0) -> DataLoader:
+    """A DataLoader over this rank's micro-batches of steps start_step .. max_steps - 1; audio
+    micro-batches cropped to their crop group's length when crop_group (engine.data.audio)."""
+    check_crop_group(crop_group, plan)
     sampler = GlobalBatchSampler(len(dataset), plan, rank, seed, start_step, max_steps)
     return DataLoader(
         _Keyed(dataset, seed, skip_bad),
         batch_sampler=sampler,
-        collate_fn=_Collate(dataset, seed),
+        collate_fn=_Collate(dataset, seed, plan.global_batch, crop_group),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import DataConfig
+from engine.data.audio import crop_group_size
 from engine.data.dali_common import dali_available
 from engine.data.loader import BatchPlan, make_loader
 from engine.errors import ConfigError
@@ -50,12 +51,14 @@ def build_loader(dataset, data_cfg: DataConfig, modality: str, plan: BatchPlan, 
     """This rank's micro-batches of steps start_step .. max_steps - 1 from the chosen loader."""
     kind = kind or choose_loader(data_cfg, modality)
     skip_bad = data_cfg.on_bad_file == "skip"
+    crop = {"crop_group": crop_group_size(data_cfg, plan.global_batch)} \
+        if modality == "audio" else {}
     if kind == "torch":
         return make_loader(dataset, plan, rank, seed, start_step, max_steps,
-                           num_workers=data_cfg.num_workers, skip_bad=skip_bad)
+                           num_workers=data_cfg.num_workers, skip_bad=skip_bad, **crop)
     if modality == "image":
         from engine.data.dali_images import DaliImageLoader as Loader
     else:
         from engine.data.dali_audio import DaliAudioLoader as Loader
     return Loader(dataset, plan, rank, seed, start_step, max_steps,
-                  num_threads=data_cfg.num_workers, skip_bad=skip_bad, device=device)
+                  num_threads=data_cfg.num_workers, skip_bad=skip_bad, device=device, **crop)

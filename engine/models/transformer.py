@@ -49,6 +49,11 @@ class Block(nn.Module):
     The FFN branch is fairseq's "fc" layer result: post-LN, fc2's output before dropout (wav2vec 2.0
     and fairseq TransformerEncoderLayer; AltBlock's ffn target); pre-LN, BEiT's
     fc_feature = drop_path(gamma_2 * mlp).
+    It is returned only when asked for (`branch`, the teacher's return_layers), else None: fc2's
+    output on B x T x C is a view (linear folds to 2-D and views back), and FSDP2 registers its
+    pre-backward hook on every grad-requiring output of a sharded block, warning for views since an
+    in-place op on one would drop the hook. The student never uses the branch, so it is not
+    returned, and the teacher asks for it under no_grad, where FSDP2 registers no hook.
 
     Post-LN: x = attn_norm(x + drop_path(dropout(attn(x)))); out = ffn_norm(x + drop_path(
     dropout(mlp(x)))) (drop path as AltBlock; 0 in the reference's v1 audio / text layers).
@@ -79,8 +84,8 @@ class Block(nn.Module):
     def _mlp(self, x):
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
 
-    def forward(self, x, key_padding_mask=None, attn_bias=None):
-        """x: B x T x C -> (B x T x C output, B x T x C FFN branch)."""
+    def forward(self, x, key_padding_mask=None, attn_bias=None, branch=True):
+        """x: B x T x C -> (B x T x C output, B x T x C FFN branch, or None without `branch`)."""
         if self.pre_ln:
             a = self.dropout(self.attn(self.attn_norm(x), key_padding_mask, attn_bias))
             if self.gamma_1 is not None:
@@ -90,12 +95,19 @@ class Block(nn.Module):
             if self.gamma_2 is not None:
                 fc = self.gamma_2 * fc
             fc = drop_path(fc, self.drop_path, self.training)
-            return x + fc, fc
+            return x + fc, fc if branch else None
         a = self.dropout(self.attn(x, key_padding_mask, attn_bias))
         x = self.attn_norm(x + drop_path(a, self.drop_path, self.training))
         fc = self._mlp(x)
         out = drop_path(self.dropout(fc), self.drop_path, self.training)
-        return self.ffn_norm(x + out), fc
+        return self.ffn_norm(x + out), fc if branch else None
+
+
+def _rng_restored(device: torch.device):
+    """Restores the CPU RNG state (and `device`'s, for an accelerator) on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 class BlockStack(nn.Module):
@@ -103,7 +115,8 @@ class BlockStack(nn.Module):
 
     def __init__(self, cfg, pre_ln: bool, k_bias: bool = True, eps: float = 1e-5):
         super().__init__()
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        # On the CPU explicitly: the plan builds models on the meta device (engine.flops).
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.layerdrop = cfg.layerdrop
         # Recompute each block's activations in backward (memory for compute); only the student's
         # backward pays it, the teacher runs under no_grad.
@@ -114,23 +127,41 @@ class BlockStack(nn.Module):
                   k_bias=k_bias, eps=eps)
             for i in range(cfg.depth)
         )
+        # FSDP (engine.parallel sets it): every rank must gather every block in the same order,
+        # but each rank draws its own layerdrop. A dropped block then still runs, its output
+        # weighted 0: x + 0 * (block(x) - x) is x and passes x's gradient through unchanged, as
+        # skipping does, and gives the block's parameters a zero gradient on this rank (which is
+        # what DDP reduces for a parameter this rank did not use). The RNG state is restored
+        # after it, so later dropout and layerdrop draws are those of a skip. `runs` counts, per
+        # block, the micro-batches that kept it since engine.parallel.forget_unused_blocks last
+        # read it.
+        self.run_dropped = False
+        self.runs = [0] * len(self.blocks)
+
+    def _block(self, block, x, key_padding_mask, attn_bias, return_layers):
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
+                                                     return_layers, use_reentrant=False)
+        return block(x, key_padding_mask, attn_bias, return_layers)
 
     def forward(self, x, key_padding_mask=None, attn_bias=None, return_layers=False):
         """x: B x T x C -> (output, per-block FFN branches, per-block outputs); lists only when
         return_layers, else empty."""
         ffn_out, block_out = [], []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             # fairseq skips a layerdropped block and records no result for it; its teacher runs in
             # eval mode, so every target layer exists. return_layers (the teacher's call) likewise
             # runs every block, so layer_results always has one entry per block.
             if self.training and not return_layers and self.layerdrop > 0:
                 if torch.rand(()) < self.layerdrop:
+                    if self.run_dropped:
+                        with _rng_restored(x.device):
+                            y, _ = self._block(block, x, key_padding_mask, attn_bias, False)
+                        x = x + (y.to(x.dtype) - x) * 0.0
                     continue
-            if self.checkpoint and self.training and torch.is_grad_enabled():
-                x, fc = torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
-                                                          use_reentrant=False)
-            else:
-                x, fc = block(x, key_padding_mask, attn_bias)
+                if self.run_dropped:
+                    self.runs[i] += 1
+            x, fc = self._block(block, x, key_padding_mask, attn_bias, return_layers)
             if return_layers:
                 ffn_out.append(fc)
                 block_out.append(x)

@@ -1,7 +1,7 @@
 """Does pretraining learn? Each tiny config pretrained on the embedded data, probed along the way.
 
     python -m benchmarks.quality [--configs tiny_image,tiny_audio,...] [--budget-scale 1.0]
-                                 [--seed 1] [--out benchmarks/results] [--work DIR]
+                                 [--jobs 2] [--seed 1] [--out benchmarks/results] [--work DIR]
     python -m benchmarks.quality --short    # tests/test_quality.py's margins over 5 seeds
 
 Per config: one run of BUDGET[config] updates (the schedules span it; train.max_steps overridden),
@@ -11,17 +11,21 @@ labelled data), and target_var / pred_var (mean of the logged rows since the pre
 Once per config: the probe of the same architecture at its random init (the run's own initial
 weights: step 0 of the curve), and once per modality a probe on the raw input: image pixels,
 audio log-mel frames (mean and std over time), text bag of tokens. Each training run is a
-subprocess (its wall time and peak RSS are its own).
+subprocess on one thread (OMP_NUM_THREADS=1: its CPU time, wall time and peak RSS are its own);
+--jobs configs run side by side (2: one per core), each probed by its worker on one thread.
 
 Writes <out>/<date>-cpu-quality.json and <out>/<date>-cpu-quality.png (probe accuracy against
 steps per modality, v1 and v2, with the random-init and raw-input levels; drawn with PIL).
-BUDGET is sized so the six runs and their probes take about 30 minutes on 2 quiet CPU cores; the
-JSON records the budget, the machine's load averages before and after, and the wall times.
+BUDGET is sized so the six runs and their probes take about 30 minutes on 2 CPU cores (--jobs 2)
+of a shared machine; the JSON records the budget, the machine's load averages before, after each
+run and after, and the wall and CPU times.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
+import multiprocessing
 import json
 import os
 import subprocess
@@ -105,8 +109,9 @@ def train_run(config: str, run_dir: Path, steps: int, seed: int, extra: list[str
     args = [sys.executable, "-m", "engine.train", str(ROOT / f"configs/{config}.yaml"),
             f"run.dir={run_dir}", f"train.max_steps={steps}", f"seed={seed}",
             f"train.checkpoint_every={every}", f"train.keep_every={every}",
+            f"train.log_every={min(5, every)}",  # rows in every window, however short the run
             "train.progress=false", "run.tensorboard=false", *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
@@ -127,21 +132,28 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def probe_run(config: str, run_dir: Path, steps: int, cache: dict) -> dict:
-    """Probe accuracies along the run, at random init, on raw input; variances per point."""
+def raw_input_probe(config: str) -> dict:
+    """Cross-validated probe on `config`'s labelled data as raw input (no encoder)."""
+    from engine.config import load_config
+    from engine.probe import labelled_split
+
+    cfg = load_config(ROOT / f"configs/{config}.yaml")
+    t0 = time.perf_counter()
+    items, labels, _, num_classes = labelled_split(cfg, max_samples=0)
+    feats = raw_features(cfg.modality, items, cfg.model.vocab_size)
+    return {"accuracy": cross_val_accuracy(feats, labels, num_classes), "dim": feats.shape[1],
+            "samples": len(items), "seconds": time.perf_counter() - t0}
+
+
+def probe_run(run_dir: Path) -> dict:
+    """Probe accuracies along the run and at random init; variances and loss per point."""
     from engine.export import load_encoder
     from engine.probe import embed_all, labelled_split
 
     torch.set_grad_enabled(False)
     checkpoints = sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    first = load_encoder(checkpoints[0])
-    cfg = first.cfg
+    cfg = load_encoder(checkpoints[0]).cfg
     items, labels, _, num_classes = labelled_split(cfg, max_samples=0)
-    if cfg.modality not in cache:
-        t0 = time.perf_counter()
-        feats = raw_features(cfg.modality, items, cfg.model.vocab_size)
-        cache[cfg.modality] = {"accuracy": cross_val_accuracy(feats, labels, num_classes),
-                               "dim": feats.shape[1], "seconds": time.perf_counter() - t0}
     random_init = cross_val_accuracy(embed_all(load_encoder(checkpoints[0], random_init=True),
                                                items), labels, num_classes)
     rows = read_rows(run_dir)
@@ -160,11 +172,22 @@ def probe_run(config: str, run_dir: Path, steps: int, cache: dict) -> dict:
         prev = step
     torch.set_grad_enabled(True)
     return {"modality": cfg.modality, "mode": cfg.objective.mode, "samples": len(items),
-            "classes": num_classes, "random_init": random_init,
-            "raw_input": cache[cfg.modality]["accuracy"], "points": points,
+            "classes": num_classes, "random_init": random_init, "points": points,
             "min_target_var": min(r["target_var"] for r in rows),
             "collapse_threshold": cfg.objective.min_target_var,
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
+
+
+def config_run(config: str, run_dir: Path, steps: int, seed: int, extra: list[str]) -> dict:
+    """One config's training run and its probes (a --jobs worker, on one thread)."""
+    torch.set_num_threads(1)
+    timing = train_run(config, run_dir, steps, seed, extra)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = probe_run(run_dir)
+    result.update(timing, steps=steps, cpu_s_per_update=timing["cpu_s"] / steps,
+                  probe_s=time.perf_counter() - t0, probe_cpu_s=time.process_time() - cpu0,
+                  load_after=os.getloadavg())
+    return result
 
 
 def short_run(run_dir: Path, seed: int) -> dict:
@@ -220,7 +243,7 @@ def plot(results: dict, path: Path) -> None:
     panel_w, panel_h, pad = 420, 330, 60
     modalities = [m for m in ("image", "audio", "text")
                   if any(r["modality"] == m for r in results.values())]
-    img = Image.new("RGB", (panel_w * len(modalities) + 20, panel_h + 70), "white")
+    img = Image.new("RGB", (panel_w * len(modalities) + 20, panel_h + 100), "white")
     draw = ImageDraw.Draw(img)
     colors = {"v1": (31, 119, 180), "v2": (214, 39, 40)}
     for k, modality in enumerate(modalities):
@@ -252,7 +275,7 @@ def plot(results: dict, path: Path) -> None:
         for xs in range(int(x0), int(x0 + w), 8):
             draw.line([xs, y, xs + 4, y], fill=(90, 90, 90))
         draw.text((x0 + 4, y + 3), f"raw input {raw:.2f}", fill=(90, 90, 90), font=small)
-        legend_y = y0 + 6
+        legend_y = y0 + h + 40  # under the axis: clear of the curves and the level lines
         for mode, run in sorted(runs.items()):
             c = colors[mode]
             pts = [xy(p["step"], p["probe"]) for p in run["points"]]
@@ -264,8 +287,8 @@ def plot(results: dict, path: Path) -> None:
                 draw.line([xs, y, xs + 6, y], fill=c, width=1)
             label = (f"{mode}: {run['points'][-1]['probe']:.2f} "
                      f"(random init {run['random_init']:.2f})")
-            draw.line([x0 + w - 200, legend_y + 7, x0 + w - 185, legend_y + 7], fill=c, width=3)
-            draw.text((x0 + w - 180, legend_y), label, fill="black", font=small)
+            draw.line([x0, legend_y + 7, x0 + 15, legend_y + 7], fill=c, width=3)
+            draw.text((x0 + 20, legend_y), label, fill="black", font=small)
             legend_y += 16
     img.save(path)
 
@@ -279,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(BUDGET))
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="multiply every budget (a quicker look; the record keeps the factor)")
+    parser.add_argument("--jobs", type=int, default=2, help="configs trained side by side")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     parser.add_argument("--work", default=None, help="run directories here (default: a temp dir)")
@@ -304,22 +328,27 @@ def main(argv: list[str] | None = None) -> int:
               # multiples of 4: the POINTS checkpoints fall on whole steps
               "budget": {c: 4 * max(1, round(BUDGET[c] * args.budget_scale / 4)) for c in configs},
               "budget_scale": args.budget_scale, "points": POINTS, "folds": FOLDS,
+              "jobs": args.jobs, "threads_per_run": 1,
               "overrides": args.set, "load_before": os.getloadavg(), "runs": {}}
-    start, cache = time.perf_counter(), {}
-    for config in configs:
-        steps = record["budget"][config]
-        run_dir = work / config
-        timing = train_run(config, run_dir, steps, args.seed, args.set)
-        t0 = time.perf_counter()
-        result = probe_run(config, run_dir, steps, cache)
-        result.update(timing, steps=steps, s_per_update=timing["wall_s"] / steps,
-                      probe_s=time.perf_counter() - t0)
-        record["runs"][config] = result
-        last = result["points"][-1]
-        print(f"{config}: probe {last['probe']:.3f} vs random init {result['random_init']:.3f} "
-              f"(raw input {result['raw_input']:.3f}); target_var {last['target_var']:.3f}, "
-              f"pred_var {last['pred_var']:.3f}; {timing['wall_s']:.0f} s train", flush=True)
-    record["raw_input"] = cache
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    modalities = {}
+    for config in configs:  # one raw-input probe per modality (v1 and v2 share the data)
+        modalities.setdefault(config.split("_")[1], config)
+    record["raw_input"] = {m: raw_input_probe(c) for m, c in modalities.items()}
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+        futures = {c: pool.submit(config_run, c, work / c, record["budget"][c], args.seed,
+                                  args.set) for c in configs}
+        for config in configs:
+            result = futures[config].result()
+            result["raw_input"] = record["raw_input"][result["modality"]]["accuracy"]
+            record["runs"][config] = result
+            last = result["points"][-1]
+            print(f"{config}: probe {last['probe']:.3f} vs random init "
+                  f"{result['random_init']:.3f} (raw input {result['raw_input']:.3f}); "
+                  f"target_var {last['target_var']:.3f}, pred_var {last['pred_var']:.3f}; "
+                  f"{result['wall_s']:.0f} s train", flush=True)
     record["total_s"] = time.perf_counter() - start
     record["load_after"] = os.getloadavg()
     out = Path(args.out)

@@ -45,7 +45,7 @@ BUDGET = {"tiny_image": 600, "tiny_image_v2": 400, "tiny_audio": 400, "tiny_audi
 POINTS = (0.25, 0.5, 0.75, 1.0)  # fractions of the budget where the student is probed
 FOLDS = 5
 # tests/test_quality.py's short run; `--short` measures its margins over SHORT_SEEDS.
-SHORT_CONFIG, SHORT_STEPS, SHORT_SAMPLES, SHORT_SEEDS = "tiny_image_v2", 40, 600, (1, 2, 3, 4, 5)
+SHORT_CONFIG, SHORT_STEPS, SHORT_SEEDS = "tiny_image_v2", 60, (1, 2, 3, 4, 5)
 
 
 # ---------------------------------------------------------------------------------- features
@@ -191,23 +191,20 @@ def config_run(config: str, run_dir: Path, steps: int, seed: int, extra: list[st
 
 
 def short_run(run_dir: Path, seed: int) -> dict:
-    """tests/test_quality.py's run, in this process: SHORT_STEPS updates of SHORT_CONFIG, then
-    engine.probe's single-split probe of SHORT_SAMPLES digits against random init."""
+    """tests/test_quality.py's run, in this process: SHORT_STEPS updates of SHORT_CONFIG, then the
+    cross-validated probe of its last checkpoint and of its random init on all the digits."""
     from engine.config import load_config
-    from engine.probe import run_probe
     from engine.trainer import train
 
     cfg = load_config(ROOT / f"configs/{SHORT_CONFIG}.yaml",
                       [f"run.dir={run_dir}", f"train.max_steps={SHORT_STEPS}", f"seed={seed}",
                        "train.progress=false", "run.tensorboard=false", "train.log_every=2"])
     train(cfg)
-    rows = read_rows(Path(run_dir))
-    probe = run_probe(run_dir, max_samples=SHORT_SAMPLES, write=False)
-    return {"seed": seed, "probe": probe["checkpoint_accuracy"],
-            "random_init": probe["random_init_accuracy"],
-            "gain": probe["checkpoint_accuracy"] - probe["random_init_accuracy"],
-            "min_target_var": min(r["target_var"] for r in rows),
-            "collapse_threshold": cfg.objective.min_target_var}
+    result = probe_run(Path(run_dir))
+    probe = result["points"][-1]["probe"]
+    return {"seed": seed, "probe": probe, "random_init": result["random_init"],
+            "gain": probe - result["random_init"], "min_target_var": result["min_target_var"],
+            "collapse_threshold": result["collapse_threshold"]}
 
 
 def short_margins(out: Path, work: Path) -> Path:
@@ -219,8 +216,8 @@ def short_margins(out: Path, work: Path) -> Path:
         print(f"seed {seed}: gain {rows[-1]['gain']:.3f}, min target_var "
               f"{rows[-1]['min_target_var']:.3f}", flush=True)
     record = {"bench": "quality-short", "date": datetime.date.today().isoformat(),
-              "commit": commit(), "config": SHORT_CONFIG, "steps": SHORT_STEPS,
-              "samples": SHORT_SAMPLES, "runs": rows,
+              "commit": commit(), "config": SHORT_CONFIG, "steps": SHORT_STEPS, "folds": FOLDS,
+              "runs": rows,
               "gain": [min(r["gain"] for r in rows), max(r["gain"] for r in rows)],
               "min_target_var": [min(r["min_target_var"] for r in rows),
                                  max(r["min_target_var"] for r in rows)],

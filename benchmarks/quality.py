@@ -16,9 +16,10 @@ subprocess on one thread (OMP_NUM_THREADS=1: its CPU time, wall time and peak RS
 
 Writes <out>/<date>-cpu-quality.json and <out>/<date>-cpu-quality.png (probe accuracy against
 steps per modality, v1 and v2, with the random-init and raw-input levels; drawn with PIL).
-BUDGET is sized so the six runs and their probes take about 30 minutes on 2 CPU cores (--jobs 2)
-of a shared machine; the JSON records the budget, the machine's load averages before, after each
-run and after, and the wall and CPU times.
+BUDGET is sized for at most about 30 minutes on 2 CPU cores (--jobs 2) of a shared machine: it
+took 17.6 min at load averages 2.4-4.4 (benchmarks/results/2026-11-27-cpu-quality.json). The JSON
+records the budget, the machine's load averages before, after each run and after, and the wall
+and CPU times.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import torch
 
 from benchmarks.common import ROOT, commit
 
-# Updates per tiny config (about 30 min in all on 2 quiet cores, probes included).
+# Updates per tiny config (with the probes: 17.6 min on 2 shared cores, --jobs 2).
 BUDGET = {"tiny_image": 600, "tiny_image_v2": 400, "tiny_audio": 400, "tiny_audio_v2": 300,
           "tiny_text": 800, "tiny_text_v2": 600}
 POINTS = (0.25, 0.5, 0.75, 1.0)  # fractions of the budget where the student is probed

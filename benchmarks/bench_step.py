@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from benchmarks import common
 from engine.compile import compile_encoder
 from engine.config import Config, load_config
 from engine.data2vec import build_objective
-from engine.ema import EMATeacher
+from engine.ema import EMATeacher, teacher_shared_prefixes
 from engine.models import build_model
 from engine.optim import build_optimizer, param_groups
 from engine.seeding import STREAM_MASK, sample_seeds
@@ -231,8 +230,7 @@ class Step:
         ids = special_ids(cfg.model.vocab_size) if cfg.modality == "text" else None
         self.model = build_objective(cfg, encoder, ids).to(dev)
         self.v2 = cfg.objective.mode == "v2"
-        shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
-        self.teacher = EMATeacher(encoder, shared_prefixes=shared)
+        self.teacher = EMATeacher(encoder, teacher_shared_prefixes(encoder, cfg.objective.ema_scope))
         if variant != "plain":
             torch.compiler.reset()
             compile_encoder(self.model.encoder, backend=compile_backend, regional=regional)

@@ -24,7 +24,7 @@ import torch
 
 from engine.config import load_config
 from engine.data2vec import build_objective
-from engine.ema import EMATeacher
+from engine.ema import EMATeacher, teacher_shared_prefixes
 from engine.models import build_model
 from engine.seeding import STREAM_MASK, sample_seeds
 
@@ -78,8 +78,7 @@ def run_case(case: Case, device, steps: int, warmup: int, batch: int | None) -> 
     torch.manual_seed(0)
     encoder = build_model(cfg.model, case.modality)
     model = build_objective(cfg, encoder, SPECIAL if case.modality == "text" else None).to(device)
-    shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
-    teacher = EMATeacher(encoder, shared_prefixes=shared)
+    teacher = EMATeacher(encoder, teacher_shared_prefixes(encoder, cfg.objective.ema_scope))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     data = make_batch(case, cfg, b, device)

@@ -39,9 +39,16 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     ffn_dim: int = 3072
-    # Pre-LN blocks instead of post-LN. null: the modality's own (image pre-LN, as BEiT: its only
-    # layout, so false is an error there; audio and text post-LN, as wav2vec 2.0 / RoBERTa).
-    layer_norm_first: Optional[bool] = None
+    # Block layout. audio / text: pre-LN blocks with a final norm instead of post-LN (fairseq's
+    # layer_norm_first). image: true = BEiT (data2vec 1.0 vision): pre-LN blocks with layer scale,
+    # final LayerNorm, no k bias, trunc-normal init with the output projections divided by
+    # sqrt(2 * depth), CLS at std 0.02; false = data2vec 2.0 (AltBlock, layer_norm_first false):
+    # a LayerNorm on the blocks' input, post-LN blocks, no final norm, k bias, BERT init (normal
+    # 0.02, no depth rescale), CLS at std 1.
+    layer_norm_first: bool = False
+    # eps of the context encoder's LayerNorms (blocks, input / final norm); null: the reference's
+    # for the layout: 1e-6 for the data2vec 2.0 image encoder (fairseq norm_eps), else 1e-5.
+    norm_eps: Optional[float] = None
     # Setting model.dropout=0.0 as an override (command line or load_config's overrides) turns off
     # every source of randomness in the model: attention_dropout, activation_dropout,
     # encoder_dropout_input, layerdrop and drop_path are forced to 0 too (see
@@ -98,13 +105,22 @@ class ObjectiveConfig:
     layer_output: Literal["ffn", "block"] = "ffn"
     layer_norm: Norm = "instance"  # per target layer
     final_norm: Norm = "none"  # on the average of the K layers
-    instance_norm_padding: Literal["exclude", "include"] = "exclude"  # "include" = fairseq exactly
+    # "include" (fairseq's F.instance_norm): padded time steps count in the per-layer instance
+    # statistics; "exclude" leaves them out (statistics of the real steps only).
+    instance_norm_padding: Literal["exclude", "include"] = "include"
     loss_beta: float = 0.0  # 0: L2; > 0: smooth L1 with this beta
     loss_scale: Optional[float] = None  # None: 1/sqrt(C)
     ema_decay: float = 0.999
     ema_end_decay: float = 0.9999
     ema_anneal_end_step: int = 30000  # at optim.schedule_reference_steps (engine.schedule)
-    ema_scope: Literal["transformer", "all"] = "transformer"  # what the teacher averages
+    # What the teacher averages (engine.ema.teacher_shared_prefixes); the rest it copies from the
+    # student, and with "transformer" / "context" it encodes the student's local features:
+    #   transformer  the blocks (+ audio's encoder norm): fairseq v1 ema_transformer_only
+    #                (+ ema_layers_only: audio's positional conv copied); v2 ema_encoder_only
+    #   context      all but the local feature encoder (conv stack + projection, patch embedding,
+    #                token embedding): v2 ema_encoder_only false, ema_local_encoder false
+    #   all          everything, and the teacher embeds the input itself: v2 ema_local_encoder true
+    ema_scope: Literal["transformer", "context", "all"] = "transformer"
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     collapse_check_after: int = 5000  # the variance guard applies after this many updates (fairseq)
@@ -134,6 +150,11 @@ class DataConfig:
     img_size: int = 224
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
+    # ColorJitter(brightness, contrast, saturation) as torchvision draws and applies it, on the
+    # whole image before the crop; 0 turns one off. fairseq's v1 image_pretraining (BEiT's
+    # augmentation) uses 0.4 each, its v2 MaeImageDataset none.
+    color_jitter: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # crop resize filter (antialiased)
     # audio
     sample_rate: int = 16000
     max_sample_size: int = 320000
@@ -161,6 +182,13 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01
+    # Which parameters weight decay skips (engine.optim.param_groups):
+    #   none  every parameter decays: fairseq's plain adam (v1 audio / text / vision, v2 audio)
+    #   1d    1-D parameters and biases (norms, biases, layer scale): fairseq's data2vec 2.0
+    #         optim_overrides under its composite optimizer (v2 image / text)
+    #   beit  1d plus cls_token, mask_emb and pos_embed: BEiT's parameter groups with its
+    #         no_weight_decay list (the original data2vec 1.0 vision code)
+    weight_decay_exempt: Literal["none", "1d", "beit"] = "1d"
     clip_norm: float = 0.0  # 0 disables clipping
     schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
     warmup_steps: int = 0  # at schedule_reference_steps (engine.schedule)
@@ -170,7 +198,9 @@ class OptimConfig:
     schedule_reference_steps: int = 0
     schedule_scaling: Literal["proportional", "absolute"] = "proportional"
     tri_stage: list = field(default_factory=lambda: [0.03, 0.9, 0.07])  # warmup/hold/decay
-    final_lr_scale: float = 0.0  # cosine floor / tri-stage end, as a fraction of lr
+    # cosine floor / tri-stage end, as a fraction of lr; null: 0 for cosine (fairseq min_lr),
+    # 0.01 for tri_stage (fairseq's final_lr_scale)
+    final_lr_scale: Optional[float] = None
     impl: Literal["auto", "apex", "fused", "foreach"] = "auto"  # engine.optim: which AdamW
 
 
@@ -409,12 +439,17 @@ def validate(cfg: Config) -> None:
     need(len(cfg.optim.tri_stage) == 3 and abs(sum(cfg.optim.tri_stage) - 1) < 1e-6,
          "optim.tri_stage", "must be 3 fractions [warmup, hold, decay] summing to 1")
     need(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
+    need(len(cfg.data.color_jitter) == 3 and all(isinstance(v, (int, float)) and 0 <= v < 1
+                                                 for v in cfg.data.color_jitter),
+         "data.color_jitter", "must be [brightness, contrast, saturation], each in [0, 1)")
+    need(m.norm_eps is None or m.norm_eps > 0, "model.norm_eps", "must be > 0 (or null)")
+    f = cfg.optim.final_lr_scale
+    need(f is None or (0 <= f <= 1 and (f > 0 or cfg.optim.schedule != "tri_stage")),
+         "optim.final_lr_scale", "must be in [0, 1] (> 0 for tri_stage: it decays exponentially)")
     need(cfg.data.crop_group >= 0, "data.crop_group", "must be >= 0 (0: the whole global batch)")
     if cfg.modality == "image":
         need(m.img_size % m.patch_size == 0, "model.patch_size",
              f"must divide model.img_size={m.img_size}")
-        need(m.layer_norm_first is not False, "model.layer_norm_first",
-             "false, but the image encoder (BEiT) has pre-LN blocks only; set it to true or null")
     for i, layer in enumerate(m.conv_layers):
         need(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) for v in layer),
              f"model.conv_layers[{i}]", "must be [channels, kernel, stride]")

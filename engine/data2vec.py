@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Config
+from engine.ema import teacher_reads_student_features
 from kernels.masking import block_mask, span_mask, token_mask
 from kernels.targets import teacher_targets
 
@@ -129,7 +130,7 @@ class Data2Vec(nn.Module):
         cfg, o = self.cfg, self.cfg.objective
         source, padding_mask = batch["source"], batch.get("padding_mask")
         n_extra = self.encoder.num_extra_tokens
-        shared_features = o.ema_scope == "transformer"
+        shared_features = teacher_reads_student_features(o.ema_scope)
         masks = self.draw_masks(batch, seeds) if masks is None else masks
         mask = masks["mask"]
 

@@ -13,7 +13,9 @@ Per micro-batch of B samples:
      mask_noise_std) noise at the masked ones (zeros at padded ones); the conv decoder
      (engine/models/decoder.py) predicts the targets, compared at the masked positions only;
   5. the teacher (EMA, eval, no grad) encodes each sample once, unmasked; its top-K block outputs,
-     normalized per layer and averaged (kernels.targets), serve all M clones;
+     normalized per layer and averaged (kernels.targets), serve all M clones. Under ema_scope
+     transformer / context it starts from the student's local features of step 1 (fairseq's
+     local_features: text's embedding dropout included), under "all" it embeds the input itself;
   6. loss: L2 (or smooth L1 with loss_beta) summed over channels, times loss_scale (default
      1/sqrt(C)), summed over the masked positions of every clone. The trainer divides by the
      masked count of the global batch. The image CLS loss (objective.cls_loss) compares the
@@ -31,6 +33,7 @@ from torch import nn
 
 from engine.config import Config
 from engine.data2vec import StepOutput, group_mask_count
+from engine.ema import teacher_reads_student_features
 from engine.models.decoder import ConvDecoder
 from engine.models.visible import (
     encode_visible, gather_tokens, row_count_range, scatter_tokens, split_indices,
@@ -118,15 +121,17 @@ class Data2VecV2(nn.Module):
     def forward(self, batch: dict, teacher: nn.Module, seeds: torch.Tensor,
                 masks: dict | None = None) -> StepOutput:
         """One micro-batch's loss; `masks`: draw_masks(batch, seeds) made ahead, else drawn here."""
-        cfg, o = self.cfg, self.cfg.objective
+        o = self.cfg.objective
         clones = o.clone_batch
         source, padding_mask = batch["source"], batch.get("padding_mask")
         n_extra = self.encoder.num_extra_tokens
 
         x, x_pad = self.encoder.embed(source, padding_mask)
         with torch.no_grad():
-            if o.ema_scope == "transformer" and cfg.modality != "text":
-                t_x, t_pad = x.detach(), x_pad  # shared feature encoder (text: no dropout)
+            if teacher_reads_student_features(o.ema_scope):
+                # fairseq feeds the teacher extractor_out["local_features"]: the student's, so
+                # text's embedding dropout included.
+                t_x, t_pad = x.detach(), x_pad
             else:
                 t_x, t_pad = teacher.embed(source, padding_mask)
             t_out = teacher.encode(t_x, t_pad, return_layers=True)

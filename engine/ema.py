@@ -2,9 +2,18 @@
 
 The decay anneals linearly from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates,
 then stays (fairseq's get_annealed_rate); the trainer passes the anneal end scaled to the run's
-length (engine.schedule.run_steps). With scope "transformer" only the context encoder is
-averaged and the feature encoder is shared with the student (data2vec's ema_transformer_only /
-ema_transformer_layers_only): its weights are copied, not averaged, at every update.
+length (engine.schedule.run_steps). objective.ema_scope says what is averaged; the rest is
+copied from the student at every update (teacher_shared_prefixes):
+
+    transformer  feature encoder copied (data2vec's ema_transformer_only / ema_layers_only /
+                 ema_transformer_layers_only; v2's ema_encoder_only): blocks (+ norms) averaged
+    context      local feature encoder copied, positional conv / CLS / norms / blocks averaged
+                 (data2vec 2.0 with ema_encoder_only false, ema_local_encoder false)
+    all          everything averaged (ema_local_encoder true)
+
+As fairseq's EMAModule, a parameter the student does not train (requires_grad false, e.g. the
+frozen v2 mask embedding) is copied, never averaged. Under "transformer" and "context" the teacher
+runs on the student's own local features (teacher_reads_student_features).
 """
 from __future__ import annotations
 
@@ -19,6 +28,26 @@ def ema_decay_at(step: int, start: float, end: float, anneal_end_step: int) -> f
     if anneal_end_step <= 0 or step >= anneal_end_step:
         return end
     return end - (end - start) * (1.0 - step / anneal_end_step)
+
+
+SCOPES = ("transformer", "context", "all")
+
+
+def teacher_shared_prefixes(encoder: nn.Module, scope: str) -> tuple[str, ...]:
+    """Parameter-name prefixes of `encoder` the teacher copies instead of averaging."""
+    if scope == "transformer":
+        return tuple(encoder.feature_encoder_prefixes())
+    if scope == "context":
+        return tuple(encoder.local_encoder_prefixes())
+    if scope == "all":
+        return ()
+    raise ValueError(f"ema scope must be one of {SCOPES}, got {scope!r}")
+
+
+def teacher_reads_student_features(scope: str) -> bool:
+    """True when the teacher encodes the student's local features (fairseq passes
+    extractor_out["local_features"], dropout included) instead of embedding the input itself."""
+    return scope in ("transformer", "context")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -51,9 +80,11 @@ class EMATeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.shared_prefixes = tuple(shared_prefixes)
+        frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
         names = [n for n, _ in self.model.named_parameters()]
-        self.averaged = [n for n in names if not n.startswith(self.shared_prefixes)]
-        self.shared = [n for n in names if n.startswith(self.shared_prefixes)]
+        copied = {n for n in names if n.startswith(self.shared_prefixes) or n in frozen}
+        self.averaged = [n for n in names if n not in copied]
+        self.shared = [n for n in names if n in copied]
 
     def _pairs(self, student: nn.Module, names: list[str]):
         """(teacher shards, student shards) of `names`, as plain local tensors."""

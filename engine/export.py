@@ -13,7 +13,8 @@ model whose last_hidden_state equals our encoder's output (eval mode, fp32):
     text:  input_ids B x T, attention_mask B x T (1 = keep) where padded.
 
 A feature of our architecture that the Hugging Face config cannot express is a ConfigError naming
-the config key. `load_encoder(checkpoint)` rebuilds our own encoder (eval mode) for comparisons and
+the config key. The data2vec 2.0 image encoder (post-LN) has no transformers class: it is written
+with its own modeling file (engine.export_remote; load with trust_remote_code=True). `load_encoder(checkpoint)` rebuilds our own encoder (eval mode) for comparisons and
 the linear probe.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from engine.checkpoint import latest_checkpoint, load_checkpoint
 from engine.config import Config, _merge, validate
 from engine.errors import CheckpointError, ConfigError, D2VError
+from engine.export_remote import export_remote, needs_remote_code
 from engine.models import build_model
 
 
@@ -215,6 +217,11 @@ def hf_config(cfg: Config, encoder: nn.Module):
             # which carries our mask embedding); they act only in training mode.
         )
     if cfg.modality == "image":
+        if not m.layer_norm_first:
+            raise ConfigError("config key 'model.layer_norm_first': false (data2vec 2.0's post-LN "
+                              "image encoder) is not Hugging Face Data2VecVision (pre-LN BEiT); "
+                              "engine.export writes it with its own modeling file "
+                              "(engine.export_remote)")
         return transformers.Data2VecVisionConfig(
             **common,
             hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.attention_dropout,
@@ -282,6 +289,8 @@ def export(checkpoint: str | Path, out_dir: str | Path,
     from engine.model_card import write_model_card
 
     wrapper = load_encoder(checkpoint)
+    if needs_remote_code(wrapper.cfg):
+        return export_remote(wrapper, out_dir)
     model = to_hf_model(wrapper)
     processor, facts = build_processor(wrapper.cfg, tokenizer_file)  # checked before writing
     out_dir = Path(out_dir)

@@ -5,8 +5,8 @@
            exported Data2VecAudio takes them for padding (1 = keep), as our padding_mask (True =
            pad) inverted; padding value 0.0, as our collate pads.
     image  preprocessor_config.json: BEiT's image processor as our eval path (engine.data.images
-           with data.augment off): short side to data.img_size (int() of the long side, PIL
-           BILINEAR), center crop img_size x img_size, /255, ImageNet mean/std.
+           with data.augment off): short side to data.img_size (int() of the long side, PIL's
+           filter of data.interpolation), center crop img_size x img_size, /255, ImageNet mean/std.
     text   tokenizer.json + tokenizer_config.json: the token folder's tokenizer.json (written by
            engine.data.tokenize, which encoded the run's data with it), with <s> ... </s> added
            around every input and our special ids, so `tokenizer(text)` gives our loader's ids.
@@ -58,7 +58,8 @@ def image_processor(cfg: Config):
 
     size = cfg.data.img_size
     return BeitImageProcessorPil(
-        do_resize=True, size={"shortest_edge": size}, resample=PILImageResampling.BILINEAR,
+        do_resize=True, size={"shortest_edge": size},
+        resample=PILImageResampling[cfg.data.interpolation.upper()],
         do_center_crop=True, crop_size={"height": size, "width": size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,

@@ -2,7 +2,7 @@
 (engine.shadow: the run's modules at the run's shapes, no memory, no GPU), and MFU.
 
 One sample's step is split into:
-  teacher  its forward (no backward), feature encoder included when it has its own (text, or
+  teacher  its forward (no backward), feature encoder included when it has its own (v1 text, or
            objective.ema_scope=all);
   student  forward + backward of the feature encoder and the context encoder;
   head     v1: the regression head, forward + backward, on the masked positions;

@@ -160,7 +160,8 @@ def _inputs(cfg: Config, processor: dict) -> list[str]:
                 "crop. Other rates: resample to the sampling rate first."]
     if cfg.modality == "image":
         s = cfg.data.img_size
-        return [f"`AutoImageProcessor`: short side to {s} px (PIL bilinear), center crop {s}x{s}, "
+        return [f"`AutoImageProcessor`: short side to {s} px (PIL {cfg.data.interpolation}), "
+                f"center crop {s}x{s}, "
                 "/255, ImageNet mean/std; CLS token first in `last_hidden_state`.",
                 "Exact to our loader with `trust_remote_code=True` (d2v_processing.py, PIL "
                 "backend). The stock processor floors the center-crop offset where torchvision "

@@ -3,7 +3,8 @@
 optim.impl = auto picks, in order: NVIDIA apex FusedAdam (adam_w_mode=True) when apex is
 installed and the parameters are on CUDA; torch's fused AdamW on CUDA; torch's foreach AdamW on
 CPU. "apex", "fused" and "foreach" force one (apex on CPU, or without apex, is a ConfigError).
-The three compute the same update; they differ in kernel launches only.
+The three compute the same update; they differ in kernel launches only. The decay is decoupled
+(lr * weight_decay * p), as fairseq's Adam; optim.weight_decay_exempt names the parameters it skips.
 """
 from __future__ import annotations
 
@@ -13,12 +14,32 @@ from engine.backends import detect
 from engine.errors import ConfigError
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and learned tokens (1-D or scalar-like parameters)."""
+# BEiT's no_weight_decay list in our names (its pos_embed, cls_token, mask_token).
+BEIT_NO_DECAY = ("cls_token", "mask_emb", "pos_embed")
+EXEMPT_RULES = ("none", "1d", "beit")
+
+
+def decays(name: str, param: torch.Tensor, exempt: str) -> bool:
+    """Whether weight decay applies to parameter `name` (dotted, as named_parameters gives it)
+    under optim.weight_decay_exempt = `exempt` (see engine.config.OptimConfig)."""
+    if exempt == "none":
+        return True
+    if exempt not in EXEMPT_RULES:
+        raise ConfigError(f"config key 'optim.weight_decay_exempt': got {exempt!r}, expected one "
+                          f"of {', '.join(EXEMPT_RULES)}")
+    # fairseq data2vec 2.0: len(p.shape) == 1 or name.endswith(".bias"); BEiT: the same test
+    # plus its list (matched on the last name component: ours sit under encoder.).
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not (exempt == "beit" and name.rsplit(".", 1)[-1] in BEIT_NO_DECAY)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exempt: str = "1d") -> list[dict]:
+    """[decayed, exempt] groups of the trainable parameters (either may be empty)."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (decay if decays(name, p, exempt) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -44,7 +65,8 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, lr: float,
                     device: torch.device) -> torch.optim.Optimizer:
     """AdamW over `model`'s trainable parameters; `.impl` on the result says which one ran."""
     impl = choose_impl(getattr(optim_cfg, "impl", "auto"), device)
-    groups = param_groups(model, optim_cfg.weight_decay)
+    groups = param_groups(model, optim_cfg.weight_decay,
+                          getattr(optim_cfg, "weight_decay_exempt", "1d"))
     betas, eps = tuple(optim_cfg.betas), optim_cfg.eps
     if impl == "apex":
         from apex.optimizers import FusedAdam

@@ -158,6 +158,32 @@ def logistic_regression_accuracy(train_x, train_y, test_x, test_y, num_classes: 
     return (pred == test_y).double().mean().item()
 
 
+def labelled_split(cfg, max_samples: int = 1000, data_path: str | Path | None = None):
+    """(items, labels, n_train, num_classes): the probe's seeded subset of (dataset, index)
+    items, train part first (80%), and their int64 labels."""
+    datasets = probe_datasets(cfg, data_path)
+    items = [(ds, i) for ds in datasets for i in range(len(ds))]
+    labels = torch.tensor([ds.labels[i] for ds, i in items], dtype=torch.long)
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(len(items), generator=g)
+    if max_samples and len(order) > max_samples:
+        order = order[:max_samples]
+    n_test = max(1, round(0.2 * len(order)))
+    n_train = len(order) - n_test
+    if n_train < 2:
+        raise DataError(f"only {len(order)} labelled samples: too few to probe")
+    items = [items[i] for i in order.tolist()]
+    labels = labels[order]
+    return items, labels, n_train, int(labels.max()) + 1
+
+
+def probe_accuracy(feats: torch.Tensor, labels: torch.Tensor, n_train: int,
+                   num_classes: int) -> float:
+    """Test accuracy of the logistic regression on N x D features, the first n_train to train."""
+    return logistic_regression_accuracy(feats[:n_train], labels[:n_train], feats[n_train:],
+                                        labels[n_train:], num_classes)
+
+
 def run_probe(checkpoint: str | Path, max_samples: int = 1000, data_path: str | Path | None = None,
               write: bool = True) -> dict:
     """Probes the checkpoint and the random-init encoder; writes <run dir>/probe.json for a run
@@ -168,26 +194,11 @@ def run_probe(checkpoint: str | Path, max_samples: int = 1000, data_path: str | 
         trained = load_encoder(checkpoint)
         random_init = load_encoder(checkpoint, random_init=True)
         cfg = trained.cfg
-        datasets = probe_datasets(cfg, data_path)
-        items = [(ds, i) for ds in datasets for i in range(len(ds))]
-        labels = torch.tensor([ds.labels[i] for ds, i in items], dtype=torch.long)
-        g = torch.Generator().manual_seed(SPLIT_SEED)
-        order = torch.randperm(len(items), generator=g)
-        if max_samples and len(order) > max_samples:
-            order = order[:max_samples]
-        n_test = max(1, round(0.2 * len(order)))
-        n_train = len(order) - n_test
-        if n_train < 2:
-            raise DataError(f"only {len(order)} labelled samples: too few to probe")
-        items = [items[i] for i in order.tolist()]
-        labels = labels[order]
-        num_classes = int(labels.max()) + 1
+        items, labels, n_train, num_classes = labelled_split(cfg, max_samples, data_path)
         result = {"modality": cfg.modality, "checkpoint": str(trained.checkpoint_path),
-                  "num_train": n_train, "num_test": n_test}
+                  "num_train": n_train, "num_test": len(items) - n_train}
         for key, wrapper in (("checkpoint_accuracy", trained), ("random_init_accuracy", random_init)):
-            feats = embed_all(wrapper, items)
-            result[key] = logistic_regression_accuracy(
-                feats[:n_train], labels[:n_train], feats[n_train:], labels[n_train:], num_classes)
+            result[key] = probe_accuracy(embed_all(wrapper, items), labels, n_train, num_classes)
     finally:
         torch.set_grad_enabled(True)
     if write:

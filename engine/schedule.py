@@ -26,28 +26,32 @@ def run_steps(steps: int, cfg: OptimConfig, max_steps: int) -> int:
 
 
 def _tri_stage_phases(cfg: OptimConfig, max_steps: int) -> tuple[int, int, int]:
-    warm = int(cfg.tri_stage[0] * max_steps)
-    hold = int(cfg.tri_stage[1] * max_steps)
-    return warm, hold, max(1, max_steps - warm - hold)
+    """fairseq tri_stage's phase_ratio: each stage int(max_steps * ratio) updates (a rounding
+    remainder runs at the final scale)."""
+    warm, hold, decay = (int(r * max_steps) for r in cfg.tri_stage)
+    return warm, hold, decay
 
 
 def lr_factor(cfg: OptimConfig, step: int, max_steps: int) -> float:
     """Multiplier of the peak learning rate for the update numbered `step` (from 0)."""
     if cfg.schedule == "tri_stage":
-        # fairseq tri_stage: linear warm-up from 1% of peak, hold, exponential decay to the end.
+        # fairseq tri_stage: linear warm-up from init_lr_scale 0.01 of peak, hold, exponential
+        # decay to final_lr_scale, then final_lr_scale.
         warm, hold, decay = _tri_stage_phases(cfg, max_steps)
-        init_scale, final_scale = 0.01, cfg.final_lr_scale or 0.05
+        init_scale = 0.01
+        final_scale = cfg.final_lr_scale if cfg.final_lr_scale is not None else 0.01
         if step < warm:
             return init_scale + (1.0 - init_scale) * step / warm
         if step < warm + hold:
             return 1.0
-        t = min(1.0, (step - warm - hold) / decay)
-        return math.exp(math.log(final_scale) * t)
+        if step <= warm + hold + decay and decay > 0:
+            return math.exp(math.log(final_scale) * (step - warm - hold) / decay)
+        return final_scale
     # fairseq cosine: warm-up linear from the floor (warmup_init_lr = min_lr) at update 0, so the
     # curve is a function of step / warmup and step / max_steps only: a run scaled in length
     # follows it at the same fractions.
     warm = run_steps(cfg.warmup_steps, cfg, max_steps)
-    floor = cfg.final_lr_scale
+    floor = cfg.final_lr_scale or 0.0  # fairseq cosine's min_lr default
     if step < warm:
         return floor + (1.0 - floor) * step / warm
     if cfg.schedule == "constant":

@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from engine.config import Config
 from engine.data2vec import build_objective
+from engine.ema import teacher_reads_student_features
 from engine.models import build_model
 from engine.models.visible import encode_visible, gather_tokens, split_indices
 from engine.seeding import STREAM_MASK, sample_seeds
@@ -245,7 +246,7 @@ def _forward_v1(shadow: Shadow, b: ShadowBatch, mark: Mark):
         student = encoder.encode(x, x_pad, mask=b.mask)
         mark("student")
         with torch.no_grad():
-            if cfg.objective.ema_scope == "transformer":
+            if teacher_reads_student_features(cfg.objective.ema_scope):
                 t_x, t_pad = x.detach(), x_pad
             else:
                 t_x, t_pad = teacher.embed(b.source, b.padding_mask)
@@ -267,7 +268,7 @@ def _forward_v2(shadow: Shadow, b: ShadowBatch, mark: Mark):
     x, x_pad = encoder.embed(b.source, b.padding_mask)
     mark("student")
     with torch.no_grad():
-        if o.ema_scope == "transformer" and cfg.modality != "text":
+        if teacher_reads_student_features(o.ema_scope):
             t_x, t_pad = x.detach(), x_pad
         else:
             t_x, t_pad = teacher.embed(b.source, b.padding_mask)

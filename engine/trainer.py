@@ -36,7 +36,7 @@ from engine.data.loader import BatchPlan
 from engine.data.select import build_loader, choose_loader, describe_loader
 from engine.data2vec import build_objective, channel_std
 from engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed
-from engine.ema import EMATeacher, ema_decay_at
+from engine.ema import EMATeacher, ema_decay_at, teacher_shared_prefixes
 from engine.errors import CheckpointError, ConfigError
 from engine.flops import device_peak
 from engine.guards import CheckpointSaver, UpdateGuard, inject_nan
@@ -190,8 +190,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
                   f"(model.init_from); the head is fresh, the run starts at step 0",
                   file=sys.stderr)
     model = build_objective(cfg, encoder, getattr(dataset, "special_ids", None)).to(device)
-    shared = encoder.feature_encoder_prefixes() if cfg.objective.ema_scope == "transformer" else ()
-    teacher = EMATeacher(encoder, shared_prefixes=shared)
+    teacher = EMATeacher(encoder, teacher_shared_prefixes(encoder, cfg.objective.ema_scope))
     shard_student_and_teacher(model, teacher, cfg, dist)  # train.distributed=fsdp only
     buckets = buckets_for(cfg) if cfg.train.compile else []
     if cfg.train.compile:

@@ -112,13 +112,14 @@ def test_dali_images_shape_dtype_range_labels_and_agree_with_pil():
         assert a["padding_mask"] is None and a["bad_files"] == []
 
 
-@pytest.mark.parametrize("augment", [True, False])
-def test_dali_cpu_images_are_the_pil_pixels(augment):
-    """On the CPU, DALI decodes and torch's uint8 antialiased resize stands in for PIL's
-    BILINEAR: the same crop, flip and filter, so the same pixels up to one level of 255 (the two
-    JPEG decoders round chroma differently) and mostly identical."""
+@pytest.mark.parametrize("augment,jitter", [(True, 0.0), (True, 0.4), (False, 0.0)])
+def test_dali_cpu_images_are_the_pil_pixels(augment, jitter):
+    """On the CPU, DALI decodes, torch's uint8 antialiased resize stands in for PIL's BICUBIC and
+    engine.data.augment.jitter_uint8 for ImageEnhance: the same jitter, crop, flip and filter, so
+    the same pixels up to one level of 255 (the two JPEG decoders round chroma differently) and
+    mostly identical."""
     ds = build_dataset(DataConfig(path=str(PHOTOS), img_size=24, crop_scale=[0.2, 1.0],
-                                  augment=augment), "image")
+                                  augment=augment, color_jitter=[jitter] * 3), "image")
     dali, ref = run(DaliImageLoader, ds, 4, 4, max_steps=3), torch_run(ds, 4, 4, max_steps=3)
     assert len(dali) == len(ref) == 3
     for a, b in zip(dali, ref):

@@ -134,6 +134,75 @@ def test_probe_writes_accuracies(modality, runs):
     assert result["checkpoint_accuracy"] == saved["checkpoint_accuracy"]
 
 
+# --------------------------------------------------------------------------------------------
+# data2vec 2.0 image encoder (post-LN): its own modeling file, never Data2VecVision
+
+
+@pytest.fixture(scope="module")
+def v2_image_run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "0")
+    try:
+        run_dir = tmp_path_factory.mktemp("run_image_v2")
+        train(load_config(ROOT / "configs/tiny_image_v2.yaml",
+                          [f"run.dir={run_dir}", "train.max_steps=2", "train.progress=false"]))
+    finally:
+        mp.undo()
+    return run_dir
+
+
+def test_post_ln_image_exports_with_its_own_modeling_file(v2_image_run, tmp_path):
+    out_dir = tmp_path / "hf"
+    assert export_main([str(v2_image_run), str(out_dir)]) == 0
+    files = {p.name for p in out_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_data2vec2_vision.py",
+            "configuration_data2vec2_vision.py"} <= files, files
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["model_type"] == "data2vec2-vision" and "AutoModel" in config["auto_map"]
+    hf, info = transformers.AutoModel.from_pretrained(out_dir, trust_remote_code=True,
+                                                      output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(hf).__name__ == "Data2Vec2VisionModel"
+    ours = load_encoder(v2_image_run)
+    assert not ours.cfg.model.layer_norm_first
+    pixels = _inputs("image", ours.cfg)["pixel_values"]
+    with torch.no_grad():
+        expected = ours(pixels)
+        got = hf(pixel_values=pixels).last_hidden_state
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_post_ln_image_with_relative_bias_exports_equal(tmp_path):
+    from engine.export import EncoderForExport
+    from engine.export_remote import to_remote_model
+    from engine.models import build_model
+
+    cfg = load_config(ROOT / "configs/tiny_image_v2.yaml", ["model.rel_pos_bias=true"])
+    torch.manual_seed(0)
+    encoder = build_model(cfg.model, "image").eval()
+    with torch.no_grad():
+        encoder.rel_pos_bias.table.normal_()  # zeros at init would hide an index mix-up
+    model = to_remote_model(EncoderForExport(encoder, cfg))
+    pixels = _inputs("image", cfg)["pixel_values"]
+    with torch.no_grad():
+        err = (model(pixel_values=pixels).last_hidden_state - encoder(pixels).x).abs().max()
+    assert err.item() < 1e-4
+
+
+def test_post_ln_image_is_never_exported_as_data2vecvision():
+    from engine.export import EncoderForExport, to_hf_model
+    from engine.models import build_model
+
+    cfg = load_config(ROOT / "configs/tiny_image_v2.yaml")
+    encoder = build_model(cfg.model, "image")
+    with pytest.raises(ConfigError, match="layer_norm_first"):
+        hf_config(cfg, encoder)
+    with pytest.raises(ConfigError, match="layer_norm_first"):
+        to_hf_model(EncoderForExport(encoder, cfg))
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face's own clients on the export: processors, pipelines, Trainer, the model card
 

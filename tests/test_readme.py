@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 TINY_RUNS = ROOT / "benchmarks/results/2026-11-27-cpu-tiny-runs.json"
 LOADER_RUNS = ROOT / "benchmarks/results/2026-11-25-cpu-loader.json"
+QUALITY = ROOT / "benchmarks/results/2026-11-27-cpu-quality.json"
+QUALITY_SHORT = ROOT / "benchmarks/results/2026-11-27-cpu-quality-short.json"
+QUALITY_TEXT_TRIALS = ROOT / "benchmarks/results/2026-11-27-cpu-quality-text-trials.json"
 HERE = "tests/test_readme.py"
 
 
@@ -149,6 +152,10 @@ CLAIMS = [
     Claim("(max abs difference under 1e-4 in fp32; tested for each modality)",
           "tests/test_export.py::test_exported_model_matches_our_encoder"),
     Claim("it writes `<checkpoint>.probe.json` beside it", "test_export_and_probe_commands"),
+    # Does pretraining learn?
+    Claim("5-fold cross-validated linear probe accuracy, checkpoint vs the same encoder at random "
+          "init:", "test_quality_figures_are_the_measured_ones"),
+    Claim("`make test` runs a 60-update tiny_image_v2 run", "test_quality_figures_are_the_measured_ones"),
     # Continue from released weights
     Claim("It is not `train.resume=true` (continue this run), and using both is an error.",
           "test_config_errors_are_one_line_naming_the_key"),
@@ -402,6 +409,39 @@ def test_loader_figures_are_the_measured_ones():
     assert (round(min(img_torch)), round(max(img_torch))) == (346, 357)
     assert (round(min(aud_dali) / 1e3, 1), round(max(aud_dali) / 1e3, 1)) == (13.8, 16.8)
     assert (round(min(aud_torch) / 1e3, 1), round(max(aud_torch) / 1e3, 1)) == (9.0, 9.2)
+
+
+def test_quality_figures_are_the_measured_ones():
+    record = json.loads(QUALITY.read_text())
+    runs = record["runs"]
+    budget = _figures(r"budgets of image (\d+) / (\d+), audio (\d+) / (\d+), text (\d+) / (\d+) "
+                      r"updates \(v1 / v2\)")
+    assert budget == tuple(str(runs[f"tiny_{m}{v}"]["steps"]) for m in ("image", "audio", "text")
+                           for v in ("", "_v2"))
+    minutes, jobs, low, high = _figures(r"took ([\d.]+) min with (\d+) runs side by side, one "
+                                        r"thread each \(load average ([\d.]+) -> ([\d.]+)\)")
+    assert (minutes, int(jobs)) == (f"{record['total_s'] / 60:.1f}", record["jobs"])
+    assert (low, high) == (f"{record['load_before'][0]:.1f}", f"{record['load_after'][0]:.1f}")
+    for m in ("image", "audio", "text"):
+        v1, v2 = runs[f"tiny_{m}"], runs[f"tiny_{m}_v2"]
+        got = _figures(rf"{m} v1 ([\d.]+) vs ([\d.]+) \(([+-][\d.]+)\), v2 ([\d.]+) vs ([\d.]+) "
+                       rf"\(([+-][\d.]+)\), raw input (\d\.\d\d)")
+        want = []
+        for r in (v1, v2):
+            last = r["points"][-1]["probe"]
+            want += [f"{last:.2f}", f"{r['random_init']:.2f}", f"{last - r['random_init']:+.2f}"]
+        assert got == (*want, f"{v1['raw_input']:.2f}"), m
+    trials = json.loads(QUALITY_TEXT_TRIALS.read_text())["trials"]
+    gains = [t["gain"] for t in trials]
+    assert _figures(r"kept the gain between ([+-][\d.]+) and ([+-][\d.]+)") == (
+        f"{min(gains):+.2f}", f"{max(gains):+.2f}")
+    (smallest,) = _figures(r"the smallest `target_var` logged was ([\d.]+) \(")
+    assert smallest == f"{min(r['min_target_var'] for r in runs.values()):.2f}"
+    short = json.loads(QUALITY_SHORT.read_text())
+    steps, seeds, low, high = _figures(r"`make test` runs a (\d+)-update tiny_image_v2 run .*? "
+                                       r"seeds 1-(\d+) gained (\d\.\d\d)-(\d\.\d\d)\)")
+    assert (int(steps), int(seeds)) == (short["steps"], len(short["runs"]))
+    assert (low, high) == tuple(f"{g:.2f}" for g in short["gain"])
 
 
 def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys):

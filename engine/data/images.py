@@ -1,12 +1,13 @@
 """Image folder dataset (CPU, PIL): class sub-folders give labels; a flat folder is unlabelled.
 
-Augmentation is BEiT / data2vec's: torchvision's RandomResizedCrop (same sampling, including the
-fall-back to a center crop after 10 failed draws) and a horizontal flip, drawn only from the
-`rng` passed to load(); evaluation resizes the short side and center-crops.
+Augmentation is the reference's (engine.data.augment): torchvision's ColorJitter on the whole image
+(data.color_jitter, BEiT / data2vec 1.0), its RandomResizedCrop (same sampling, including the
+fall-back to a center crop after 10 failed draws) resized with data.interpolation (PIL's
+antialiased BICUBIC by default) and a horizontal flip, drawn only from the `rng` passed to load();
+evaluation resizes the short side and center-crops with the same filter.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -15,13 +16,15 @@ import torch
 from PIL import Image
 
 from engine.config import DataConfig
+from engine.data.augment import (  # noqa: F401  (random_resized_crop_box: the crop's home was here)
+    PIL_FILTERS, draw, jitter_pil, random_resized_crop_box,
+)
 from engine.data.common import bad_file, with_labels
 from engine.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def _images_in(folder: str, recursive: bool) -> list[str]:
@@ -86,29 +89,6 @@ def read_image_list(path: Path) -> tuple[list[str], list[int] | None, list[str]]
     return files, (labels if labelled else None), classes
 
 
-def random_resized_crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
-    """(left, top, w, h) of a crop as torchvision's RandomResizedCrop.get_params draws it."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
 def center_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     """(resized width, resized height, left, top): the short side to `size` (torchvision
     Resize(int)), then the central size x size square of that."""
@@ -119,10 +99,10 @@ def center_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, 
     return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
     """Short side to `size` (torchvision Resize(int)), then the central size x size square."""
     new_w, new_h, left, top = center_crop_geometry(*img.size, size)
-    img = img.resize((new_w, new_h), Image.BILINEAR)
+    img = img.resize((new_w, new_h), PIL_FILTERS[interpolation])
     return img.crop((left, top, left + size, top + size))
 
 
@@ -157,13 +137,16 @@ class ImageFolderDataset:
             raise bad_file(self.cfg.on_bad_file, path, str(e).splitlines()[0]) from None
 
     def transform(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        """Random resized crop + flip from `rng` when data.augment, else resize + center crop."""
-        size = self.cfg.img_size
+        """Color jitter, random resized crop + flip from `rng` when data.augment, else resize +
+        center crop."""
+        size, filt = self.cfg.img_size, PIL_FILTERS[self.cfg.interpolation]
         if not self.cfg.augment:
-            return to_normalized_tensor(resize_center_crop(img, size))
-        left, top, w, h = random_resized_crop_box(*img.size, self.cfg.crop_scale, CROP_RATIO, rng)
-        img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-        if self.cfg.hflip and rng.random() < 0.5:
+            return to_normalized_tensor(resize_center_crop(img, size, self.cfg.interpolation))
+        aug = draw(*img.size, self.cfg, rng)
+        img = jitter_pil(img, aug.jitter)  # the whole image: the contrast mean is the image's
+        left, top, w, h = aug.box
+        img = img.crop((left, top, left + w, top + h)).resize((size, size), filt)
+        if aug.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_normalized_tensor(img)
 
@@ -182,6 +165,9 @@ class ImageFolderDataset:
     def describe(self) -> str:
         """One line: folder, image count, classes, transform."""
         kind = f"{self.num_labels} classes" if self.num_labels else "unlabelled"
-        aug = (f"random resized crop {self.cfg.crop_scale}" + (" + hflip" if self.cfg.hflip else "")
-               if self.cfg.augment else "center crop")
+        jitter = (f"color jitter {self.cfg.color_jitter} + " if any(self.cfg.color_jitter)
+                  else "")
+        aug = (f"{jitter}random resized crop {self.cfg.crop_scale} {self.cfg.interpolation}"
+               + (" + hflip" if self.cfg.hflip else "")
+               if self.cfg.augment else f"center crop {self.cfg.interpolation}")
         return (f"images {self.root}: {len(self)} files, {kind}, {self.cfg.img_size}px, {aug}")

@@ -2,8 +2,10 @@
 
 audio: wav2vec 2.0 conv stack on raw 16 kHz waveform, layer norm, projection, convolutional
        positional embedding, post-LN blocks (fairseq data2vec_audio / HF Data2VecAudio).
-image: 16x16 patch embedding, CLS token, BEiT pre-LN blocks with layer scale and one relative
-       position bias shared by all blocks, final layer norm (fairseq data2vec_vision).
+image: 16x16 patch embedding, CLS token, then (model.layer_norm_first) either BEiT pre-LN blocks
+       with layer scale and one relative position bias shared by all blocks and a final layer norm
+       (fairseq data2vec_vision, data2vec 1.0) or a layer norm on the blocks' input and post-LN
+       blocks without final norm (data2vec 2.0's AltBlock image model).
 text:  token + learned positions (RoBERTa), embedding layer norm, post-LN blocks (data2vec_text).
 """
 from __future__ import annotations
@@ -28,6 +30,11 @@ class EncoderOutput:
     block_results: list = field(default_factory=list)  # per block: the block's output
 
 
+def context_norm_eps(cfg: ModelConfig, default: float = 1e-5) -> float:
+    """eps of the context encoder's LayerNorms: model.norm_eps, else the layout's reference value."""
+    return cfg.norm_eps if cfg.norm_eps is not None else default
+
+
 class Data2VecEncoder(nn.Module):
     """Common interface of the modality encoders (the objective and the EMA teacher rely on it)."""
 
@@ -37,7 +44,13 @@ class Data2VecEncoder(nn.Module):
 
     def feature_encoder_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes the EMA teacher copies from the student instead of averaging
-        (fairseq's ema_transformer_only / ema_layers_only skip keys)."""
+        under objective.ema_scope=transformer (fairseq's ema_transformer_only / ema_layers_only
+        skip keys)."""
+        raise NotImplementedError
+
+    def local_encoder_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the local feature encoder, the part of `embed` that fairseq's
+        data2vec 2.0 calls local_encoder + project_features (copied under ema_scope=context)."""
         raise NotImplementedError
 
     def embed(self, source, padding_mask=None):
@@ -161,9 +174,10 @@ class AudioEncoder(Data2VecEncoder):
         self.pos_conv = ConvPositionalEmbedding(cfg.embed_dim, cfg.conv_pos, cfg.conv_pos_groups,
                                                 cfg.conv_pos_depth)
         self.layer_norm_first = cfg.layer_norm_first
-        self.norm = nn.LayerNorm(cfg.embed_dim)
+        eps = context_norm_eps(cfg)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = BlockStack(cfg, pre_ln=cfg.layer_norm_first)
+        self.blocks = BlockStack(cfg, pre_ln=cfg.layer_norm_first, eps=eps)
         _bert_init(self.blocks)
 
     def feature_encoder_prefixes(self) -> tuple[str, ...]:
@@ -175,6 +189,10 @@ class AudioEncoder(Data2VecEncoder):
         frames = int(self.feature_extractor.output_lengths(torch.tensor(source.shape[1])))
         return frames, None if padding_mask is None else self.feature_padding_mask(padding_mask,
                                                                                     frames)
+
+    def local_encoder_prefixes(self) -> tuple[str, ...]:
+        # fairseq v2 audio: local_encoder = the conv stack, project_features = LayerNorm + Linear.
+        return ("feature_extractor.", "feature_norm.", "feature_proj.")
 
     def feature_padding_mask(self, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
         """B x L sample padding mask -> B x frames frame padding mask."""
@@ -247,10 +265,19 @@ class RelativePositionBias(nn.Module):
 
 
 class ImageEncoder(Data2VecEncoder):
-    """data2vec vision (BEiT layout): patches, CLS, pre-LN blocks, shared relative bias.
+    """data2vec vision: patches, CLS, then one of two block layouts (model.layer_norm_first).
 
-    The blocks are always pre-LN (model.layer_norm_first does not apply); without rel_pos_bias a
-    learned absolute position embedding (BEiT's use_abs_pos_emb) takes its place.
+    true, BEiT (data2vec 1.0, fairseq data2vec_vision): pre-LN blocks with layer scale, the shared
+    relative bias, a final LayerNorm (`norm`); q and v biases but no k bias; trunc-normal(0.02)
+    Linear weights with each block's two output projections divided by sqrt(2 * (i + 1)); CLS and
+    mask embedding at std 0.02; LayerNorm eps 1e-5.
+    false, data2vec 2.0 (data2vec2.py with layer_norm_first false: modalities/images.py's
+    context_encoder norm, then AltBlocks): a LayerNorm (`norm`) on the blocks' input, CLS
+    included, post-LN blocks, no final norm; q, k and v biases; BERT init (init_bert_params:
+    normal(0.02) Linear weights, zero biases, no depth rescale); the patch conv xavier-uniform;
+    CLS at std 1 (init_extra_token_zero false); LayerNorm eps 1e-6 (norm_eps).
+    Without rel_pos_bias a learned absolute position embedding (BEiT's use_abs_pos_emb) is added to
+    the patches and the CLS before the blocks.
     """
 
     modality = "image"
@@ -259,6 +286,7 @@ class ImageEncoder(Data2VecEncoder):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_dim = cfg.embed_dim
+        self.pre_ln = cfg.layer_norm_first
         self.grid = (cfg.img_size // cfg.patch_size,) * 2
         self.image_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
@@ -270,12 +298,15 @@ class ImageEncoder(Data2VecEncoder):
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, cfg.embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        # BEiT's attention has q and v biases but no k bias.
-        self.blocks = BlockStack(cfg, pre_ln=True, k_bias=False)
-        self.norm = nn.LayerNorm(cfg.embed_dim)
-        self._init(cfg)
+        eps = context_norm_eps(cfg, 1e-5 if self.pre_ln else 1e-6)
+        self.blocks = BlockStack(cfg, pre_ln=self.pre_ln, k_bias=not self.pre_ln, eps=eps)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=eps)  # pre-LN: final norm; post-LN: input norm
+        if self.pre_ln:
+            self._init_beit()
+        else:
+            self._init_data2vec2()
 
-    def _init(self, cfg):
+    def _init_beit(self):
         # BEiT / data2vec vision: trunc-normal Linear layers in the transformer, each block's two
         # output projections divided by sqrt(2 * depth index); the patch conv keeps torch's init.
         for m in self.blocks.modules():
@@ -290,9 +321,23 @@ class ImageEncoder(Data2VecEncoder):
                 block.attn.out_proj.weight.div_(math.sqrt(2.0 * (i + 1)))
                 block.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
+    def _init_data2vec2(self):
+        # data2vec 2.0: PatchEmbed's conv weight xavier-uniform over (out, in * k * k), then
+        # init_bert_params over the model, which leaves the conv and the extra tokens alone; the
+        # CLS is N(0, 1). Our mask embedding (v2 drops masked patches and never uses it) keeps
+        # the v1 init.
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        _bert_init(self.blocks)
+        nn.init.normal_(self.cls_token, std=1.0)
+        nn.init.trunc_normal_(self.mask_emb, std=0.02)
+
     def feature_encoder_prefixes(self) -> tuple[str, ...]:
         # data2vec vision's EMA covers the transformer only; patches and CLS are the student's.
         return ("patch_embed.", "cls_token", "mask_emb")
+
+    def local_encoder_prefixes(self) -> tuple[str, ...]:
+        return ("patch_embed.",)  # fairseq v2 image: local_encoder = PatchEmbed
 
     def embed(self, source, padding_mask=None):
         """B x 3 x H x W -> B x N x C patch embeddings (row-major grid), no padding."""
@@ -304,8 +349,17 @@ class ImageEncoder(Data2VecEncoder):
     def token_layout(self, source, padding_mask=None):
         return self.grid[0] * self.grid[1], None
 
+    def run_blocks(self, x, key_padding_mask, bias, return_layers):
+        """CLS-first tokens B x T' x C through the layout's norms and blocks -> (x, ffn, blocks)."""
+        if not self.pre_ln:
+            x = self.norm(x)
+        x, ffn, blocks = self.blocks(x, key_padding_mask, bias, return_layers)
+        if self.pre_ln:
+            x = self.norm(x)
+        return x, ffn, blocks
+
     def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
-        """Mask embedding over patches, CLS, blocks with the shared bias, final LN: T' = T + 1."""
+        """Mask embedding over patches, CLS, positions, norms and blocks: T' = T + 1."""
         self._check_encode(x, padding_mask, mask)
         if padding_mask is not None:
             raise ValueError("image encode: patches have no padding; padding_mask must be None")
@@ -315,8 +369,8 @@ class ImageEncoder(Data2VecEncoder):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        x, ffn, blocks = self.blocks(x, None, bias, return_layers)
-        return EncoderOutput(self.norm(x), None, ffn, blocks)
+        x, ffn, blocks = self.run_blocks(x, None, bias, return_layers)
+        return EncoderOutput(x, None, ffn, blocks)
 
 
 class TextEncoder(Data2VecEncoder):
@@ -334,11 +388,16 @@ class TextEncoder(Data2VecEncoder):
                                             padding_idx=cfg.pad_id)
         self.embed_norm = nn.LayerNorm(cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = BlockStack(cfg, pre_ln=cfg.layer_norm_first)
-        self.final_norm = nn.LayerNorm(cfg.embed_dim) if cfg.layer_norm_first else None
+        eps = context_norm_eps(cfg)
+        self.blocks = BlockStack(cfg, pre_ln=cfg.layer_norm_first, eps=eps)
+        self.final_norm = nn.LayerNorm(cfg.embed_dim, eps=eps) if cfg.layer_norm_first else None
         _bert_init(self)
 
     def feature_encoder_prefixes(self) -> tuple[str, ...]:
+        return ("embed_tokens.", "embed_positions.", "embed_norm.")
+
+    def local_encoder_prefixes(self) -> tuple[str, ...]:
+        # fairseq v2 text: TextLocalEncoder = token + position embeddings, LayerNorm, dropout.
         return ("embed_tokens.", "embed_positions.", "embed_norm.")
 
     def embed(self, source, padding_mask=None):
@@ -384,10 +443,13 @@ def build_model(cfg: ModelConfig, modality: str) -> Data2VecEncoder:
     if modality not in ENCODERS:
         raise ConfigError(f"config key 'modality': got {modality!r}, expected one of "
                           f"{', '.join(ENCODERS)}")
-    if modality != "image" and not cfg.layer_norm_first:
-        for key in ("drop_path", "layer_scale_init"):
+    if not cfg.layer_norm_first:
+        # data2vec 2.0's image AltBlocks have drop path; fairseq's post-LN audio / text layers
+        # (wav2vec 2.0, RoBERTa) have neither; no post-LN block has layer scale.
+        keys = ("layer_scale_init",) if modality == "image" else ("drop_path", "layer_scale_init")
+        for key in keys:
             if getattr(cfg, key) > 0:
-                raise ConfigError(f"config key 'model.{key}': post-LN blocks (model."
+                raise ConfigError(f"config key 'model.{key}': post-LN {modality} blocks (model."
                                   f"layer_norm_first=false) have no {key.replace('_', ' ')}; "
                                   f"set it to 0")
     return ENCODERS[modality](cfg)

@@ -1,6 +1,6 @@
 """The shared context encoder: self-attention + GELU MLP blocks, post-LN (wav2vec 2.0's
-TransformerSentenceEncoderLayer, fairseq's TransformerEncoderLayer) or pre-LN with layer scale and
-drop path (BEiT, data2vec vision)."""
+TransformerSentenceEncoderLayer, fairseq's TransformerEncoderLayer, data2vec 2.0's AltBlock with
+layer_norm_first false) or pre-LN with layer scale and drop path (BEiT, data2vec vision)."""
 from __future__ import annotations
 
 import torch
@@ -47,25 +47,32 @@ class Block(nn.Module):
     """One transformer block; forward returns (block output, FFN branch before the last residual).
 
     The FFN branch is fairseq's "fc" layer result: post-LN, fc2's output before dropout (wav2vec 2.0
-    and fairseq TransformerEncoderLayer); pre-LN, BEiT's fc_feature = drop_path(gamma_2 * mlp).
+    and fairseq TransformerEncoderLayer; AltBlock's ffn target); pre-LN, BEiT's
+    fc_feature = drop_path(gamma_2 * mlp).
     It is returned only when asked for (`branch`, the teacher's return_layers), else None: fc2's
     output on B x T x C is a view (linear folds to 2-D and views back), and FSDP2 registers its
     pre-backward hook on every grad-requiring output of a sharded block, warning for views since an
     in-place op on one would drop the hook. The student never uses the branch, so it is not
     returned, and the teacher asks for it under no_grad, where FSDP2 registers no hook.
+
+    Post-LN: x = attn_norm(x + drop_path(dropout(attn(x)))); out = ffn_norm(x + drop_path(
+    dropout(mlp(x)))) (drop path as AltBlock; 0 in the reference's v1 audio / text layers).
+    Pre-LN: x = x + drop_path(gamma_1 * dropout(attn(attn_norm(x)))); out = x + drop_path(
+    gamma_2 * dropout(mlp(ffn_norm(x)))).
     """
 
     def __init__(self, dim, heads, ffn_dim, pre_ln, dropout=0.0, attention_dropout=0.0,
-                 activation_dropout=0.0, drop_path=0.0, layer_scale_init=0.0, k_bias=True):
+                 activation_dropout=0.0, drop_path=0.0, layer_scale_init=0.0, k_bias=True,
+                 eps=1e-5):
         super().__init__()
-        if not pre_ln and (drop_path > 0 or layer_scale_init > 0):
-            raise ValueError("drop path and layer scale exist only in pre-LN (BEiT) blocks")
+        if not pre_ln and layer_scale_init > 0:
+            raise ValueError("layer scale exists only in pre-LN (BEiT) blocks")
         self.pre_ln, self.drop_path = pre_ln, drop_path
         self.attn = SelfAttention(dim, heads, attention_dropout, k_bias=k_bias)
-        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_norm = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, dim)
-        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.activation_dropout = nn.Dropout(activation_dropout)
         if layer_scale_init > 0:
@@ -89,9 +96,11 @@ class Block(nn.Module):
                 fc = self.gamma_2 * fc
             fc = drop_path(fc, self.drop_path, self.training)
             return x + fc, fc if branch else None
-        x = self.attn_norm(x + self.dropout(self.attn(x, key_padding_mask, attn_bias)))
+        a = self.dropout(self.attn(x, key_padding_mask, attn_bias))
+        x = self.attn_norm(x + drop_path(a, self.drop_path, self.training))
         fc = self._mlp(x)
-        return self.ffn_norm(x + self.dropout(fc)), fc if branch else None
+        out = drop_path(self.dropout(fc), self.drop_path, self.training)
+        return self.ffn_norm(x + out), fc if branch else None
 
 
 def _rng_restored(device: torch.device):
@@ -104,7 +113,7 @@ def _rng_restored(device: torch.device):
 class BlockStack(nn.Module):
     """cfg.depth blocks; drop path rises linearly from 0 to cfg.drop_path with depth (BEiT)."""
 
-    def __init__(self, cfg, pre_ln: bool, k_bias: bool = True):
+    def __init__(self, cfg, pre_ln: bool, k_bias: bool = True, eps: float = 1e-5):
         super().__init__()
         # On the CPU explicitly: the plan builds models on the meta device (engine.flops).
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
@@ -115,7 +124,7 @@ class BlockStack(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, pre_ln, cfg.dropout,
                   cfg.attention_dropout, cfg.activation_dropout, rates[i], cfg.layer_scale_init,
-                  k_bias=k_bias)
+                  k_bias=k_bias, eps=eps)
             for i in range(cfg.depth)
         )
         # FSDP (engine.parallel sets it): every rank must gather every block in the same order,

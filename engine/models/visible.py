@@ -10,6 +10,7 @@ from attention as keys (tests compare the two at the visible positions).
 Per modality, before the gather:
   image  learned absolute positions (when model.rel_pos_bias is false) are added to the patches;
          with the relative bias, its rows and columns are gathered per sample (B x H x V' x V').
+         The data2vec 2.0 layout's input LayerNorm acts per token, after the gather.
   audio  padded and masked frames are zeroed (fairseq encoder_zero_mask), then the convolutional
          positions are computed over the full length and added; post-LN's first norm and dropout
          act per position, so they run after the gather.
@@ -113,9 +114,8 @@ def _image(enc: ImageEncoder, x, mask, keep, return_layers):
     else:
         attend = torch.cat([attend.new_zeros(attend.shape[0], 1), attend], dim=1)
     x = torch.cat([cls, x], dim=1)
-    x, ffn, blocks = enc.blocks(x, attend, bias, return_layers)
-    pad = None if attend is None else attend
-    return EncoderOutput(enc.norm(x), pad, ffn, blocks)
+    x, ffn, blocks = enc.run_blocks(x, attend, bias, return_layers)
+    return EncoderOutput(x, attend, ffn, blocks)
 
 
 def _audio(enc: AudioEncoder, x, padding_mask, mask, keep, return_layers):

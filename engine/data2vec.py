@@ -160,7 +160,8 @@ class Data2Vec(nn.Module):
         # The head runs on every position and the unmasked ones are zeroed on both sides (their
         # loss and gradient are exactly 0): fairseq's hidden[mask] gather has a data-dependent
         # size, which costs a host synchronization per micro-batch. The head is one C x C layer
-        # (text: two), well under 1% of the step's FLOPs even where only 15% is masked.
+        # (text: two of width 2C): 0.5% of image_base's step FLOPs, 0.3% of audio_base's, 1.8% of
+        # text_base's, where only 15% is masked (the gather needed 0.3%).
         at = mask[..., None]
         pred = torch.where(at, self.head(student.x[:, n_extra:]).float(), 0.0)
         target = torch.where(at, targets, 0.0)

@@ -110,9 +110,12 @@ class Feed:
             self.stand_in = batch
         seeds = sample_seeds(self.cfg.seed, step, batch["position"], STREAM_MASK)
         if self.crop_group:  # audio: the crop group's masked count (engine.data.audio)
-            batch = {**batch, "group_seeds": sample_seeds(
-                self.cfg.seed, step, group_positions(batch["position"][0], self.crop_group),
-                STREAM_MASK)}
+            group_seeds = sample_seeds(self.cfg.seed, step,
+                                       group_positions(batch["position"][0], self.crop_group),
+                                       STREAM_MASK)
+            if self.stream is not None:  # copied on the side stream below: pinned, as the batch
+                group_seeds = group_seeds.pin_memory()
+            batch = {**batch, "group_seeds": group_seeds}
         # The side stream waits for nothing: its inputs are pinned host memory and what it
         # allocates comes from its own pool of the caching allocator.
         side = torch.cuda.stream(self.stream) if self.stream is not None else None

@@ -30,14 +30,15 @@ from engine.seeding import STREAM_MASK, sample_seeds
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor made in the step on `device`: to CUDA through pinned memory, non_blocking (a
     copy from pageable memory would synchronize the host with the device every micro-batch)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    """The batch's tensors on `device`; host tensors go to CUDA through pinned memory (the
+    loader's are pinned already; bucket padding and stand-ins make new ones)."""
+    return {k: host_to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -113,8 +114,6 @@ class Feed:
             group_seeds = sample_seeds(self.cfg.seed, step,
                                        group_positions(batch["position"][0], self.crop_group),
                                        STREAM_MASK)
-            if self.stream is not None:  # copied on the side stream below: pinned, as the batch
-                group_seeds = group_seeds.pin_memory()
             batch = {**batch, "group_seeds": group_seeds}
         # The side stream waits for nothing: its inputs are pinned host memory and what it
         # allocates comes from its own pool of the caching allocator.

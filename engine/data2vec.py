@@ -7,6 +7,8 @@ encodes the masked input; a regression head predicts the targets at masked posit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,27 +20,29 @@ from kernels.masking import block_mask, span_mask, token_mask
 from kernels.targets import teacher_targets
 
 
+@dataclass
 class StepOutput:
     """One micro-batch's loss_sum (the scaled loss summed over masked positions, normalized by the
-    trainer) and masked count (float), and the student's predictions and the teacher's targets
-    at the masked positions (M x C, predictions detached) for the logged variances.
+    trainer) and masked count (float); `pred` / `target` are the student's predictions (detached)
+    and the teacher's targets at the masked positions (M x C), for the logged variances.
 
-    v1 passes them B x T x C with `at`, the B x T mask: the rows are gathered only when read (on
+    v1 stores them B x T x C with `at`, the B x T mask: the rows are gathered only when read (on
     logged steps), because a boolean gather's size is data-dependent and would make every step
-    wait for the device."""
+    wait for the device. A dataclass, so that DDP finds the loss in the forward's output."""
 
-    def __init__(self, loss_sum: torch.Tensor, masked: torch.Tensor, pred: torch.Tensor,
-                 target: torch.Tensor, at: torch.Tensor | None = None):
-        self.loss_sum, self.masked = loss_sum, masked
-        self._pred, self._target, self._at = pred, target, at
+    loss_sum: torch.Tensor
+    masked: torch.Tensor
+    predictions: torch.Tensor  # M x C, or B x T x C read at `at`
+    targets: torch.Tensor
+    at: Optional[torch.Tensor] = None
 
     @property
     def pred(self) -> torch.Tensor:
-        return self._pred if self._at is None else self._pred[self._at]
+        return self.predictions if self.at is None else self.predictions[self.at]
 
     @property
     def target(self) -> torch.Tensor:
-        return self._target if self._at is None else self._target[self._at]
+        return self.targets if self.at is None else self.targets[self.at]
 
 
 def regression_head(dim: int, layers: int) -> nn.Module:

@@ -161,7 +161,7 @@ class Data2VecV2(nn.Module):
             cls_pred = student.x[:, n_extra - 1].float()
             cls_sum = self._loss(cls_pred, cls_target).sum() * scale
             loss_sum = loss_sum + cls_sum * (o.cls_loss * masked.detach())
-        return StepOutput(loss_sum=loss_sum, masked=masked, pred=pred.detach(), target=target)
+        return StepOutput(loss_sum, masked, pred.detach(), target)
 
     def _loss(self, pred, target):
         beta = self.cfg.objective.loss_beta

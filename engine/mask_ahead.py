@@ -6,8 +6,11 @@ that uses them. `Feed.prefetch()` takes the next micro-batch from the loader, co
 device and draws its masks (objective.draw_masks) on a side CUDA stream, then records an event;
 the trainer calls it right after enqueueing the current micro-batch's backward, so the GPU runs the
 copies and the mask kernels next to that backward. `Feed.take()` makes the compute stream wait
-for the event (on the device: the host never synchronizes) and returns the micro-batch. The masks
-are bit for bit those the step would draw itself (tests/test_mask_ahead.py).
+for the event (on the device: the host never waits for the compute stream) and returns the
+micro-batch. data2vec 2.0's shared masked count sizes the step's gathers, so the host needs it:
+the side stream copies it to pinned memory and take() waits for that event, recorded a whole
+forward and backward earlier (done by then). The masks are bit for bit those the step would draw
+itself (tests/test_mask_ahead.py).
 
 Without CUDA the stream is a no-op context: the same calls, in order. train.mask_ahead=false draws
 the masks in the step instead (the copies stay here, on the compute stream).

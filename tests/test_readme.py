@@ -39,6 +39,7 @@ LOADER_RUNS = ROOT / "benchmarks/results/2026-11-25-cpu-loader.json"
 QUALITY = ROOT / "benchmarks/results/2026-11-27-cpu-quality.json"
 QUALITY_SHORT = ROOT / "benchmarks/results/2026-11-27-cpu-quality-short.json"
 QUALITY_TEXT_TRIALS = ROOT / "benchmarks/results/2026-11-27-cpu-quality-text-trials.json"
+QUALITY_TEXT_CONTROLS = ROOT / "benchmarks/results/2026-11-27-cpu-quality-text-controls.json"
 HERE = "tests/test_readme.py"
 
 
@@ -442,6 +443,39 @@ def test_quality_figures_are_the_measured_ones():
                                        r"seeds 1-(\d+) gained (\d\.\d\d)-(\d\.\d\d)\)")
     assert (int(steps), int(seeds)) == (short["steps"], len(short["runs"]))
     assert (low, high) == tuple(f"{g:.2f}" for g in short["gain"])
+
+
+def test_text_control_figures_are_the_measured_ones():
+    from benchmarks.text_controls import TOP_TOKENS
+
+    record = json.loads(QUALITY_TEXT_CONTROLS.read_text())
+    quality = json.loads(QUALITY.read_text())["runs"]
+    v1, v2 = record["configs"]["tiny_text"], record["configs"]["tiny_text_v2"]
+    assert record["steps"] == {c: quality[c]["steps"] for c in ("tiny_text", "tiny_text_v2")}
+
+    def spread(entry):
+        values = entry["layers"].values()
+        return f"{min(values):.2f}", f"{max(values):.2f}"
+
+    got = _figures(r"probes better than at init \((\d\.\d\d)-(\d\.\d\d) from the embeddings to the\s+"
+                   r"final output, against (\d\.\d\d)-(\d\.\d\d)\), nor of v2 \((\d\.\d\d)-(\d\.\d\d)\)")
+    assert got == (*spread(v1["checkpoint"]), *spread(v1["random_init"]), *spread(v2["checkpoint"]))
+    got = _figures(r"which of the\s+(\d+) most frequent tokens stood at a `<mask>` \((\d\.\d\d); at init "
+                   r"(\d\.\d\d); the most frequent token alone\s+(\d\.\d\d)\)")
+    trained, init = v1["checkpoint"]["masked_token"], v1["random_init"]["masked_token"]
+    assert got == (str(TOP_TOKENS), f"{trained['accuracy']:.2f}", f"{init['accuracy']:.2f}",
+                   f"{trained['majority']:.2f}")
+    got = _figures(r"(\d+)% of the v1 teacher targets' variance is the mean target of their position "
+                   r"\((\d+)% at\s+init\).*?v2's instance-normed targets: (\d+)%\)")
+    assert got == tuple(f"{100 * e['target_position_share']:.0f}" for e in (
+        v1["checkpoint"], v1["random_init"], v2["checkpoint"]))
+    short, long = record["mlm_control"]["runs"]
+    got = _figures(r"its loss falls to ([\d.]+) nats\s+after (\d+) updates, under the unigram entropy "
+                   r"of ([\d.]+)\), yet its document probe stays level too\s+\(([+-][\d.]+) after "
+                   r"(\d+) updates, ([+-][\d.]+) after (\d+)\)")
+    assert got == (f"{long['points'][-1]['loss']:.2f}", str(long["steps"]),
+                   f"{long['unigram_entropy']:.2f}", f"{short['gain']:+.2f}", str(short["steps"]),
+                   f"{long['gain']:+.2f}", str(long["steps"]))
 
 
 def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys):

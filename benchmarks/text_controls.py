@@ -17,7 +17,7 @@ better after pretraining than at random init. This separates "data2vec does not 
    that the mean target of each position explains (1: the targets say only where a token is, a
    collapse onto position that target_var, a variance over positions, does not see);
 5. the control: a plain masked-LM with the same encoder, data, batch, masks (draw_masks of the
-   config) and lr schedule, cross entropy over the vocabulary instead of teacher targets, probed
+   config), optimizer and lr schedule (engine.optim, engine.schedule), cross entropy over the vocabulary instead of teacher targets, probed
    at the same quarters. If it does not beat random init either, the probe cannot tell learning
    at this size, whatever the objective.
 Writes <out>/<date>-cpu-quality-text-controls.json. Every run is on one thread.
@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 import tempfile
@@ -148,7 +147,9 @@ def mlm_control(config: str, steps: int, seed: int, items, labels, num_classes,
     from engine.data2vec import Data2Vec
     from engine.export import EncoderForExport
     from engine.models.encoders import build_model
+    from engine.optim import build_optimizer
     from engine.probe import embed_all
+    from engine.schedule import lr_factor
 
     cfg = load_config(ROOT / f"configs/{config}.yaml", [f"seed={seed}"])
     cfg.data.path = str(ROOT / cfg.data.path)
@@ -158,17 +159,15 @@ def mlm_control(config: str, steps: int, seed: int, items, labels, num_classes,
     lm_head = torch.nn.Linear(cfg.model.embed_dim, cfg.model.vocab_size)
     masker = Data2Vec(cfg, encoder, {k: meta[k] for k in ("bos", "pad", "eos", "unk", "mask")})
     wrapper = EncoderForExport(encoder, cfg)
-    params = list(encoder.parameters()) + list(lm_head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
+    lm = torch.nn.ModuleDict({"encoder": encoder, "lm_head": lm_head})
+    opt = build_optimizer(lm, cfg.optim, cfg.optim.lr, torch.device("cpu"))  # as engine.train
     data = build_dataset(cfg.data, "text", "train")
     rng = np.random.default_rng(seed)
-    warmup = max(1, round(cfg.optim.warmup_steps * steps / cfg.optim.schedule_reference_steps))
     checkpoints = {max(1, round(steps * p)) for p in POINTS}
     points = [{"step": 0, "probe": cross_val_accuracy(embed_all(wrapper, items), labels,
                                                       num_classes)}]
     losses = []
-    for step in range(1, steps + 1):
+    for step in range(1, steps + 1):  # update `step` runs at lr_factor(step - 1), as the trainer
         encoder.train()
         picks = rng.integers(0, len(data), cfg.train.global_batch)
         batch = data.collate([data.load(int(i), rng) for i in picks], rng)
@@ -177,13 +176,11 @@ def mlm_control(config: str, steps: int, seed: int, items, labels, num_classes,
         x, x_pad = encoder.embed(masks["source"], batch.get("padding_mask"))
         hidden = encoder.encode(x, x_pad).x
         loss = F.cross_entropy(lm_head(hidden[masks["mask"]]), batch["source"][masks["mask"]])
-        lr_scale = step / warmup if step <= warmup else 0.5 * (
-            1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for group in opt.param_groups:
-            group["lr"] = cfg.optim.lr * lr_scale
+            group["lr"] = cfg.optim.lr * lr_factor(cfg.optim, step - 1, steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.optim.clip_norm)
         opt.step()
         losses.append(loss.item())
         if step in checkpoints:

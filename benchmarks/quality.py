@@ -14,6 +14,7 @@ audio log-mel frames (mean and std over time), text bag of tokens. Each training
 subprocess on one thread (OMP_NUM_THREADS=1: its CPU time, wall time and peak RSS are its own);
 --jobs configs run side by side (2: one per core), each probed by its worker on one thread.
 
+Text does not beat its random init at these budgets; benchmarks.text_controls measures why.
 Writes <out>/<date>-cpu-quality.json and <out>/<date>-cpu-quality.png (probe accuracy against
 steps per modality, v1 and v2, with the random-init and raw-input levels; drawn with PIL).
 BUDGET is sized for at most about 30 minutes on 2 CPU cores (--jobs 2) of a shared machine: it

@@ -13,18 +13,19 @@ better after pretraining than at random init. This separates "data2vec does not 
    at <mask> positions, on the probe docstrings with MASKED_SHARE of their TOP_TOKENS most
    frequent (train split) tokens masked, classifies which of those tokens was there; the share
    of the majority token is the floor;
-4. the position share of the teacher targets on the valid split: the fraction of their variance
-   that the mean target of each position explains (1: the targets say only where a token is, a
-   collapse onto position that target_var, a variance over positions, does not see);
+4. the position share of the EMA teacher's targets on the valid split: the fraction of their
+   variance that the mean target of each position explains (1: the targets say only where a
+   token is, a collapse onto position that target_var, a variance over positions, does not see);
 5. the control: a plain masked-LM with the same encoder, data, batch, masks (draw_masks of the
-   config), optimizer and lr schedule (engine.optim, engine.schedule), cross entropy over the vocabulary instead of teacher targets, probed
-   at the same quarters. If it does not beat random init either, the probe cannot tell learning
-   at this size, whatever the objective.
+   config), optimizer and lr schedule (engine.optim, engine.schedule), cross entropy over the
+   vocabulary instead of teacher targets, probed at the same quarters. If it does not beat
+   random init either, the probe cannot tell learning at this size, whatever the objective.
 Writes <out>/<date>-cpu-quality-text-controls.json. Every run is on one thread.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -116,14 +117,26 @@ def masked_token_probe(wrapper, items, classes: torch.Tensor, mask_id: int, seed
             "positions": len(labels)}
 
 
+def teacher_of(wrapper, random_init: bool):
+    """The run's EMA teacher: the checkpoint's "teacher" weights in the student's architecture; at
+    random init the initial weights (where the teacher starts)."""
+    from engine.checkpoint import load_checkpoint
+
+    if random_init:
+        return wrapper.encoder
+    teacher = copy.deepcopy(wrapper.encoder)
+    teacher.load_state_dict(load_checkpoint(wrapper.checkpoint_path)["teacher"])
+    return teacher.eval()
+
+
 @torch.no_grad()
-def target_position_share(wrapper, data_path: Path) -> float:
-    """position_share of the config's teacher targets, the encoder as teacher, on the valid split
-    (full blocks only, so every position has as many targets)."""
+def target_position_share(teacher, cfg, data_path: Path) -> float:
+    """position_share of the targets `teacher` gives under the config's objective, on the valid
+    split (full blocks only, so every position has as many targets)."""
     from engine.data import build_dataset
     from kernels.targets import teacher_targets_reference
 
-    cfg, enc = wrapper.cfg, wrapper.encoder
+    enc = teacher
     o = cfg.objective
     ds = build_dataset(dataclasses.replace(cfg.data, path=str(data_path)), "text", "valid")
     rng = np.random.default_rng(0)
@@ -210,7 +223,8 @@ def controls(config: str, steps: int, seed: int, work: Path) -> dict:
         data_path = ROOT / cfg.data.path
         items, labels, _, num_classes = labelled_split(cfg, max_samples=0)
         entry = {"layers": layer_probes(wrapper, items, labels, num_classes),
-                 "target_position_share": target_position_share(wrapper, data_path)}
+                 "target_position_share": target_position_share(
+                     teacher_of(wrapper, random_init), cfg, data_path)}
         if cfg.objective.mode == "v1":
             meta = read_meta(data_path)
             entry["masked_token"] = masked_token_probe(

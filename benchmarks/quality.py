@@ -50,6 +50,11 @@ FOLDS = 5
 SHORT_CONFIG, SHORT_STEPS, SHORT_SEEDS = "tiny_image_v2", 60, (1, 2, 3, 4, 5)
 
 
+def budget_steps(config: str, scale: float = 1.0) -> int:
+    """BUDGET[config] times scale, in a multiple of 4: the POINTS checkpoints fall on whole steps."""
+    return 4 * max(1, round(BUDGET[config] * scale / 4))
+
+
 # ---------------------------------------------------------------------------------- features
 
 
@@ -324,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="d2v-quality-"))
     record = {"bench": "quality", "date": datetime.date.today().isoformat(), "commit": commit(),
               "torch": torch.__version__, "cpus": os.cpu_count(), "seed": args.seed,
-              # multiples of 4: the POINTS checkpoints fall on whole steps
-              "budget": {c: 4 * max(1, round(BUDGET[c] * args.budget_scale / 4)) for c in configs},
+              "budget": {c: budget_steps(c, args.budget_scale) for c in configs},
               "budget_scale": args.budget_scale, "points": POINTS, "folds": FOLDS,
               "jobs": args.jobs, "threads_per_run": 1,
               "overrides": args.set, "load_before": os.getloadavg(), "runs": {}}

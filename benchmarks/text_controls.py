@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import ROOT, commit
-from benchmarks.quality import BUDGET, POINTS, config_run, cross_val_accuracy
+from benchmarks.quality import POINTS, budget_steps, config_run, cross_val_accuracy
 
 TOP_TOKENS = 32  # masked-token probe classes: the most frequent non-special train tokens
 MASKED_SHARE = 0.15
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="d2v-text-controls-"))
     configs = [c for c in args.configs.split(",") if c]
-    steps = {c: 4 * max(1, round(BUDGET[c] * args.budget_scale / 4)) for c in configs}
+    steps = {c: budget_steps(c, args.budget_scale) for c in configs}
     record = {"bench": "quality-text-controls", "date": datetime.date.today().isoformat(),
               "commit": commit(), "torch": torch.__version__, "seed": args.seed,
               "steps": steps, "threads": 1, "load_before": os.getloadavg(), "configs": {}}

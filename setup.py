@@ -38,18 +38,27 @@ setup(
     name="d2v-engine",
     version="0.1.0",
     description="Fast data2vec self-supervised pretraining for speech, vision and text",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "benchmarks"]),
+    # Import names of our own only (a generic `kernels` shadowed Hugging Face's `kernels`, which
+    # transformers imports): benchmarks/, tests/ and scripts/ run from the checkout, not installed.
+    packages=find_packages(include=["d2v_engine", "d2v_engine.*", "d2v_kernels", "d2v_kernels.*"]),
+    entry_points={"console_scripts": [
+        "d2v-train=d2v_engine.train:main",
+        "d2v-prepare=d2v_engine.prepare:main",
+        "d2v-export=d2v_engine.export:main",
+        "d2v-probe=d2v_engine.probe:main",
+        "d2v-checkpoint=d2v_engine.checkpoint_upgrade:main",
+    ]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy", "pyyaml", "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "kernels"],  # kernels: Hugging Face's (tests/test_install.py)
         "dali": ["nvidia-dali-cuda130"],
         # export, init_from, tokenization; accelerate: transformers' Trainer needs it to fine-tune
         "hf": ["transformers", "safetensors", "tokenizers>=0.15.1", "accelerate"],
-        "audio": ["soundfile"],  # FLAC and non-16-bit WAV in engine.prepare and the loader
-        "text": ["tokenizers>=0.15.1"],  # engine.prepare text (encode_special_tokens)
+        "audio": ["soundfile"],  # FLAC and non-16-bit WAV in d2v_engine.prepare and the loader
+        "text": ["tokenizers>=0.15.1"],  # d2v_engine.prepare text (encode_special_tokens)
         "tensorboard": ["tensorboard"],  # run.tensorboard: event files in <run dir>/tensorboard
     },
     ext_modules=ext_modules,

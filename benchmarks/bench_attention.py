@@ -13,7 +13,7 @@ Peers, each on the same tensors: every SDPA kernel (flash, cuDNN, efficient, mat
 padding as an additive mask, which some refuse -- the row says why), FlexAttention (bias as a
 score_mod, padding as a block mask; it has no dropout, so the dropout cases list it as refused),
 flash-attn where installed (varlen on the unpadded tokens when padded; no bias), and "dispatch":
-kernels.attention.attention, whatever the measured dispatcher picked. "ours" computes every query
+d2v_kernels.attention.attention, whatever the measured dispatcher picked. "ours" computes every query
 row, as training does; "ours_skipq" skips padded queries (skip_padded_queries=True), which
 flash-attn's varlen path also does.
 
@@ -34,7 +34,7 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported: the kernel runs interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import attention as attn  # noqa: E402
+from d2v_kernels import attention as attn  # noqa: E402
 
 FWD_BWD_FLOPS = 3.5  # forward + backward per forward FLOP (FlashAttention's convention)
 
@@ -169,7 +169,7 @@ def run_rows(tiny: bool, quick: bool = False, only: tuple = ()) -> list[dict]:
             if name == "ours_skipq" and pad == 0:
                 continue  # the same as "ours" without padding
             if name == "dispatch" and device.type == "cuda":
-                from kernels import attention_dispatch
+                from d2v_kernels import attention_dispatch
                 row["picked"] = attention_dispatch.pick(*inputs[:3], inputs[3], inputs[4], p)
             try:
                 for phase, backward, mult in (("fwd", False, 1.0),

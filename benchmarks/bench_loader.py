@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.config import DataConfig
-from engine.data import build_dataset
-from engine.data.dali_common import dali_available
-from engine.data.loader import BatchPlan, global_batch_indices
-from engine.data.select import build_loader
+from d2v_engine.config import DataConfig
+from d2v_engine.data import build_dataset
+from d2v_engine.data.dali_common import dali_available
+from d2v_engine.data.loader import BatchPlan, global_batch_indices
+from d2v_engine.data.select import build_loader
 
 
 @dataclass

@@ -7,10 +7,10 @@
 Each row reports milliseconds, GB/s against the minimal bytes (K bf16 layers read once + the fp32
 target written once) and that as a fraction of the device-to-device copy bandwidth measured in the
 same run (bytes read + written), and the DRAM bytes our kernels move for the case (the module
-docstring's table of kernels/targets.py: the minimum for none / layer norms, + the statistics for
+docstring's table of d2v_kernels/targets.py: the minimum for none / layer norms, + the statistics for
 instance norm). "ours" is the public dispatcher (its "path" column says which of Triton and CUDA it
 picked for the shape); "triton" and "cuda" force one path; the cuda rows appear only where the
-extension loads (kernels/_cuda.py: installed or JIT-built). "compiled" is
+extension loads (d2v_kernels/_cuda.py: installed or JIT-built). "compiled" is
 torch.compile(reference, mode="max-autotune") on CUDA (the default mode on the CPU, where
 max-autotune only adds compile time). Without CUDA, ours runs under TRITON_INTERPRET=1, so --tiny
 shapes check the plumbing; only GPU timings mean anything.
@@ -32,7 +32,7 @@ if not torch.cuda.is_available():  # before triton is imported: the interpreter 
 
 import pytest  # noqa: E402
 
-from kernels import _cuda, targets  # noqa: E402
+from d2v_kernels import _cuda, targets  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Case:
         return self.B * self.T * self.C * (self.K * in_bytes + 4)
 
     def kernel_bytes(self, in_bytes: int = 2) -> int:
-        """DRAM bytes our kernels move (kernels.targets.dram_bytes: an estimate)."""
+        """DRAM bytes our kernels move (d2v_kernels.targets.dram_bytes: an estimate)."""
         return targets.dram_bytes(self.B, self.T, self.C, self.K, in_bytes, self.layer_norm,
                                   self.final_norm)[1]
 

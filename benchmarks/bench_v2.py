@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from engine.config import load_config
-from engine.data2vec import build_objective
-from engine.ema import EMATeacher, teacher_shared_prefixes
-from engine.models import build_model
-from engine.seeding import STREAM_MASK, sample_seeds
+from d2v_engine.config import load_config
+from d2v_engine.data2vec import build_objective
+from d2v_engine.ema import EMATeacher, teacher_shared_prefixes
+from d2v_engine.models import build_model
+from d2v_engine.seeding import STREAM_MASK, sample_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}

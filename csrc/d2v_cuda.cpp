@@ -1,6 +1,6 @@
 // Python binding of the CUDA teacher-target kernels (module d2v_cuda): built by setup.py where
-// nvcc and a CUDA torch exist, or just in time by kernels/_cuda.py. Checks the tensors, builds the
-// by-value layer table and runs the same launch sequence as kernels/targets.py's Triton path: one
+// nvcc and a CUDA torch exist, or just in time by d2v_kernels/_cuda.py. Checks the tensors, builds the
+// by-value layer table and runs the same launch sequence as d2v_kernels/targets.py's Triton path: one
 // launch per pass (combine, or the instance kernel), a second in place for a final instance norm.
 #include <torch/extension.h>
 

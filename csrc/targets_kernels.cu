@@ -1,7 +1,7 @@
 // Teacher-target kernels (see targets_kernels.cuh). Only the CUDA runtime: no torch headers here.
 //
 // Traffic (N = B*T steps, s = input bytes per element, p = unpadded fraction of the steps), as in
-// kernels/targets.py's table:
+// d2v_kernels/targets.py's table:
 //   per-layer none/layer:  combine_kernel reads K*s*N*C*p, writes 4*N*C: the minimum, one pass.
 //   per-layer instance:    instance_kernel, one launch of tickets: statistics tasks (a T chunk of
 //                          one layer, sample and channel block) write partials, the last task of
@@ -29,11 +29,11 @@ constexpr int kRowsPerWarp = 4;                         // combine: steps per wa
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kStatsUnroll = 2;                         // statistics loads in flight per thread
 constexpr int64_t kStatsChunk = 128;                    // steps per statistics task (STATS_ROWS)
-constexpr int64_t kL2WindowBytes = int64_t(16) << 20;  // L2_WINDOW_BYTES of kernels/targets.py
+constexpr int64_t kL2WindowBytes = int64_t(16) << 20;  // L2_WINDOW_BYTES of d2v_kernels/targets.py
 
 // Resident blocks of 256 threads asked of __launch_bounds__: 4 (64 registers) while a thread's
 // row slice holds at most 12 values (C <= 768), then 2 (128 registers), then 1: what each
-// instantiation compiles to without spilling (python -m kernels.compile_check --csrc).
+// instantiation compiles to without spilling (python -m d2v_kernels.compile_check --csrc).
 template <int LANE_FLOATS>
 constexpr int min_blocks() {
   return LANE_FLOATS <= 12 ? 4 : LANE_FLOATS <= 24 ? 2 : 1;

@@ -4,7 +4,7 @@
 //
 //   target = final_norm((1/K) * sum_l norm_l(y_l))      y_l: B x T x C (fp32/bf16/fp16), target fp32
 //
-// Same semantics as kernels/targets.py (teacher_targets_reference): norms are none / layer (per
+// Same semantics as d2v_kernels/targets.py (teacher_targets_reference): norms are none / layer (per
 // step over C, no affine) / instance (per channel over T, padded steps left out of the statistics
 // unless count_pad); padded steps of the target are 0.
 #pragma once

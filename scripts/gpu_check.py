@@ -6,7 +6,7 @@ It installs nothing: the GPU image (python 3.12, torch 2.11+cu130, triton 3.6, t
 pytest, pytest-benchmark; no DALI, flash-attn or apex; no network) runs the checkout as it is.
 Phases, in order, each under a time guard, each timed:
   1 info        the GPU, driver, python, torch (its CUDA), triton, nvcc and the peers' versions
-  2 extension   JIT-builds the d2v_cuda extension (kernels/_cuda.py; torch caches the build)
+  2 extension   JIT-builds the d2v_cuda extension (d2v_kernels/_cuda.py; torch caches the build)
   3 tests       tests/test_cuda_kernels.py and tests/test_targets_cuda.py, compiled kernels on CUDA
                 tensors vs float64 / the references; the test ids are spread over several pytest
                 processes, so that Triton compiles the attention autotune configs (about 25 per
@@ -116,7 +116,7 @@ def phase_info(cpu: bool) -> bool:
 
 EXTENSION = """
 import sys, time, torch
-from kernels import _cuda
+from d2v_kernels import _cuda
 start = time.perf_counter()
 module, reason = _cuda.load()
 print(f"d2v_cuda: {_cuda.status()} ({time.perf_counter() - start:.0f} s)")

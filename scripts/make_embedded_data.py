@@ -10,7 +10,7 @@ The engine never imports this script nor its tools. Run it in a throwaway enviro
     /tmp/d2v-datagen/bin/python scripts/make_embedded_data.py [--out DIR] [--only images audio text]
 
 Sources, all shipped inside those packages or the Python standard library (licences in
-engine/data/README.md): scikit-learn's `digits` and sample photos, scikit-image's sample images,
+d2v_engine/data/README.md): scikit-learn's `digits` and sample photos, scikit-image's sample images,
 espeak-ng speaking the ten digit words, and `pydoc_data.topics` (prose) + stdlib docstrings (probe).
 The output depends only on the package versions and the Python version (the text comes from the
 running interpreter's standard library); re-running with the same ones gives the same files.
@@ -32,19 +32,19 @@ import numpy as np
 
 
 def _load_tokenize():
-    """engine/data/tokenize.py by file, not through engine.data (whose __init__ needs torch)."""
+    """d2v_engine/data/tokenize.py by file, not through d2v_engine.data (whose __init__ needs torch)."""
     import importlib.util
 
     repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo))  # for engine.errors
-    spec = importlib.util.spec_from_file_location("d2v_tokenize", repo / "engine/data/tokenize.py")
+    sys.path.insert(0, str(repo))  # for d2v_engine.errors
+    spec = importlib.util.spec_from_file_location("d2v_tokenize", repo / "d2v_engine/data/tokenize.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 _tokenize = _load_tokenize()
-train_bpe, write_split = _tokenize.train_bpe, _tokenize.write_split  # what engine.data.tokenize uses
+train_bpe, write_split = _tokenize.train_bpe, _tokenize.write_split  # what d2v_engine.data.tokenize uses
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # espeak-ng voices (accent + optional "+variant"); the last one is held out as the valid split,
@@ -207,7 +207,7 @@ def make_text(out: Path) -> dict:
     root = reset_dir(out / "text")
     train_topics = sorted(set(topics) - set(TEXT_VALID_TOPICS))
     splits = {"train": topic_paragraphs(train_topics), "valid": topic_paragraphs(TEXT_VALID_TOPICS)}
-    tok = train_bpe(splits["train"], BPE_VOCAB)  # the same BPE `python -m engine.data.tokenize` trains
+    tok = train_bpe(splits["train"], BPE_VOCAB)  # the same BPE `python -m d2v_engine.data.tokenize` trains
     tok.save(str(root / "tokenizer.json"))
     probe = probe_docstrings()
     splits["probe"] = [doc for doc, _ in probe]

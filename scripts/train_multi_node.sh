@@ -21,7 +21,7 @@ why=$("$PYTHON" "$ROOT/scripts/check_rendezvous.py" "$MASTER_ADDR" "$MASTER_PORT
   || die "rendezvous host MASTER_ADDR=$MASTER_ADDR: $why"
 echo "d2v-engine launch: $PYTHON (torch $TORCH_VERSION), $NNODES node(s) x $GPUS rank(s)," \
   "$DEVICES; rendezvous $MASTER_ADDR:$MASTER_PORT id ${RDZV_ID:-d2v}" >&2
-cd "$ROOT"  # engine/ and the configs' relative data paths
+cd "$ROOT"  # d2v_engine/ and the configs' relative data paths
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$GPUS" \
   --max-restarts "${MAX_RESTARTS:-0}" --rdzv-backend c10d \
-  --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-d2v}" -m engine.train "$@"
+  --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-d2v}" -m d2v_engine.train "$@"

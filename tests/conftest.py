@@ -10,8 +10,13 @@ Optional dependencies (DALI, transformers, tokenizers, accelerate, soundfile): a
 one calls pytest.importorskip, so where it is not installed the test is skipped with the import
 error as its reason. CI installs them all and sets D2V_REQUIRE_OPTIONAL=1, which turns every such
 skip into a failure: CI never silently runs fewer tests. Other skips ("needs CUDA") stay skips.
+
+The marker `latest` picks the tests `make test-latest` runs on the newest releases (each
+integration once: scripts/latest.py lists them). There D2V_EXPECT_INSTALLED=1 says the engine must
+come from an installed wheel, not this checkout; the session stops at once if it does not.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +26,24 @@ if not torch.cuda.is_available():
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REQUIRE_OPTIONAL = os.environ.get("D2V_REQUIRE_OPTIONAL") == "1"
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "latest: run by make test-latest on the newest releases")
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("D2V_EXPECT_INSTALLED") != "1":
+        return
+    import d2v_engine
+    import d2v_kernels
+
+    for package in (d2v_engine, d2v_kernels):
+        where = Path(package.__file__).resolve()
+        if where.is_relative_to(CHECKOUT / package.__name__):
+            pytest.exit(f"D2V_EXPECT_INSTALLED=1, but {package.__name__} is imported from the "
+                        f"checkout ({where}), not an installed wheel", returncode=3)
 _IMPORTORSKIP_REASONS = ("could not import ", "module '")  # pytest.importorskip's two messages
 
 

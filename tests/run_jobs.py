@@ -14,9 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from engine.config import load_config
-from engine.distributed import barrier, init_distributed, shutdown
-from engine.trainer import train
+from d2v_engine.config import load_config
+from d2v_engine.distributed import barrier, init_distributed, shutdown
+from d2v_engine.trainer import train
 
 
 def main(spec: str) -> int:

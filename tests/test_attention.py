@@ -1,4 +1,4 @@
-"""kernels.attention: the dispatcher, the interpreted Triton kernels and the plain math against an
+"""d2v_kernels.attention: the dispatcher, the interpreted Triton kernels and the plain math against an
 independent float64 formula."""
 import os
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import attention, attention_reference
+from d2v_kernels.attention import attention, attention_reference
 
 FNS = [attention, attention_reference]
 
@@ -107,8 +107,8 @@ def test_attention_rejects_bad_shapes():
 # ----------------------------------------------------------------------------- the Triton path
 # conftest sets TRITON_INTERPRET=1: CPU fp16/bf16/fp32 tensors run the Triton kernels interpreted.
 # Outputs and gradients are compared with float64 math on the same (rounded) inputs.
-from kernels import attention as attention_module  # noqa: E402
-from kernels.attention import attention_backend, flash_backward, flash_forward  # noqa: E402
+from d2v_kernels import attention as attention_module  # noqa: E402
+from d2v_kernels.attention import attention_backend, flash_backward, flash_forward  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -275,7 +275,7 @@ def test_attention_backend_picks_triton_for_what_it_supports(monkeypatch):
 # ----------------------------------------------------------------------------- the dispatcher
 # On CUDA the backend of each shape and feature set is measured. Here the timer is replaced by one
 # that returns fixed times per candidate, and the measured path is switched on for CPU tensors.
-from kernels import attention_dispatch  # noqa: E402
+from d2v_kernels import attention_dispatch  # noqa: E402
 
 TIMES = {"triton": 3.0, "sdpa_flash": 2.0, "sdpa_efficient": 4.0, "sdpa_cudnn": 5.0,
          "sdpa_math": 1.0, "flex": 0.5, "flash_attn": 0.1}
@@ -349,13 +349,13 @@ def test_measuring_leaves_the_random_generators_alone(measured):
 
 
 def test_picks_reach_the_start_line_and_env_json_and_survive_a_resume(measured, tmp_path):
-    """engine.backends picks the config's shapes before training (the start line names them:
+    """d2v_engine.backends picks the config's shapes before training (the start line names them:
     the student's forward + backward, the teacher's forward only, where CPU flex qualifies),
     env_report carries them, and a resumed run preloads them instead of timing again."""
     import json
 
-    from engine import backends
-    from engine.config import load_config
+    from d2v_engine import backends
+    from d2v_engine.config import load_config
     timed, _ = measured
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_audio.yaml")
     line = backends.describe(torch.device("cpu"), "loader x", cfg)

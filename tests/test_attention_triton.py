@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from kernels.attention import attention, attention_backend, attention_reference
+from d2v_kernels.attention import attention, attention_backend, attention_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton interpreter on CPU tensors (set only "
@@ -125,7 +125,7 @@ def test_compiled_triton_attention_with_dropout_is_one_graph_with_the_eager_mask
 # ---------------------------------------------------------------------------------------------
 # Dropout: one mask, drawn by the forward, read back bit for bit by the backward
 
-from kernels import attention as attn  # noqa: E402
+from d2v_kernels import attention as attn  # noqa: E402
 
 
 @pytest.fixture
@@ -367,7 +367,7 @@ def test_compiled_attention_graph_has_no_copies_around_the_op_pair(blocks):
     assert _rel(out, ref) < 1e-5
     assert _rel(grads[0], xd.grad) < 1e-5 and _rel(grads[1], bd.grad) < 1e-5
     # the real op returns the strides its fake declared
-    from kernels import ops
+    from d2v_kernels import ops
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.detach().split(H * D, dim=-1))
     for impl in ("triton", "math"):
         o, lse, keep = ops._attention_forward_op(q, k, v, pad, bias, 0.25, impl, 0.0, None, False)
@@ -383,7 +383,7 @@ def test_compiled_attention_graph_has_no_copies_around_the_op_pair(blocks):
 def test_the_dropout_seed_never_selects_another_binary():
     # A fresh seed every call: were it specialized (== 1, divisible by 16), a later call would
     # compile a second forward in the middle of a run.
-    from kernels import attention as module
+    from d2v_kernels import attention as module
     fn = module._fwd_kernel.fn  # under the autotuner
     if hasattr(fn, "params"):  # compiled
         assert [p.do_not_specialize for p in fn.params if p.name == "seed"] == [True]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import DataConfig
-from engine.data import build_dataset
-from engine.data.augment import draw_jitter, jitter_pil, jitter_uint8
-from engine.data.images import IMAGENET_MEAN, IMAGENET_STD
+from d2v_engine.config import DataConfig
+from d2v_engine.data import build_dataset
+from d2v_engine.data.augment import draw_jitter, jitter_pil, jitter_uint8
+from d2v_engine.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "images" / "photos"
@@ -55,8 +55,8 @@ def constant_folder(tmp_path_factory):
 
 
 def _loader_batches(kind, root, **data):
-    from engine.data.dali_images import DaliImageLoader
-    from engine.data.loader import BatchPlan, make_loader
+    from d2v_engine.data.dali_images import DaliImageLoader
+    from d2v_engine.data.loader import BatchPlan, make_loader
 
     cfg = DataConfig(path=str(root), img_size=16, crop_scale=[0.2, 1.0], **data)
     ds = build_dataset(cfg, "image")
@@ -140,7 +140,7 @@ def test_dali_jitter_ops_equal_the_pil_arithmetic():
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
-    from engine.data.dali_images import dali_jitter, jitter_slots, slot_ops
+    from d2v_engine.data.dali_images import dali_jitter, jitter_slots, slot_ops
 
     files = sorted(PHOTOS.glob("*.jpg"))[:4]
     encoded = [np.fromfile(f, dtype=np.uint8) for f in files]
@@ -168,8 +168,8 @@ def test_dali_ops_graph_crops_and_jitters_as_pil():
     """The whole GPU graph (dali_graph) on DALI's CPU backend: same crops and colors as PIL; only
     DALI's resampling filter differs from PIL's (as without jitter)."""
     pytest.importorskip("nvidia.dali")
-    from engine.data.dali_images import DaliImageLoader
-    from engine.data.loader import BatchPlan, make_loader
+    from d2v_engine.data.dali_images import DaliImageLoader
+    from d2v_engine.data.loader import BatchPlan, make_loader
 
     class AllInDali(DaliImageLoader):
         def graph(self, inputs, gpu):

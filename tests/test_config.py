@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, load_config
-from engine.errors import ConfigError
+from d2v_engine.config import Config, load_config
+from d2v_engine.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

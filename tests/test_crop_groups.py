@@ -1,4 +1,4 @@
-"""Audio crops and masks do not depend on how the global batch is split (engine.data.audio's crop
+"""Audio crops and masks do not depend on how the global batch is split (d2v_engine.data.audio's crop
 groups): 1 rank x micro 16, 1 rank x micro 8 x accumulation 2 and 2 ranks x micro 8 read the same
 clips, crop them alike, mask them alike and follow the same losses."""
 import json
@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import DataConfig, MaskingConfig, load_config
-from engine.data import build_dataset
-from engine.data.dali_common import dali_available
-from engine.data.loader import BatchPlan
-from engine.data.select import build_loader
-from engine.data2vec import group_mask_count
-from engine.errors import ConfigError
-from engine.seeding import STREAM_MASK, sample_seeds
-from engine.trainer import train
-from kernels.masking import span_mask
+from d2v_engine.config import DataConfig, MaskingConfig, load_config
+from d2v_engine.data import build_dataset
+from d2v_engine.data.dali_common import dali_available
+from d2v_engine.data.loader import BatchPlan
+from d2v_engine.data.select import build_loader
+from d2v_engine.data2vec import group_mask_count
+from d2v_engine.errors import ConfigError
+from d2v_engine.seeding import STREAM_MASK, sample_seeds
+from d2v_engine.trainer import train
+from d2v_kernels.masking import span_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "data/audio/train.tsv"
@@ -112,7 +112,7 @@ def test_one_rank_micro_16_micro_8_x_2_and_two_ranks_x_8_follow_the_same_losses(
                                        *common]))["losses"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29551", "-m", "engine.train", str(config),
+                        "--master_port", "29551", "-m", "d2v_engine.train", str(config),
                         f"run.dir={tmp_path / 'c'}", "train.micro_batch=8", *common],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

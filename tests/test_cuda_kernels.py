@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
-from kernels import attention as attn
-from kernels import masking, targets
+from d2v_engine.config import load_config
+from d2v_kernels import attention as attn
+from d2v_kernels import masking, targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -197,7 +197,7 @@ def test_attention_peers_match_float64_with_bias_and_padding(backend):
 def test_measured_dispatch_keeps_the_fastest_candidate():
     """On CUDA the first call of a shape times every candidate; the pick is the fastest of those
     timed and later calls run it."""
-    from kernels import attention_dispatch
+    from d2v_kernels import attention_dispatch
     attention_dispatch.reset()
     q, k, v, pad, _, _ = attention_inputs(4, 12, 197, 64, None, 0.2, torch.bfloat16, "cuda")
     out = attn.attention(q, k, v, key_padding_mask=pad)
@@ -413,8 +413,8 @@ def test_seed_copies_do_not_synchronize_the_host():
     """The trainer's per-micro-batch seeds and the masks' int-seed path copy through pinned memory
     (non_blocking); a copy from pageable memory would synchronize, which sync-debug mode turns
     into an error. Each op runs once first: compilation and cached tables may synchronize."""
-    from engine.seeding import STREAM_MASK, sample_seeds
-    from engine.mask_ahead import host_to_device
+    from d2v_engine.seeding import STREAM_MASK, sample_seeds
+    from d2v_engine.mask_ahead import host_to_device
     lengths = torch.full((4,), 60, device="cuda")
 
     def step():

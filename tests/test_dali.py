@@ -13,15 +13,15 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from engine.config import DataConfig
-from engine.data import build_dataset
-from engine.data.audio import audio_info
-from engine.data.dali_audio import DaliAudioLoader
-from engine.data.dali_images import DaliImageLoader
-from engine.data.images import IMAGENET_MEAN, IMAGENET_STD
-from engine.data.loader import BatchPlan, make_loader
-from engine.data.select import build_loader, choose_loader
-from engine.errors import ConfigError, DataError
+from d2v_engine.config import DataConfig
+from d2v_engine.data import build_dataset
+from d2v_engine.data.audio import audio_info
+from d2v_engine.data.dali_audio import DaliAudioLoader
+from d2v_engine.data.dali_images import DaliImageLoader
+from d2v_engine.data.images import IMAGENET_MEAN, IMAGENET_STD
+from d2v_engine.data.loader import BatchPlan, make_loader
+from d2v_engine.data.select import build_loader, choose_loader
+from d2v_engine.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "images" / "digits"
@@ -95,6 +95,7 @@ def torch_run(ds, gb=4, micro=4, world=1, skip_bad=False, **kw):
 # ---------------------------------------------------------------- images
 
 
+@pytest.mark.latest
 def test_dali_images_shape_dtype_range_labels_and_agree_with_pil():
     ds = build_dataset(DataConfig(path=str(DIGITS), img_size=32, crop_scale=[0.3, 1.0]), "image")
     dali, ref = run(DaliImageLoader, ds, 8, 4), torch_run(ds, 8, 4)
@@ -115,7 +116,7 @@ def test_dali_images_shape_dtype_range_labels_and_agree_with_pil():
 @pytest.mark.parametrize("augment,jitter", [(True, 0.0), (True, 0.4), (False, 0.0)])
 def test_dali_cpu_images_are_the_pil_pixels(augment, jitter):
     """On the CPU, DALI decodes, torch's uint8 antialiased resize stands in for PIL's BICUBIC and
-    engine.data.augment.jitter_uint8 for ImageEnhance: the same jitter, crop, flip and filter, so
+    d2v_engine.data.augment.jitter_uint8 for ImageEnhance: the same jitter, crop, flip and filter, so
     the same pixels up to one level of 255 (the two JPEG decoders round chroma differently) and
     mostly identical."""
     ds = build_dataset(DataConfig(path=str(PHOTOS), img_size=24, crop_scale=[0.2, 1.0],
@@ -206,6 +207,7 @@ def test_dali_bad_images_skipped_counted_never_altered(tmp_path):
 # ---------------------------------------------------------------- audio
 
 
+@pytest.mark.latest
 def test_dali_audio_matches_the_torch_loader_crop_and_pad():
     for pad in (False, True):
         cfg = DataConfig(path=str(AUDIO / "train.tsv"), pad_audio=pad, max_sample_size=6000)

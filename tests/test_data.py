@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import DataConfig
-from engine.data import BadSample, build_dataset
-from engine.data.audio import read_wav
-from engine.data.images import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
-from engine.errors import ConfigError, DataError
+from d2v_engine.config import DataConfig
+from d2v_engine.data import BadSample, build_dataset
+from d2v_engine.data.audio import read_wav
+from d2v_engine.data.images import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
+from d2v_engine.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -330,7 +330,7 @@ def test_embedded_text_folder_loads_in_both_break_modes():
 
 
 def test_unknown_sample_break_mode_is_a_config_error(tmp_path):
-    from engine.config import load_config
+    from d2v_engine.config import load_config
 
     with pytest.raises(ConfigError, match="data.sample_break_mode"):
         load_config(REPO / "configs/tiny_text.yaml", ["data.sample_break_mode=eos"])

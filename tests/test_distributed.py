@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.trainer import train
+from d2v_engine.config import load_config
+from d2v_engine.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -24,7 +24,7 @@ def _losses(run_dir):
 def _torchrun(port, run_dir, config, *overrides, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0", **(env or {})}
     env = {k: v for k, v in env.items() if v is not None}
-    cmd = [*TORCHRUN, "--master_port", str(port), "-m", "engine.train", config,
+    cmd = [*TORCHRUN, "--master_port", str(port), "-m", "d2v_engine.train", config,
            f"run.dir={run_dir}", "train.progress=false", "train.log_every=1", *overrides]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -36,7 +36,8 @@ def _share_of_cpus():
     return usable, max(1, len(usable) // 2)
 
 
-@pytest.mark.parametrize("modality,port", [("image", 29533), ("audio", 29534), ("text", 29535)])
+@pytest.mark.parametrize("modality,port", [pytest.param("image", 29533, marks=pytest.mark.latest),
+                                           ("audio", 29534), ("text", 29535)])
 def test_two_gloo_ranks_follow_one_rank_with_accumulation_two(modality, port, tmp_path,
                                                               monkeypatch):
     # model.dropout=0.0 turns off every random source in the model (drop path of tiny_image

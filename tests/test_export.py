@@ -15,11 +15,11 @@ import torch
 # The probe tests below share this module's runs, so they skip with it.
 transformers = pytest.importorskip("transformers")
 
-from engine.config import load_config
-from engine.errors import ConfigError, DataError
-from engine.export import export, hf_config, load_encoder, main as export_main
-from engine.probe import run_probe
-from engine.trainer import train
+from d2v_engine.config import load_config
+from d2v_engine.errors import ConfigError, DataError
+from d2v_engine.export import export, hf_config, load_encoder, main as export_main
+from d2v_engine.probe import run_probe
+from d2v_engine.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -60,6 +60,7 @@ def _inputs(modality, cfg):
     return {"input_ids": ids}
 
 
+@pytest.mark.latest
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_exported_model_matches_our_encoder(modality, runs, tmp_path):
     out_dir = tmp_path / "hf"
@@ -115,7 +116,7 @@ def test_load_encoder_round_trips_the_checkpoint(modality, runs):
 
 def test_unexportable_feature_is_a_config_error():
     cfg = load_config(ROOT / "configs/tiny_audio.yaml", ["model.layer_norm_first=true"])
-    from engine.models import build_model
+    from d2v_engine.models import build_model
     with pytest.raises(ConfigError, match="layer_norm_first"):
         hf_config(cfg, build_model(cfg.model, "audio"))
 
@@ -151,6 +152,7 @@ def v2_image_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.latest
 def test_post_ln_image_exports_with_its_own_modeling_file(v2_image_run, tmp_path):
     out_dir = tmp_path / "hf"
     assert export_main([str(v2_image_run), str(out_dir)]) == 0
@@ -175,9 +177,9 @@ def test_post_ln_image_exports_with_its_own_modeling_file(v2_image_run, tmp_path
 
 
 def test_post_ln_image_with_relative_bias_exports_equal(tmp_path):
-    from engine.export import EncoderForExport
-    from engine.export_remote import to_remote_model
-    from engine.models import build_model
+    from d2v_engine.export import EncoderForExport
+    from d2v_engine.export_remote import to_remote_model
+    from d2v_engine.models import build_model
 
     cfg = load_config(ROOT / "configs/tiny_image_v2.yaml", ["model.rel_pos_bias=true"])
     torch.manual_seed(0)
@@ -192,8 +194,8 @@ def test_post_ln_image_with_relative_bias_exports_equal(tmp_path):
 
 
 def test_post_ln_image_is_never_exported_as_data2vecvision():
-    from engine.export import EncoderForExport, to_hf_model
-    from engine.models import build_model
+    from d2v_engine.export import EncoderForExport, to_hf_model
+    from d2v_engine.models import build_model
 
     cfg = load_config(ROOT / "configs/tiny_image_v2.yaml")
     encoder = build_model(cfg.model, "image")
@@ -215,13 +217,13 @@ def exports(runs, tmp_path_factory):
 
 def _eval_datasets(run_dir):
     """Our loader's eval path on the embedded labelled data: the probe's datasets (augment off)."""
-    from engine.probe import probe_datasets
+    from d2v_engine.probe import probe_datasets
 
     return probe_datasets(load_encoder(run_dir).cfg)
 
 
 def _raw_audio(ds, i):
-    from engine.data.audio import read_audio
+    from d2v_engine.data.audio import read_audio
 
     return read_audio(ds.root / ds.files[i])[0][:, 0]
 
@@ -231,6 +233,7 @@ def _doc_text(tokenizer, ds, i):
     return tokenizer.decode(ds.tokens[ds.offsets[i]:ds.offsets[i + 1] - 1].tolist())
 
 
+@pytest.mark.latest
 def test_audio_feature_extractor_gives_our_eval_inputs(runs, exports):
     fe = transformers.AutoFeatureExtractor.from_pretrained(exports["audio"], trust_remote_code=True)
     stock = transformers.AutoFeatureExtractor.from_pretrained(exports["audio"])
@@ -260,11 +263,12 @@ def test_audio_feature_extractor_gives_our_eval_inputs(runs, exports):
     assert (got["input_values"] - ours["source"]).abs().max().item() < 1e-5
 
 
+@pytest.mark.latest
 def test_image_processor_gives_our_eval_inputs(runs, exports):
     from PIL import Image
 
-    from engine.data import build_dataset
-    from engine.data.images import center_crop_geometry
+    from d2v_engine.data import build_dataset
+    from d2v_engine.data.images import center_crop_geometry
 
     auto = transformers.AutoImageProcessor
     exact = auto.from_pretrained(exports["image"], trust_remote_code=True)
@@ -294,6 +298,7 @@ def test_image_processor_gives_our_eval_inputs(runs, exports):
     assert offsets_differ and stock_differs == offsets_differ, (stock_differs, offsets_differ)
 
 
+@pytest.mark.latest
 def test_tokenizer_gives_our_loader_ids(runs, exports):
     from tokenizers import Tokenizer
 
@@ -312,7 +317,7 @@ def test_tokenizer_gives_our_loader_ids(runs, exports):
     ours = ds.collate([ds.load(i, rng) for i in range(5)], rng)
     assert torch.equal(batch["input_ids"], ours["source"])
     assert torch.equal(batch["attention_mask"].bool(), ~ours["padding_mask"])
-    # Fresh raw text, as engine.data.tokenize encodes a document (no specials) then <s> ... </s>.
+    # Fresh raw text, as d2v_engine.data.tokenize encodes a document (no specials) then <s> ... </s>.
     ours_tok = Tokenizer.from_file(str(ROOT / "data/text/tokenizer.json"))
     for text in ("  Leading spaces,\ttabs and a newline\nhere.",
                  "Unicode: naïve café – 東京 🙂",
@@ -349,7 +354,7 @@ def test_model_card_states_the_runs_facts(modality, runs, tmp_path):
              f"`transformers.{HF_CLASS[modality]}`", "steps: 2 ", f"{last['loss']:.4f}",
              (run_dir / "command.txt").read_text().strip(), "accuracy 0.8125, random init 0.5000",
              f"configs/{modality}_base.yaml", "| `model.depth` | `4` | `12` |",
-             f"python -m engine.export {run_dir} {tmp_path / 'hf'}"]
+             f"d2v-export {run_dir} {tmp_path / 'hf'}"]
     facts += {"audio": ["manifest train.tsv: 360 files", "16000 Hz"],
               "image": ["center crop 32x32"],
               "text": ["documents {'train': 2469"]}[modality]
@@ -376,7 +381,7 @@ pipe = pipeline("image-feature-extraction", model=paths["image"], trust_remote_c
 out["image_pipeline"] = pipe(Image.open(image_file))
 model = transformers.AutoModel.from_pretrained(paths["audio"]).eval()
 fe = transformers.AutoFeatureExtractor.from_pretrained(paths["audio"], trust_remote_code=True)
-from engine.data.audio import read_audio
+from d2v_engine.data.audio import read_audio
 wav = read_audio(audio_file)[0][:, 0]
 with torch.no_grad():
     inputs = fe(wav, sampling_rate=16000, return_tensors="pt")
@@ -393,6 +398,7 @@ print("RESULT" + json.dumps(out))
 '''
 
 
+@pytest.mark.latest
 def test_auto_classes_and_pipelines_load_offline_and_give_our_encoder_outputs(runs, exports):
     image_ds = _eval_datasets(runs["image"])[0]
     audio_ds = _eval_datasets(runs["audio"])[0]

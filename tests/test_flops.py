@@ -1,4 +1,4 @@
-"""The plan's FLOP count (engine.flops, engine.shadow) and the MFU fields of the logs."""
+"""The plan's FLOP count (d2v_engine.flops, d2v_engine.shadow) and the MFU fields of the logs."""
 import json
 from pathlib import Path
 
@@ -6,18 +6,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.config import load_config
-from engine.data2vec import build_objective
-from engine.ema import EMATeacher
-from engine.flops import (
+from d2v_engine.config import load_config
+from d2v_engine.data2vec import build_objective
+from d2v_engine.ema import EMATeacher
+from d2v_engine.flops import (
     COUNTER_FORMULAS, PHASES, count_at_depth, count_flops, count_sample, device_peak, peak_tflops,
 )
-from engine.metrics import _scalars
-from engine.models import build_model
-from engine.seeding import STREAM_MASK, sample_seeds
-from engine.shadow import build_shadow, random_text
-from engine.trainer import train
-from kernels import ops
+from d2v_engine.metrics import _scalars
+from d2v_engine.models import build_model
+from d2v_engine.seeding import STREAM_MASK, sample_seeds
+from d2v_engine.shadow import build_shadow, random_text
+from d2v_engine.trainer import train
+from d2v_kernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["image", "audio", "text", "image_v2", "audio_v2", "text_v2"]
@@ -83,7 +83,7 @@ def _real_flops(cfg, samples=1):
 @pytest.mark.parametrize("name", TINY)
 def test_counted_flops_equal_the_real_objective_on_real_tensors(name, monkeypatch):
     cfg = load_config(ROOT / f"configs/tiny_{name}.yaml", ["model.dropout=0.0"])
-    monkeypatch.setattr("engine.models.transformer.attention",
+    monkeypatch.setattr("d2v_engine.models.transformer.attention",
                         lambda q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0:
                         ops.attention(q, k, v, key_padding_mask, attn_bias, impl="math"))
     real = _real_flops(cfg)

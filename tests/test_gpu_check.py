@@ -1,5 +1,5 @@
 """The GPU-proof tooling, checked on any machine: make gpu-check (scripts/gpu_check.py and
-run_all --quick with its time guards) and the Hopper compile check (kernels.compile_check). Their
+run_all --quick with its time guards) and the Hopper compile check (d2v_kernels.compile_check). Their
 full runs are in .ci/run: `make gpu-check-cpu` and `make compile-check`."""
 import importlib.util
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run_all
-from kernels import compile_check
+from d2v_kernels import compile_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def test_summary_lists_records_failures_and_seconds():
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels.compile_check
+# d2v_kernels.compile_check
 
 
 def test_ptxas_log_gives_registers_and_spills():
@@ -124,11 +124,11 @@ def test_occupancy_counts_blocks_per_sm_from_registers_threads_and_shared_memory
 
 def test_compile_check_covers_every_kernel_at_the_base_shapes():
     """--list runs the launchers on empty CPU tensors with recorders (no compile): every kernel
-    of kernels/ is launched by some base config, with the bias gradient of image v1 and at least
+    of d2v_kernels/ is launched by some base config, with the bias gradient of image v1 and at least
     one config per autotuned launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--list"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "d2v_kernels.compile_check", "--list"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     kernels = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("_")}

@@ -6,13 +6,13 @@ import torch
 
 pytest.importorskip("transformers")  # the fixture exports to Hugging Face
 
-from engine.checkpoint import latest_checkpoint, load_checkpoint
-from engine.config import load_config
-from engine.errors import CheckpointError, ConfigError
-from engine.export import export, load_encoder
-from engine.init_from import init_encoder
-from engine.models import build_model
-from engine.trainer import train
+from d2v_engine.checkpoint import latest_checkpoint, load_checkpoint
+from d2v_engine.config import load_config
+from d2v_engine.errors import CheckpointError, ConfigError
+from d2v_engine.export import export, load_encoder
+from d2v_engine.init_from import init_encoder
+from d2v_engine.models import build_model
+from d2v_engine.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -55,6 +55,7 @@ def _source(modality, cfg):
     return ids, None
 
 
+@pytest.mark.latest
 @pytest.mark.parametrize("modality", MODALITIES)
 @pytest.mark.parametrize("source_kind", ["huggingface", "checkpoint"])
 def test_encoder_initialized_from_export_gives_the_exported_outputs(modality, source_kind,

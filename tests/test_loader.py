@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.data.loader import BatchPlan, GlobalBatchSampler, global_batch_indices
-from engine.errors import ConfigError, DataError
+from d2v_engine.data.loader import BatchPlan, GlobalBatchSampler, global_batch_indices
+from d2v_engine.errors import ConfigError, DataError
 
 
 def _step_contents(num, gb, world, micro, seed, steps):

@@ -1,4 +1,4 @@
-"""kernels.masking: semantics against independent NumPy ports of the fairseq / BEiT algorithms,
+"""d2v_kernels.masking: semantics against independent NumPy ports of the fairseq / BEiT algorithms,
 structural properties, seeding, and the Triton kernels (interpreted on CPU) bit for bit against the
 references."""
 import math
@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import masking  # noqa: E402
-from kernels.masking import (  # noqa: E402
+from d2v_kernels import masking  # noqa: E402
+from d2v_kernels.masking import (  # noqa: E402
     block_mask,
     block_mask_reference,
     span_mask,

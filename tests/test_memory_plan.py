@@ -1,4 +1,4 @@
-"""The plan's peak memory per rank (engine.memory_plan), train.micro_batch=auto, the budget."""
+"""The plan's peak memory per rank (d2v_engine.memory_plan), train.micro_batch=auto, the budget."""
 import json
 from pathlib import Path
 
@@ -6,17 +6,17 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from engine.config import load_config
-from engine.data2vec import build_objective
-from engine.ema import EMATeacher
-from engine.errors import ConfigError
-from engine.memory_plan import GB, MemoryModel, PeakTracker, candidates
-from engine.models import build_model
-from engine.optim import build_optimizer
-from engine.seeding import STREAM_MASK, sample_seeds
-from engine.shadow import forward, make_batch
-from engine.trainer import train
-from kernels import ops
+from d2v_engine.config import load_config
+from d2v_engine.data2vec import build_objective
+from d2v_engine.ema import EMATeacher
+from d2v_engine.errors import ConfigError
+from d2v_engine.memory_plan import GB, MemoryModel, PeakTracker, candidates
+from d2v_engine.models import build_model
+from d2v_engine.optim import build_optimizer
+from d2v_engine.seeding import STREAM_MASK, sample_seeds
+from d2v_engine.shadow import forward, make_batch
+from d2v_engine.trainer import train
+from d2v_kernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def test_estimate_matches_the_same_step_on_real_tensors(monkeypatch):
     """The fake step's peak equals the real objective's step on real CPU tensors (fp32), tracked
     the same way: the shadow creates the tensors the real step does."""
     cfg = load_config(ROOT / "configs/tiny_audio.yaml", ["model.dropout=0.0"])
-    monkeypatch.setattr("engine.models.transformer.attention",
+    monkeypatch.setattr("d2v_engine.models.transformer.attention",
                         lambda q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0:
                         ops.attention(q, k, v, key_padding_mask, attn_bias, impl="math"))
     micro = 8

@@ -1,10 +1,10 @@
-"""engine.models: the data2vec 1.0 encoders (audio / image / text) on tiny configs."""
+"""d2v_engine.models: the data2vec 1.0 encoders (audio / image / text) on tiny configs."""
 import pytest
 import torch
 
-from engine.config import ModelConfig, load_config
-from engine.errors import ConfigError
-from engine.models import Data2VecEncoder, EncoderOutput, build_model
+from d2v_engine.config import ModelConfig, load_config
+from d2v_engine.errors import ConfigError
+from d2v_engine.models import Data2VecEncoder, EncoderOutput, build_model
 
 
 @pytest.fixture(autouse=True)

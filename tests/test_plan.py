@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.cpu_setup import omp_threads_from_user, parse_cpulist, rank_cpus
-from engine.errors import ConfigError
-from engine.metrics import warn_data_wait
-from engine.models import build_model
-from engine.plan import checkpoint_count
-from engine.trainer import train
+from d2v_engine.config import load_config
+from d2v_engine.cpu_setup import omp_threads_from_user, parse_cpulist, rank_cpus
+from d2v_engine.errors import ConfigError
+from d2v_engine.metrics import warn_data_wait
+from d2v_engine.models import build_model
+from d2v_engine.plan import checkpoint_count
+from d2v_engine.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

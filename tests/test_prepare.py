@@ -1,4 +1,4 @@
-"""engine.prepare on folders with planted bad files: report counts, exact manifest lines, exit codes,
+"""d2v_engine.prepare on folders with planted bad files: report counts, exact manifest lines, exit codes,
 and the loaders read what it writes."""
 import json
 import subprocess
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.config import DataConfig
-from engine.data import build_dataset
-from engine.prepare import main, resample
+from d2v_engine.config import DataConfig
+from d2v_engine.data import build_dataset
+from d2v_engine.prepare import main, resample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,7 +144,7 @@ def test_a_24_bit_wav_needs_soundfile_not_a_corrupt_verdict(tmp_path, monkeypatc
     assert "pip install soundfile" in report["fixes"]["unsupported_encoding"]
     assert "unsupported_encoding 1 (pip install soundfile" in capsys.readouterr().err
     # Its header is sound: the DALI loader (libsndfile) and crop groups read its length.
-    from engine.data.audio import audio_file_info
+    from d2v_engine.data.audio import audio_file_info
     assert audio_file_info(tmp_path / "src" / "a24.wav") == (16000, 1, 8000)
 
 
@@ -152,7 +152,7 @@ def test_nothing_accepted_exits_2_with_counts_and_no_manifest(audio_src, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.tsv").write_text("stale\n")
-    r = subprocess.run([sys.executable, "-m", "engine.prepare", "audio", str(audio_src / "bad"),
+    r = subprocess.run([sys.executable, "-m", "d2v_engine.prepare", "audio", str(audio_src / "bad"),
                         str(out), "--quiet", "--min-seconds", "0.1", "--max-seconds", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr

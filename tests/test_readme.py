@@ -7,8 +7,9 @@ words that are gone and the check that lost its claim; a section added to the RE
 nothing (its claims are not listed yet). Every figure carries its backing in the README as an
 HTML comment, `<!-- backed: path, path::test -->`, which must point at files and tests that exist.
 
-The commands run as a user runs them (python -m ..., TRITON_INTERPRET unset so the kernels'
-reference path runs as on any CPU), shortened (a few steps) and on one thread.
+The commands run as a user runs them (the d2v-... console scripts or python -m ...,
+TRITON_INTERPRET unset so the kernels' reference path runs as on any CPU), shortened (a few steps)
+and on one thread.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.checkpoint import list_checkpoints, load_checkpoint
-from engine.config import load_config
-from engine.data.loader import BatchPlan
-from engine.train import main as train_main
+from d2v_engine.checkpoint import list_checkpoints, load_checkpoint
+from d2v_engine.config import load_config
+from d2v_engine.data.loader import BatchPlan
+from d2v_engine.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -40,6 +41,7 @@ QUALITY = ROOT / "benchmarks/results/2026-11-27-cpu-quality.json"
 QUALITY_SHORT = ROOT / "benchmarks/results/2026-11-27-cpu-quality-short.json"
 QUALITY_TEXT_TRIALS = ROOT / "benchmarks/results/2026-11-27-cpu-quality-text-trials.json"
 QUALITY_TEXT_CONTROLS = ROOT / "benchmarks/results/2026-11-27-cpu-quality-text-controls.json"
+DEFAULT_RUN = ROOT / "benchmarks/results/2026-12-08-cpu-default-run.json"
 HERE = "tests/test_readme.py"
 
 
@@ -51,15 +53,25 @@ class Claim:
 
 CLAIMS = [
     # Quick start
-    Claim("make train # creates .venv, installs, pretrains tiny_image on the embedded data -> "
-          "runs/tiny_image/, # then prints a linear probe of the result",
-          "test_make_train_runs_tiny_image_and_probes"),
+    Claim("make train # creates .venv, installs, pretrains tiny_image_v2 on the embedded data -> "
+          "runs/tiny_image_v2/, # then prints a linear probe of the result",
+          "test_make_train_runs_tiny_image_v2_and_probes"),
+    Claim("each run took", "test_default_run_figures_are_the_measured_ones"),
+    Claim("Both commands install the exact versions of `requirements-lock.txt`",
+          "test_make_installs_the_lock_and_test_latest_the_newest_releases"),
+    Claim("`make test-latest` builds a venv from nothing with every dependency at its newest "
+          "release (no lock; torch stays the CPU 2.13.0 build), installs this project from a wheel "
+          "and runs the tests marked `latest`",
+          "test_make_installs_the_lock_and_test_latest_the_newest_releases"),
+    Claim("`make lock` re-resolves", "test_make_installs_the_lock_and_test_latest_the_newest_releases"),
+    Claim("The commands (console scripts in `.venv/bin`; each is also "
+          "`python -m d2v_engine.<module>`)", "tests/test_install.py::test_the_console_scripts_are_the_readmes"),
     Claim("make train CONFIG=configs/tiny_audio.yaml", "test_make_train_with_a_config_and_args"),
     Claim('make train CONFIG=configs/tiny_text.yaml ARGS="train.max_steps=50 seed=3"',
           "test_make_train_with_a_config_and_args"),
-    Claim(".venv/bin/python -m engine.train configs/tiny_image.yaml train.max_steps=100 "
+    Claim(".venv/bin/d2v-train configs/tiny_image.yaml train.max_steps=100 "
           "run.dir=runs/try1", "test_a_tiny_run_writes_what_the_readme_lists"),
-    Claim("the default run (tiny_image, 200 steps) takes its loss from",
+    Claim("tiny_image (data2vec 1.0, 200 steps) takes its loss from",
           "test_quick_start_figures_are_the_measured_ones"),
     Claim("Compute per update of the tiny configs, in CPU seconds on one thread:",
           "test_quick_start_figures_are_the_measured_ones"),
@@ -119,7 +131,7 @@ CLAIMS = [
     Claim("`train.max_bad_steps` in a row stop the run (exit 2)",
           "tests/test_ops.py::test_nonfinite_updates_in_a_row_stop_after_max_bad_steps"),
     # Your own data
-    Claim("python -m engine.prepare audio /data/raw_speech /data/speech --valid-percent 0.01",
+    Claim("d2v-prepare audio /data/raw_speech /data/speech --valid-percent 0.01",
           "test_prepare_writes_the_manifests_and_report"),
     Claim("then data.path=/data/images", "test_prepare_writes_the_manifests_and_report"),
     Claim("It exits 2, writing no manifest, when nothing was accepted.",
@@ -148,7 +160,7 @@ CLAIMS = [
     Claim("The micro-batch must divide the group (the plan says so otherwise).",
           "test_the_plan_refuses_what_cannot_run"),
     # Export and probe
-    Claim(".venv/bin/python -m engine.export runs/tiny_image runs/tiny_image/hf",
+    Claim(".venv/bin/d2v-export runs/tiny_image runs/tiny_image/hf",
           "test_export_and_probe_commands"),
     Claim("(max abs difference under 1e-4 in fp32; tested for each modality)",
           "tests/test_export.py::test_exported_model_matches_our_encoder"),
@@ -238,14 +250,16 @@ class Ran:
 
 
 def run(*args: str, timeout: float = 600) -> Ran:
-    """`python -m ARGS` from the repository root, as a user runs it; its peak resident memory."""
+    """`python -m ARGS` (or the console script ARGS[0], d2v-...) from the repository root, as a
+    user runs it; its peak resident memory."""
     # One thread: on a shared machine, threads spin-waiting for cores held by other processes
     # multiply the time per step (benchmarks/tiny_runs.py says by how much).
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=err)
+        command = ([str(Path(sys.executable).with_name(args[0])), *args[1:]]
+                   if args[0].startswith("d2v-") else [sys.executable, "-m", *args])
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
         deadline = time.time() + timeout
         while True:  # os.wait4 gives this child's own rusage (its peak resident memory)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -268,7 +282,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def image_run(tmp_path_factory):
     """The README's tiny_image command, cut at step 4 by train.stop_at, then resumed to step 6."""
     run_dir = tmp_path_factory.mktemp("readme") / "try1"
-    args = ["engine.train", "configs/tiny_image.yaml", "train.max_steps=6", f"run.dir={run_dir}",
+    args = ["d2v-train", "configs/tiny_image.yaml", "train.max_steps=6", f"run.dir={run_dir}",
             "train.checkpoint_every=2", "train.keep_last=1", "train.keep_every=4",
             "train.log_every=1", "train.progress=false"]
     first = run(*args, "train.stop_at=4")
@@ -307,12 +321,67 @@ def test_a_tiny_run_writes_what_the_readme_lists(image_run):
         assert op in dispatch, (op, dispatch)
 
 
-def test_make_train_runs_tiny_image_and_probes():
+def test_make_train_runs_tiny_image_v2_and_probes():
     make = (ROOT / "Makefile").read_text()
-    assert "CONFIG ?= configs/tiny_image.yaml" in make
-    assert re.search(r"^train:.*\n\t\$\(PY\) -m engine\.train \$\(CONFIG\) train\.probe=true", make,
-                     flags=re.M), "make train no longer runs the config with its probe"
-    assert load_config(ROOT / "configs/tiny_image.yaml").run.name == "tiny_image"
+    assert "CONFIG ?= configs/tiny_image_v2.yaml" in make
+    assert re.search(r"^train:.*\n\t\$\(PY\) -m d2v_engine\.train \$\(CONFIG\) train\.probe=true",
+                     make, flags=re.M), "make train no longer runs the config with its probe"
+    cfg = load_config(ROOT / "configs/tiny_image_v2.yaml")
+    assert (cfg.run.name, cfg.objective.mode, cfg.train.max_steps) == ("tiny_image_v2", "v2", 200)
+
+
+def _make_target(make: str, target: str) -> str:
+    found = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", make, flags=re.M)
+    assert found, f"the Makefile has no {target} target"
+    return found.group(1)
+
+
+def test_make_installs_the_lock_and_test_latest_the_newest_releases():
+    make = (ROOT / "Makefile").read_text()
+    assert "LOCK := requirements-lock.txt" in make
+    install = _make_target(make, "$(STAMP)")
+    assert "pip install -q -r $(VENV)/lock.txt" in install and "--no-deps -e ." in install
+    assert "grep -vE '^(torch|triton)==' $(LOCK)" in install  # with a GPU: the system's torch
+    pins = [line for line in (ROOT / "requirements-lock.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[^=\s]+", line) for line in pins), pins
+    names = {line.split("==")[0].lower() for line in pins}
+    assert {"torch", "transformers", "kernels", "nvidia-dali-cuda130", "pytest"} <= names
+    assert "torch==2.13.0" in pins and "d2v-engine" not in names
+    latest = _make_target(make, "test-latest")
+    assert "rm -rf $(LATEST_VENV)" in latest and "$(LOCK)" not in latest
+    assert "torch==$(LATEST_TORCH) '.[$(EXTRAS)]'" in latest  # a wheel of this project, no -e
+    assert "LATEST_TORCH := 2.13.0" in make
+    assert "scripts/latest.py check" in latest
+    assert "scripts/latest.py freeze --out $(LOCK)" in _make_target(make, "lock")
+    assert re.search(r"^lock: test-latest$", make, flags=re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'step "make test-latest" make test-latest' in ci
+
+
+def test_default_run_figures_are_the_measured_ones():
+    record = json.loads(DEFAULT_RUN.read_text())
+    assert f"CONFIG ?= {record['config']}" in (ROOT / "Makefile").read_text()
+    assert record["command"].startswith(f"python -m d2v_engine.train {record['config']} "
+                                        "train.probe=true")
+    runs = record["runs"]
+    cfg = load_config(ROOT / record["config"])
+    assert all(r["steps"] == cfg.train.max_steps for r in runs)
+    name, steps = _figures(r"The main job is data2vec 2.0 on the embedded handwritten digits "
+                           r"\(`configs/(\w+)\.yaml`, (\d+) updates\)")
+    assert (f"configs/{name}.yaml", int(steps)) == (record["config"], cfg.train.max_steps)
+    got = _figures(r"seeds 1-(\d+)\): each run took ([\d.]+)-([\d.]+) s including its probe, and "
+                   r"the probe \((\d+) train / (\d+) test digits\) gained (\d\.\d\d)-(\d\.\d\d) "
+                   r"over the same encoder at random init, e\.g\. seed 1: (\d\.\d+) vs (\d\.\d+)\.")
+    walls, gains = [r["wall_s"] for r in runs], [r["gain"] for r in runs]
+    assert [r["seed"] for r in runs] == list(range(1, len(runs) + 1))
+    assert got == (str(len(runs)), f"{min(walls):.1f}", f"{max(walls):.1f}",
+                   str(runs[0]["num_train"]), str(runs[0]["num_test"]),
+                   f"{min(gains):.2f}", f"{max(gains):.2f}",
+                   f"{runs[0]['probe']:.3f}", f"{runs[0]['random_init']:.3f}")
+    # What the main job must show a newcomer: learning on every seed, in about two minutes.
+    assert len(runs) >= 3 and min(gains) >= 0.1 and max(walls) < 150, (gains, walls)
+    assert min(r["min_target_var"] for r in runs) > 0.4  # not a collapse
 
 
 @pytest.mark.parametrize("config,args", [("configs/tiny_audio.yaml", ["train.probe=false"]),
@@ -320,7 +389,7 @@ def test_make_train_runs_tiny_image_and_probes():
 def test_make_train_with_a_config_and_args(config, args, tmp_path):
     """What `make train CONFIG=... ARGS=...` runs, 3 steps instead of 200 (or 50); the audio
     probe (400 clips to embed) is left to tests/test_export.py."""
-    r = run("engine.train", config, "train.probe=true", *args, "train.max_steps=3",
+    r = run("d2v_engine.train", config, "train.probe=true", *args, "train.max_steps=3",
             f"run.dir={tmp_path}", "train.progress=false")
     assert r.code == 0, r.err[-2000:]
     probed = "train.probe=false" not in args
@@ -331,7 +400,7 @@ def test_make_train_with_a_config_and_args(config, args, tmp_path):
 def test_every_event_row_the_readme_names_is_written_somewhere():
     """Each event and stop reason of the README is written by the engine (the runs that produce
     them are in tests/test_ops.py and tests/test_run_messages.py)."""
-    code = "\n".join(p.read_text() for p in (ROOT / "engine").glob("*.py"))
+    code = "\n".join(p.read_text() for p in (ROOT / "d2v_engine").rglob("*.py"))
     for event in ("resume", "preempted", "nonfinite", "no_data", "save_failed", "stopped"):
         assert f'"event": "{event}"' in code, event
     for reason in ("nonfinite", "no_data", "collapse", "stop_at"):
@@ -516,9 +585,9 @@ def test_the_plan_refuses_what_cannot_run(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    audio = run("engine.prepare", "audio", "data/audio/wav", str(out / "speech"),
+    audio = run("d2v-prepare", "audio", "data/audio/wav", str(out / "speech"),
                 "--valid-percent", "0.01", "--min-seconds", "0.5", "--quiet")
-    image = run("engine.prepare", "image", "data/images/digits", str(out / "images"), "--quiet")
+    image = run("d2v-prepare", "image", "data/images/digits", str(out / "images"), "--quiet")
     return out, audio, image
 
 
@@ -534,21 +603,21 @@ def test_prepare_writes_the_manifests_and_report(prepared, tmp_path):
     held_out = max(1, round(report["accepted"] * 0.01))
     assert len(valid_rows) == held_out and len(train_rows) + held_out == report["accepted"]
     assert (out / "images" / "classes.txt").read_text().split() == [str(d) for d in range(10)]
-    from engine.config import DataConfig
-    from engine.data import build_dataset
+    from d2v_engine.config import DataConfig
+    from d2v_engine.data import build_dataset
 
     assert len(build_dataset(DataConfig(path=str(out / "images")), "image")) == 1797
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.wav").write_bytes(b"RIFF junk")
-    nothing = run("engine.prepare", "audio", str(bad), str(tmp_path / "o"), "--quiet")
+    nothing = run("d2v_engine.prepare", "audio", str(bad), str(tmp_path / "o"), "--quiet")
     assert nothing.code == 2 and "no file accepted" in nothing.err
     assert not (tmp_path / "o" / "train.tsv").exists()
 
 
 def test_a_dry_run_prints_and_writes_the_plan(prepared):
     out, _, _ = prepared
-    r = run("engine.train", "configs/audio_base.yaml", f"data.path={out / 'speech'}",
+    r = run("d2v_engine.train", "configs/audio_base.yaml", f"data.path={out / 'speech'}",
             "train.dry_run=true", f"run.dir={out / 'plan'}", "data.min_sample_size=0",
             "train.global_batch=32", "train.max_steps=1000")
     assert r.code == 0, r.err[-2000:]
@@ -566,14 +635,14 @@ def test_a_dry_run_prints_and_writes_the_plan(prepared):
 
 def test_export_and_probe_commands(image_run, tmp_path):
     run_dir, _, _ = image_run
-    exported = run("engine.export", str(run_dir), str(tmp_path / "hf"))
+    exported = run("d2v-export", str(run_dir), str(tmp_path / "hf"))
     assert exported.code == 0, exported.err[-2000:]
     assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "hf").iterdir()}
-    probe = run("engine.probe", str(run_dir), "--max-samples", "100")
+    probe = run("d2v-probe", str(run_dir), "--max-samples", "100")
     assert probe.code == 0, probe.err[-2000:]
     saved = json.loads((run_dir / "probe.json").read_text())
     assert saved["checkpoint"].endswith("checkpoint_00000006.pt")
-    from engine.probe import run_probe
+    from d2v_engine.probe import run_probe
 
     run_probe(run_dir / "checkpoint_00000004.pt", max_samples=100)
     assert json.loads((run_dir / "probe.json").read_text()) == saved, "probe.json overwritten"
@@ -649,12 +718,12 @@ def test_the_embedded_data_is_as_counted():
 
 def test_the_plan_example_prints_what_the_readme_shows(tmp_path):
     """The README's image_base dry run (FLOPs, memory at the auto micro-batch) prints its lines."""
-    block = re.search(r"```sh\npython -m engine.train configs/image_base.yaml train.dry_run=true "
+    block = re.search(r"```sh\nd2v-train configs/image_base.yaml train.dry_run=true "
                       r"\\\n\s+(.*?)\n(#.*?)```", README.read_text(), re.S)
     assert block, "README.md no longer shows the image_base dry run"
     args = block.group(1).split()
     shown = [line.lstrip("#").strip() for line in block.group(2).splitlines()]
-    ran = run("engine.train", "configs/image_base.yaml", "train.dry_run=true", *args,
+    ran = run("d2v-train", "configs/image_base.yaml", "train.dry_run=true", *args,
               f"run.dir={tmp_path / 'plan'}")
     assert ran.code == 0, ran.err[-2000:]
     printed = " ".join((ran.out + ran.err).split())

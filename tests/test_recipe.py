@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import OptimConfig, load_config
-from engine.data2vec import build_objective
-from engine.ema import EMATeacher, teacher_shared_prefixes
-from engine.models import build_model
-from engine.optim import build_optimizer
-from engine.schedule import lr_factor
-from engine.models.transformer import Block
-from kernels.targets import teacher_targets
+from d2v_engine.config import OptimConfig, load_config
+from d2v_engine.data2vec import build_objective
+from d2v_engine.ema import EMATeacher, teacher_shared_prefixes
+from d2v_engine.models import build_model
+from d2v_engine.optim import build_optimizer
+from d2v_engine.schedule import lr_factor
+from d2v_engine.models.transformer import Block
+from d2v_kernels.targets import teacher_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
@@ -131,7 +131,7 @@ def test_image_v1_init_is_beit():
 
 
 def test_image_post_ln_rejects_layer_scale():
-    from engine.errors import ConfigError
+    from d2v_engine.errors import ConfigError
 
     cfg = load_config(ROOT / "configs/tiny_image_v2.yaml", ["model.layer_scale_init=0.1"])
     with pytest.raises(ConfigError, match="layer_scale_init"):

@@ -1,4 +1,4 @@
-"""kernels.targets: the Triton path (run by the interpreter on CPU) against the reference, and the
+"""d2v_kernels.targets: the Triton path (run by the interpreter on CPU) against the reference, and the
 reference against an independent float64 computation with F.instance_norm / F.layer_norm."""
 import dataclasses
 import itertools
@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import targets  # noqa: E402
+from d2v_kernels import targets  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton interpreter on CPU tensors (set only without CUDA); "

@@ -1,4 +1,4 @@
-"""The CUDA C++ teacher-target extension (csrc/, kernels/_cuda.py, the dispatcher's choice).
+"""The CUDA C++ teacher-target extension (csrc/, d2v_kernels/_cuda.py, the dispatcher's choice).
 
 With a GPU (and nvcc or an installed d2v_cuda) the CUDA kernels are compared with the reference on
 fresh inputs into a NaN-poisoned allocation; without one those tests are skipped ("needs CUDA").
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _cuda, targets
+from d2v_kernels import _cuda, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""engine.data.tokenize: the explicit SPLIT=FILE form -> token folder -> TokenDataset round trip."""
+"""d2v_engine.data.tokenize: the explicit SPLIT=FILE form -> token folder -> TokenDataset round trip."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 
 Tokenizer = pytest.importorskip("tokenizers").Tokenizer
 
-from engine.config import DataConfig
-from engine.data import build_dataset
-from engine.data.tokenize import main, train_bpe, write_split
+from d2v_engine.config import DataConfig
+from d2v_engine.data import build_dataset
+from d2v_engine.data.tokenize import main, train_bpe, write_split
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = [f"Sentence {i}: the quick brown fox number {i * 7} jumps over the lazy dog again."

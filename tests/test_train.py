@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
-from engine.config import load_config
-from engine.trainer import train
+from d2v_engine.checkpoint import load_checkpoint
+from d2v_engine.config import load_config
+from d2v_engine.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -32,10 +32,11 @@ def _rows(run_dir):
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "d2v_engine.train", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.latest
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_tiny_config_trains_with_finite_falling_loss(modality, tmp_path):
     out = train(_cfg(modality, tmp_path, "train.max_steps=30", "train.checkpoint_every=0"))

@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.data2vec import Data2Vec, build_objective
-from engine.data2vec_v2 import Data2VecV2
-from engine.ema import EMATeacher
-from engine.errors import ConfigError
-from engine.models import build_model
-from engine.models.decoder import ConvDecoder
-from engine.models.visible import encode_visible, gather_tokens, keep_indices, scatter_tokens
-from engine.trainer import train
-from kernels.masking import block_mask, clone_seeds, random_mask
-from kernels.targets import teacher_targets
+from d2v_engine.config import load_config
+from d2v_engine.data2vec import Data2Vec, build_objective
+from d2v_engine.data2vec_v2 import Data2VecV2
+from d2v_engine.ema import EMATeacher
+from d2v_engine.errors import ConfigError
+from d2v_engine.models import build_model
+from d2v_engine.models.decoder import ConvDecoder
+from d2v_engine.models.visible import encode_visible, gather_tokens, keep_indices, scatter_tokens
+from d2v_engine.trainer import train
+from d2v_kernels.masking import block_mask, clone_seeds, random_mask
+from d2v_kernels.targets import teacher_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -274,6 +274,7 @@ def test_v2_resume_is_exact(modality, tmp_path):
     assert second == full[2:], f"resumed {second} vs uninterrupted {full[2:]}"
 
 
+@pytest.mark.latest
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_tiny_v2_loss_falls(modality, tmp_path):
     losses = _train(modality, tmp_path, "train.max_steps=12", "optim.warmup_steps=3",

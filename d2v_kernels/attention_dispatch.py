@@ -1,0 +1,203 @@
+"""Which attention backend runs on CUDA: measured, not assumed.
+
+The first call of each shape and feature set (the key: B, H, Tq, Tk, D, dtype, bias layout,
+padding, dropout, skip_padded_queries, forward-only or forward+backward) times every candidate that
+computes the same thing -- our Triton kernels, each SDPA kernel (flash, efficient, cuDNN, math),
+FlexAttention (bias as score_mod, padding as a block mask; it has no dropout) and flash-attn (no
+bias, no padding) -- and keeps the fastest for the rest of the process. A candidate that refuses
+the arguments or fails is left out, with its reason recorded.
+
+The candidates run on inputs made from the key alone (seeded random q, k, v and bias; with padding,
+key lengths uniform in [T/2, T]), so a pick costs the same whether it is made in eager code or
+while torch.compile traces (there the pick is a constant of the graph: each compiled shape picks
+once, before its graph is built). Timing: CUDA events, the median of `REPEATS` calls after
+`WARMUP` (`_timer`; tests replace it).
+
+`picks()` is what env.json records and the start line shows (d2v_engine.backends); `pick_for` makes
+the picks of the shapes a config will run before training starts, and `preload` gives a resumed
+run the picks it recorded. Measuring leaves the random number generators as they were. Off CUDA
+(and with D2V_ATTENTION set) d2v_kernels.attention keeps its fixed order and nothing is measured.
+Each process measures for itself: the ranks of a multi-GPU run may keep different backends for a
+shape whose candidates time alike (each computes the same attention).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+CANDIDATES = ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex",
+              "flash_attn")
+WARMUP, REPEATS = 3, 10
+_picks: dict = {}  # key -> {"backend", "ms": {candidate: ms}, "skipped": {candidate: reason}}
+_preloaded: dict = {}  # described key -> backend: a resumed run's earlier picks
+
+
+def measures(device: torch.device) -> bool:
+    """Whether calls on `device` take the measured pick (CUDA, not interpreted)."""
+    import os
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def shape_key(q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0,
+              skip_padded_queries=False, backward=None) -> tuple:
+    """The dispatch key of a call: what the candidates' speed depends on."""
+    if backward is None:
+        tensors = [t for t in (q, k, v, attn_bias) if t is not None]
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    b, h, t_q, d = q.shape
+    bias = "none" if attn_bias is None else ("shared" if attn_bias.ndim == 3 else "batched")
+    bias_dtype = None if attn_bias is None else str(attn_bias.dtype).replace("torch.", "")
+    return (str(q.device), b, h, t_q, k.shape[2], d, v.shape[-1],
+            str(q.dtype).replace("torch.", ""), bias, bias_dtype, key_padding_mask is not None,
+            float(dropout_p), bool(skip_padded_queries), bool(backward))
+
+
+def describe_key(key: tuple) -> str:
+    device, b, h, t_q, t_k, d, dv, dtype, bias, _, pad, p, skip, backward = key
+    return (f"B={b} H={h} T={t_q}x{t_k} D={d} {dtype} bias={bias} pad={'yes' if pad else 'no'}"
+            + (" skip_padded_queries" if skip else "") + f" dropout={p:g} "
+            + ("fwd+bwd" if backward else "fwd"))
+
+
+def pick(q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0,
+         skip_padded_queries=False) -> str:
+    """The measured backend for this call (measuring its key on first sight)."""
+    key = shape_key(q, k, v, key_padding_mask, attn_bias, dropout_p, skip_padded_queries)
+    if torch.compiler.is_compiling():
+        return _pick_constant(key)
+    return pick_for(key)
+
+
+def pick_for(key: tuple) -> str:
+    """The backend kept for `key`: preloaded, or timing the candidates the first time."""
+    if key not in _picks:
+        earlier = _preloaded.get(describe_key(key))
+        _picks[key] = ({"backend": earlier, "ms": {}, "skipped": {}, "preloaded": True}
+                       if earlier else measure(key))
+    return _picks[key]["backend"]
+
+
+def preload(recorded: dict) -> None:
+    """Takes the picks an earlier process recorded (env.json's attention_picks), so that a resumed
+    run keeps its backends instead of re-timing them: its numerics do not depend on timing noise."""
+    for desc, value in recorded.items():
+        backend = value.get("backend") if isinstance(value, dict) else value
+        if isinstance(backend, str):
+            _preloaded[desc] = backend
+
+
+@torch._dynamo.assume_constant_result
+def _pick_constant(key: tuple) -> str:
+    # runs for real while dynamo traces: the measured name enters the graph as a constant
+    return pick_for(key)
+
+
+def picks() -> dict:
+    """{described key: {"backend", "ms", "skipped"}} of every pick made in this process."""
+    return {describe_key(key): dict(value) for key, value in _picks.items()}
+
+
+def reset() -> None:
+    _picks.clear()
+    _preloaded.clear()
+
+
+def measure(key: tuple) -> dict:
+    """Times each candidate on inputs made from `key`; the fastest is the pick. The process's
+    random number generators are left as they were (Triton's dropout seed, SDPA's and
+    flash-attn's dropout draw from them): measuring never shifts a training trajectory."""
+    from d2v_kernels import attention as attn
+    device = torch.device(key[0])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _measure(attn, key)
+
+
+def _measure(attn, key):
+    q, k, v, pad, bias = inputs_for(key)
+    p, skip, backward = key[11], key[12], key[13]
+    ms, skipped = {}, {}
+    for name in CANDIDATES:
+        with torch.set_grad_enabled(backward):
+            leaves = [t.detach().requires_grad_(backward) if t is not None else None
+                      for t in (q, k, v, bias)]
+            ok = attn.supports(name, *leaves[:3], pad, leaves[3], p)
+        if not ok:
+            skipped[name] = "does not compute these arguments"
+            continue
+        try:
+            ms[name] = _timer(name, _step(attn, name, q, k, v, pad, bias, p, skip, backward))
+        except Exception as e:  # a kernel that refuses the arguments is a skipped candidate
+            skipped[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" \
+                if str(e).strip() else type(e).__name__
+            if q.is_cuda:
+                torch.cuda.empty_cache()
+    if not ms:
+        return {"backend": "sdpa", "ms": {}, "skipped": skipped}
+    best = min(ms, key=ms.get)
+    return {"backend": best, "ms": ms, "skipped": skipped}
+
+
+def inputs_for(key: tuple, seed: int = 0):
+    """Seeded random (q, k, v, key_padding_mask, bias) of a key's shapes and kinds."""
+    device, b, h, t_q, t_k, d, dv, dtype, bias_kind, bias_dtype, pad, _, _, _ = key
+    dtype = getattr(torch, dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, h, t_q, d, generator=g).to(device, dtype)
+    k = torch.randn(b, h, t_k, d, generator=g).to(device, dtype)
+    v = torch.randn(b, h, t_k, dv, generator=g).to(device, dtype)
+    mask = None
+    if pad:
+        lengths = torch.randint(max(1, t_k // 2), t_k + 1, (b,), generator=g)
+        mask = (torch.arange(t_k)[None, :] >= lengths[:, None]).to(device)
+    bias = None
+    if bias_kind != "none":
+        shape = (h, t_q, t_k) if bias_kind == "shared" else (b, h, t_q, t_k)
+        bias = torch.randn(shape, generator=g).to(device, getattr(torch, bias_dtype))
+    return q, k, v, mask, bias
+
+
+def _step(attn, name, q, k, v, pad, bias, p, skip, backward):
+    """One call of candidate `name` (forward, or forward + backward into fresh leaves)."""
+    scale = q.shape[-1] ** -0.5
+    if not backward:
+        def run():
+            with torch.no_grad():
+                attn.run_backend(name, q, k, v, pad, bias, scale, p, skip)
+        return run
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    bias_leaf = None if bias is None else bias.detach().requires_grad_()
+    grad = torch.randn_like(q[..., :1]).expand(*q.shape[:3], v.shape[-1])
+
+    def run():
+        with torch.enable_grad():
+            out = attn.run_backend(name, *leaves, pad, bias_leaf, scale, p, skip)
+            out.backward(grad)
+        for t in leaves + [bias_leaf]:
+            if t is not None:
+                t.grad = None
+    return run
+
+
+def _cuda_event_ms(name: str, fn) -> float:
+    """Median milliseconds of candidate `name`'s fn() over REPEATS calls after WARMUP, by CUDA
+    events."""
+    with torch.autocast("cuda", enabled=False):
+        for _ in range(WARMUP):
+            fn()
+        times = []
+        for _ in range(REPEATS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    ms = statistics.median(times)
+    if not math.isfinite(ms):
+        raise RuntimeError("non-finite time")
+    return ms
+
+
+_timer = _cuda_event_ms

@@ -59,6 +59,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def newest_loadable(run_dir: Path, before: Path) -> Path | None:
+    """The newest checkpoint of run_dir older than `before` that loads (mmap: a look, not a read)."""
+    found = _NAME.match(Path(before).name)
+    limit = int(found.group(1)) if found else None
+    for step, path in reversed(list_checkpoints(run_dir)):
+        if limit is not None and step >= limit:
+            continue
+        try:
+            load_checkpoint(path, mmap=True)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

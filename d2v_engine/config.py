@@ -146,6 +146,8 @@ class DataConfig:
     augment: bool = True
     on_bad_file: Literal["fail", "skip"] = "fail"
     loader: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI for images/audio when installed
+    # A sample file larger than this (or not a regular file) is a bad file, never read.
+    max_file_bytes: int = 1 << 30
     # image
     img_size: int = 224
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
@@ -217,6 +219,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     stop_at: int = 0  # checkpoint and exit at this step, as a preemption would
     resume: bool = False
+    # Resume from this checkpoint file instead of the newest complete one in run.dir.
+    resume_from: str = ""
+    # Keys a resume may change on purpose beyond those always free (d2v_engine.resume_check), e.g.
+    # [optim.lr]; any other difference from the checkpoint's recipe is an error.
+    resume_overrides: list = field(default_factory=list)
     log_every: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -363,7 +370,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -399,7 +409,8 @@ def validate(cfg: Config) -> None:
 
     need(m.embed_dim % m.num_heads == 0, "model.num_heads", f"must divide model.embed_dim={m.embed_dim}")
     need(1 <= o.top_k <= m.depth, "objective.top_k", f"must be in 1..model.depth={m.depth}")
-    need(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(0 <= cfg.seed < 2**63, "seed", f"got {cfg.seed}, must be in [0, 2**63)")
+    need(1 <= t.max_steps < 2**62, "train.max_steps", f"got {t.max_steps}, must be in [1, 2**62)")
     need(t.global_batch >= 1, "train.global_batch", "must be >= 1")
     need(t.micro_batch == "auto" or t.micro_batch >= 0, "train.micro_batch",
          "must be >= 0 or auto")
@@ -418,12 +429,20 @@ def validate(cfg: Config) -> None:
          "train.debug_nan_steps", "must be a list of steps >= 1")
     need(o.collapse_check_after >= 0, "objective.collapse_check_after", "must be >= 0")
     need(o.ema_anneal_end_step >= 0, "objective.ema_anneal_end_step", "must be >= 0")
+    need(cfg.optim.lr >= 0, "optim.lr", f"got {cfg.optim.lr}, must be >= 0")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(cfg.data.num_workers >= 0, "data.num_workers", f"got {cfg.data.num_workers}, must be >= 0")
+    need(cfg.data.max_file_bytes >= 1, "data.max_file_bytes", "must be >= 1")
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(cfg.optim.schedule_reference_steps >= 0, "optim.schedule_reference_steps",
          "must be >= 0 (0: train.max_steps, no scaling)")
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
-    need(not (t.resume and m.init_from), "model.init_from",
+    need(not ((t.resume or t.resume_from) and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")
+    known = flatten(to_dict(Config()))
+    unknown = [k for k in t.resume_overrides if not isinstance(k, str) or k not in known]
+    need(not unknown, "train.resume_overrides",
+         f"{unknown} are not config keys (dotted, e.g. [optim.lr, seed])")
     need(t.length_buckets >= 0, "train.length_buckets", "must be >= 0 (0: no bucketing)")
     need(t.ddp_bucket_cap_mb >= 1, "train.ddp_bucket_cap_mb", "must be >= 1")
     need(0.0 < cfg.masking.mask_prob < 1.0, "masking.mask_prob", "must be in (0, 1)")
@@ -476,6 +495,28 @@ def _validate_v2(cfg: Config, need) -> None:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are values, not levels."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Keys (prefixes) that say where and how a run is logged, scheduled or executed on the machine,
+# not what it learns: the model card's differences from the recipe leave them out, and a resume
+# may change them (d2v_engine.resume_check), data.path excepted there.
+BOOKKEEPING = ("run.", "data.path", "data.num_workers", "data.loader", "data.on_bad_file",
+               "data.max_file_bytes",
+               "train.progress", "train.log_every", "train.checkpoint_every", "train.keep_last",
+               "train.keep_every", "train.device", "train.world_size", "train.dry_run",
+               "train.probe", "train.resume", "train.stop_at", "train.debug_nan_steps",
+               "train.max_bad_steps", "train.max_failed_saves")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -20,7 +20,9 @@ the linear probe.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 
 from d2v_engine.checkpoint import latest_checkpoint, load_checkpoint
 from d2v_engine.config import Config, _merge, validate
-from d2v_engine.errors import CheckpointError, ConfigError, D2VError
+from d2v_engine.errors import CheckpointError, ConfigError, debug, error_line
 from d2v_engine.export_remote import export_remote, needs_remote_code
 from d2v_engine.models import build_model
 
@@ -282,26 +284,54 @@ def to_hf_model(wrapper: EncoderForExport):
 
 
 def export(checkpoint: str | Path, out_dir: str | Path,
-           tokenizer_file: str | Path | None = None) -> Path:
+           tokenizer_file: str | Path | None = None, overwrite: bool = False) -> Path:
     """Writes the student encoder of `checkpoint` (file or run dir), its processor and model card
-    to out_dir; returns out_dir. Text: the tokenizer is tokenizer_file, else data.path's."""
+    to out_dir; returns out_dir. Text: the tokenizer is tokenizer_file, else data.path's.
+
+    The export is written beside out_dir first and moved in file by file: a failed export leaves
+    out_dir as it was. A non-empty out_dir is refused (naming what it would replace) unless
+    `overwrite`, and then only the export's own files are replaced; nothing else is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"export: {out_dir} is a file, not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
+        _write_export(checkpoint, Path(tmp), out_dir, tokenizer_file)
+        _move_into(Path(tmp), out_dir, overwrite)
+    return out_dir
+
+
+def _write_export(checkpoint, into: Path, out_dir: Path, tokenizer_file) -> None:
     from d2v_engine.export_processors import build_processor, save_processor
     from d2v_engine.model_card import write_model_card
 
     wrapper = load_encoder(checkpoint)
     if needs_remote_code(wrapper.cfg):
-        return export_remote(wrapper, out_dir)
+        export_remote(wrapper, into)
+        return
     model = to_hf_model(wrapper)
     processor, facts = build_processor(wrapper.cfg, tokenizer_file)  # checked before writing
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    save_processor(wrapper.cfg, processor, out_dir)
+    model.save_pretrained(into, safe_serialization=True)
+    save_processor(wrapper.cfg, processor, into)
     command = " ".join(["d2v-export", str(checkpoint), str(out_dir)]
                        + (["--tokenizer", str(tokenizer_file)] if tokenizer_file else []))
-    write_model_card(out_dir, wrapper.cfg, wrapper.checkpoint_path, wrapper.step,
+    write_model_card(into, wrapper.cfg, wrapper.checkpoint_path, wrapper.step,
                      sum(p.numel() for p in model.parameters()), facts, command)
-    return out_dir
+
+
+def _move_into(written: Path, out_dir: Path, overwrite: bool) -> None:
+    ours = sorted(p.relative_to(written) for p in written.rglob("*") if p.is_file())
+    held = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*")) if out_dir.is_dir() else []
+    if held and not overwrite:
+        replaced = [str(p) for p in ours if p in held]
+        raise ConfigError(
+            f"export: {out_dir} is not empty ({len(held)} entries, e.g. "
+            f"{', '.join(str(p) for p in held[:3])}); the export would replace "
+            f"{', '.join(replaced) if replaced else 'none of them'}: choose an empty folder, or "
+            f"pass --overwrite (only the export's own files are replaced)")
+    for rel in ours:
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(written / rel, out_dir / rel)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,11 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="folder to write the Hugging Face model into")
     parser.add_argument("--tokenizer", default=None,
                         help="text: tokenizer.json to ship instead of the one in data.path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder, replacing the export's own files")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, args.tokenizer)
-    except D2VError as e:
-        print(f"error: {e}", file=sys.stderr)
+        out = export(args.checkpoint, args.out, args.tokenizer, args.overwrite)
+    except Exception as e:
+        line = error_line(e)
+        if line is None or debug():
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     print(f"d2v-engine: exported {args.checkpoint} to {out}", file=sys.stderr)
     return 0

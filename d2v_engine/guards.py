@@ -21,7 +21,9 @@ the variances averaged over ranks.
 """
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,7 +33,7 @@ import torch
 from d2v_engine.checkpoint import latest_checkpoint, save_checkpoint
 from d2v_engine.config import Config
 from d2v_engine.distributed import all_reduce_sum
-from d2v_engine.errors import CheckpointError, TrainingError
+from d2v_engine.errors import CheckpointError, TrainingError, error_line, one_line
 from d2v_engine.metrics import MetricsLog
 
 
@@ -140,6 +142,25 @@ def _restart_from(cfg: Config) -> str:
     return f"the newest checkpoint is {newest}: resume from it (train.resume=true)"
 
 
+def save_error(error: Exception, run_dir: Path) -> str:
+    """What a failed save says. torch.save's writer reports a full disk as a bare RuntimeError
+    ("file write failed", no errno): the free space in run_dir tells, against the newest
+    checkpoint's size."""
+    text = error_line(error) or f"{type(error).__name__}: {one_line(error)}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return text
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return text
+    newest = latest_checkpoint(run_dir)
+    needed = max(newest.stat().st_size if newest else 0, 64 << 20)
+    if free < needed:
+        return (f"no space left on device: {free / 1e6:.0f} MB free in {run_dir}, a checkpoint "
+                f"needs about {needed / 1e6:.0f} MB (free some, or lower train.keep_last; {text})")
+    return text
+
+
 class CheckpointSaver:
     """Rank 0 writes; every rank learns the outcome (the all-reduce is also the barrier).
 
@@ -161,7 +182,7 @@ class CheckpointSaver:
                 save_checkpoint(self.cfg.run_dir, step, make_state(), keep_last=t.keep_last,
                                 keep_every=t.keep_every)
             except Exception as e:  # whatever failed, the atomic save left the old set intact
-                error = f"{type(e).__name__}: {e}"
+                error = save_error(e, self.cfg.run_dir)
         failed = all_reduce_sum(torch.full((1,), float(error is not None), device=self.device))
         if failed.item() == 0:
             self.failed_in_a_row = 0

@@ -28,17 +28,39 @@ HF_PREFIXES = ("data2vec_audio.", "data2vec_vision.", "data2vec_text.")
 HF_UNUSED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
 
 
+def _shards(index: Path) -> list[Path]:
+    """The shard files a model.safetensors.index.json names: plain names inside its folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError) as e:
+        raise CheckpointError(f"model.init_from={index}: not a safetensors index with a "
+                              f"weight_map ({type(e).__name__}: {e})") from None
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"model.init_from={index}: shard names must be file names in its "
+                              f"folder, got {bad[:3]}")
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise CheckpointError(f"model.init_from={index}: names shards that are not there: "
+                              f"{missing[:3]}")
+    return [index.parent / n for n in names]
+
+
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file() or index.is_file():
         from safetensors.torch import load_file
 
-        if single.is_file():
-            return load_file(str(single))
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [single] if single.is_file() else _shards(index)
         out = {}
-        for name in files:
-            out.update(load_file(str(folder / name)))
+        for path in files:
+            try:
+                out.update(load_file(str(path)))
+            except Exception as e:  # safetensors' own errors: a truncated or damaged file
+                raise CheckpointError(f"model.init_from={path}: not a readable safetensors file "
+                                      f"({str(e).splitlines()[0][:200]})") from None
         return out
     legacy = folder / "pytorch_model.bin"
     if legacy.is_file():

@@ -8,11 +8,10 @@ and the final logged loss (metrics.jsonl), the linear probe (probe.json), the tr
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
-from d2v_engine.config import Config, load_config
+from d2v_engine.config import BOOKKEEPING, Config, flatten, load_config, to_dict
 from d2v_engine.export_processors import ROOT, resolve_data_path
 
 HF_CLASS = {"audio": "Data2VecAudioModel", "image": "Data2VecVisionModel",
@@ -22,24 +21,6 @@ HEAD_CLASS = {"audio": "Data2VecAudioForSequenceClassification",
               "text": "Data2VecTextForSequenceClassification"}
 PIPELINE = {"audio": "audio-classification", "image": "image-feature-extraction",
             "text": "feature-extraction"}
-# Keys that say where and how a run is logged or scheduled on the machine, not what it learns.
-BOOKKEEPING = ("run.", "data.path", "data.num_workers", "data.loader", "data.on_bad_file",
-               "train.progress", "train.log_every", "train.checkpoint_every", "train.keep_last",
-               "train.keep_every", "train.device", "train.world_size", "train.dry_run",
-               "train.probe", "train.resume", "train.stop_at", "train.debug_nan_steps",
-               "train.max_bad_steps", "train.max_failed_saves")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def recipe_file(cfg: Config) -> Path:
     name = "v2" if cfg.objective.mode == "v2" else "base"
     return ROOT / "configs" / f"{cfg.modality}_{name}.yaml"
@@ -51,8 +32,8 @@ def recipe_differences(cfg: Config) -> tuple[Path, list[tuple[str, object, objec
     path = recipe_file(cfg)
     if not path.is_file():
         return path, None
-    ours = _flat(dataclasses.asdict(cfg))
-    theirs = _flat(dataclasses.asdict(load_config(path)))
+    ours = flatten(to_dict(cfg))
+    theirs = flatten(to_dict(load_config(path)))
     diffs = [(k, ours[k], theirs.get(k)) for k in sorted(ours)
              if ours[k] != theirs.get(k) and not k.startswith(BOOKKEEPING)]
     return path, diffs

@@ -16,6 +16,7 @@ exist (planning on another machine than the data's) plans everything but the dat
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,12 @@ def _share(cfg: Config, dist: DistInfo) -> int:
 def checkpoints_kept(max_steps: int, every: int, keep_last: int, keep_every: int) -> int:
     """Checkpoints left at the end of a full run: the newest keep_last, and every one whose step
     is a multiple of keep_every (d2v_engine.checkpoint's retention)."""
-    steps = list(range(every, max_steps, every)) if every > 0 else []
-    steps.append(max_steps)
-    return sum(1 for i, s in enumerate(steps)
-               if i >= len(steps) - keep_last or (keep_every and s % keep_every == 0))
+    # Counted, not listed (a run of 1e12 steps is arithmetic, not a list): the checkpoints are
+    # every, 2 * every, ... below max_steps, then max_steps, the newest keep_last of them kept.
+    total = ((max_steps - 1) // every if every > 0 else 0) + 1
+    older = max(0, total - keep_last)  # every * i for i = 1..older, all multiples of every
+    kept_older = older // (keep_every // math.gcd(every, keep_every)) if keep_every else 0
+    return min(keep_last, total) + kept_older
 
 
 def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:

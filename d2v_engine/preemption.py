@@ -6,7 +6,9 @@ only record that a stop was asked for; every rank adds its vote to the all-reduc
 anyway, so all ranks see the same sum after the same step, finish it, rank 0 writes a checkpoint
 and the process exits 0. Further signals during the save are recorded the same way and change
 nothing, and the save is atomic (d2v_engine.checkpoint), so a kill at any moment leaves the previous
-checkpoint set intact.
+checkpoint set intact. From the command line, signals after the first are absorbed until the
+process exits, also after train() returned (absorb_after_stop, then SIG_IGN: Python resets its
+own handlers to the default while it shuts down), so a burst still exits 0.
 
 Restarts: a launcher that restarts the job (torchrun --max-restarts N, which sets
 TORCHELASTIC_RESTART_COUNT; a requeued SLURM job, SLURM_RESTART_COUNT) resumes from the newest
@@ -47,12 +49,31 @@ class StopSignals:
         self._previous = {}
 
     def _record(self, signum, frame) -> None:
+        global _stop_requested
+        _stop_requested = True
         if self.received is None:
             self.received = signal.Signals(signum).name
 
     def vote(self, device: torch.device) -> torch.Tensor:
         """0-d float32 on `device`: 1 if this rank was asked to stop (a fill, no host sync)."""
         return torch.full((), 1.0 if self.received else 0.0, device=device)
+
+
+_stop_requested = False  # a stop signal reached a StopSignals in this process
+
+
+def absorb_after_stop(signum, frame) -> None:
+    """The command line's handler around train(): once a stop was asked for while training, every
+    later SIGTERM / SIGUSR1 (a scheduler's burst, an impatient user) is absorbed until the
+    process has exited 0 with its checkpoint; before that, the signal does what it always does."""
+    if _stop_requested:
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def stop_requested() -> bool:
+    return _stop_requested
 
 
 def restart_count() -> int:

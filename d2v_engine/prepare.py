@@ -36,15 +36,18 @@ import argparse
 import json
 import multiprocessing
 import os
+import stat
 import sys
 import time
 import wave
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
-from d2v_engine.errors import D2VError, DataError
+from d2v_engine.errors import DataError, debug, error_line
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 MAX_LISTED = 100
@@ -61,22 +64,87 @@ SAMPLE_RATE = "wrong_sample_rate"  # without --resample
 CHANNELS = "not_mono"  # without --resample
 TOO_SHORT = "too_short"  # below --min-seconds
 TOO_LONG = "too_long"  # above --max-seconds
+NON_FINITE = "non_finite"  # float samples NaN / Inf, or too large to normalize
+NOT_REGULAR = "not_regular_file"  # a FIFO, a device, a socket
+TOO_LARGE_FILE = "too_large"  # over --max-file-bytes
+UNSAFE_NAME = "unsafe_name"  # a TAB or a line break in the path: a .tsv row cannot hold it
 
 
 # ----------------------------------------------------------------------------------------------
 # shared: scanning, progress, the pool, the report
 
 
-def find_files(src: Path, extensions: tuple[str, ...]) -> list[str]:
-    """Paths relative to src of every file with one of `extensions`, recursively, sorted."""
+def find_files(src: Path, extensions: tuple[str, ...], follow_symlinks: bool = True,
+               skipped: list[str] | None = None) -> list[str]:
+    """Paths relative to src of every file with one of `extensions`, recursively, sorted.
+
+    No folder is read twice: a symlinked folder is followed only when it leads outside src to a
+    folder not read yet (a link back into src is a loop or a second name for a folder already
+    listed); follow_symlinks=False follows none and leaves symlinked files out too. The folders
+    left out are appended to `skipped` (relative paths)."""
+    src = Path(src)
+    inside = os.path.realpath(src)
+    seen: set[tuple[int, int]] = set()
     found = []
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=follow_symlinks):
+        info = os.stat(dirpath)
+        seen.add((info.st_dev, info.st_ino))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full) and not _follow(full, inside, seen, follow_symlinks):
+                if skipped is not None:
+                    skipped.append(os.path.relpath(full, src))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         rel_dir = os.path.relpath(dirpath, src)
         for name in sorted(filenames):
-            if name.lower().endswith(extensions) and not name.startswith("."):
-                found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
+            if not name.lower().endswith(extensions) or name.startswith("."):
+                continue
+            if not follow_symlinks and os.path.islink(os.path.join(dirpath, name)):
+                continue
+            found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
     return found
+
+
+def _follow(link: str, inside: str, seen: set, follow_symlinks: bool) -> bool:
+    if not follow_symlinks:
+        return False
+    target = os.path.realpath(link)
+    try:
+        info = os.stat(target)
+    except OSError:  # a dangling link
+        return False
+    if target == inside or target.startswith(inside + os.sep) or \
+            (info.st_dev, info.st_ino) in seen:
+        return False
+    seen.add((info.st_dev, info.st_ino))
+    return True
+
+
+def scan_sources(src: Path, extensions: tuple[str, ...], args) -> tuple[list[str], list[tuple]]:
+    """(files to check, [(path, unsafe_name)]) under src, saying which symlinked folders it did
+    not follow; names a .tsv manifest cannot hold (a TAB or a line break) are rejected here."""
+    skipped: list[str] = []
+    files = find_files(src, extensions, not args.no_follow_symlinks, skipped)
+    if skipped:
+        print(f"d2v-engine prepare: read no folder twice: did not follow {len(skipped)} symlinked "
+              f"folder(s) ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}): "
+              + ("--no-follow-symlinks" if args.no_follow_symlinks else
+                 "they lead back into the source or to a folder already read"), file=sys.stderr)
+    unsafe = [(f, UNSAFE_NAME) for f in files if any(c in f for c in "\t\n\r")]
+    return [f for f in files if not any(c in f for c in "\t\n\r")], unsafe
+
+
+def regular_file_reason(path: Path, max_bytes: int) -> str | None:
+    """NOT_REGULAR / TOO_LARGE / EMPTY_FILE for a file prepare must not read, else None."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        return NOT_REGULAR
+    if info.st_size > max_bytes:
+        return TOO_LARGE_FILE
+    return EMPTY_FILE if info.st_size == 0 else None
 
 
 class ProgressBar:
@@ -127,10 +195,17 @@ def check_all(worker, jobs: list, workers: int, what: str, progress: bool = True
         return results
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(min(workers, len(jobs))) as pool:
-        for result in pool.imap(worker, jobs, chunksize=chunk):
-            results.append(result)
-            bar.update(len(results))
+    # An executor, not multiprocessing.Pool: a worker killed from outside (the OOM killer, a
+    # SIGKILL) breaks the executor with an error, where Pool.imap would wait for it forever.
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            for result in pool.map(worker, jobs, chunksize=chunk):
+                results.append(result)
+                bar.update(len(results))
+    except BrokenProcessPool:
+        raise DataError(f"{what}: a worker process died (killed from outside, e.g. out of "
+                        f"memory) after {len(results)} of {len(jobs)} files; run again, with "
+                        "fewer --workers if memory is short") from None
     return results
 
 
@@ -250,13 +325,14 @@ def write_wav16(path: Path, samples: np.ndarray, rate: int) -> None:
 
 def check_audio(job: tuple) -> tuple:
     """(relative path, manifest path or None, num_samples at the target rate, reason or None)."""
-    from d2v_engine.data.audio import UnsupportedEncoding, read_audio
+    from d2v_engine.data.audio import NonFiniteAudio, UnsupportedEncoding, read_audio
 
-    rel, src, out_dir, rate, do_resample, min_s, max_s = job
+    rel, src, out_dir, rate, do_resample, min_s, max_s, max_bytes = job
     path = Path(src) / rel
     try:
-        if path.stat().st_size == 0:
-            return rel, None, 0, EMPTY_FILE
+        reason = regular_file_reason(path, max_bytes)
+        if reason is not None:
+            return rel, None, 0, reason
         if not _audio_signature_ok(path):
             return rel, None, 0, NOT_AUDIO
         samples, file_rate, channels = read_audio(path)
@@ -264,6 +340,8 @@ def check_audio(job: tuple) -> tuple:
         return rel, None, 0, CORRUPT
     except UnsupportedEncoding:
         return rel, None, 0, UNSUPPORTED
+    except NonFiniteAudio:
+        return rel, None, 0, NON_FINITE
     except ValueError as e:
         return rel, None, 0, TRUNCATED if "truncated" in str(e).lower() else CORRUPT
     if samples.shape[0] == 0:
@@ -292,12 +370,12 @@ def prepare_audio(args) -> int:
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
     if not src.is_dir():
         raise DataError(f"audio source folder not found: {src}")
-    files = find_files(src, AUDIO_EXTENSIONS)
+    files, unsafe = scan_sources(src, AUDIO_EXTENSIONS, args)
     jobs = [(rel, str(src), str(out), args.sample_rate, args.resample, args.min_seconds,
-             args.max_seconds) for rel in files]
+             args.max_seconds, args.max_file_bytes) for rel in files]
     results = check_all(check_audio, jobs, args.workers, "checking audio", not args.quiet)
     good = [(entry, num) for _, entry, num, reason in results if reason is None]
-    rejected = [(rel, reason) for rel, _, _, reason in results if reason is not None]
+    rejected = unsafe + [(rel, reason) for rel, _, _, reason in results if reason is not None]
     report = build_report(len(good), rejected, [n / args.sample_rate for _, n in good],
                           total_seconds=sum(n for _, n in good) / args.sample_rate)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,11 +398,12 @@ def check_image(job: tuple) -> tuple:
     """(relative path, short side in pixels, reason or None): full decode, as the loader does."""
     from PIL import Image, UnidentifiedImageError
 
-    rel, src = job
+    rel, src, max_bytes = job
     path = Path(src) / rel
     try:
-        if path.stat().st_size == 0:
-            return rel, 0, EMPTY_FILE
+        reason = regular_file_reason(path, max_bytes)
+        if reason is not None:
+            return rel, 0, reason
         with Image.open(path) as img:
             img.load()
             img.convert("RGB")
@@ -343,16 +422,16 @@ def prepare_image(args) -> int:
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
     if not src.is_dir():
         raise DataError(f"image source folder not found: {src}")
-    top = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
-    loose = [f for f in find_files(src, IMAGE_EXTENSIONS) if os.sep not in f]
+    files, unsafe = scan_sources(src, IMAGE_EXTENSIONS, args)
+    top = sorted({f.split(os.sep, 1)[0] for f in files if os.sep in f})
+    loose = [f for f in files if os.sep not in f]
     if top and loose:
         raise DataError(f"{src} mixes images ({loose[0]}, ...) and class folders ({top[0]}, ...); "
                         "use one or the other")
-    files = loose if not top else find_files(src, IMAGE_EXTENSIONS)
-    results = check_all(check_image, [(rel, str(src)) for rel in files], args.workers,
-                        "checking images", not args.quiet)
+    results = check_all(check_image, [(rel, str(src), args.max_file_bytes) for rel in files],
+                        args.workers, "checking images", not args.quiet)
     good = [(rel, side) for rel, side, reason in results if reason is None]
-    rejected = [(rel, reason) for rel, _, reason in results if reason is not None]
+    rejected = unsafe + [(rel, reason) for rel, _, reason in results if reason is not None]
     classes = sorted({rel.split(os.sep, 1)[0] for rel, _ in good}) if top else []
     report = build_report(len(good), rejected, [side for _, side in good])
     report["classes"] = len(classes)
@@ -414,6 +493,12 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--workers", type=_positive_int, default=default_workers(),
                        help="decoding processes (default: the usable cores)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--no-follow-symlinks", action="store_true",
+                       help="follow no symlinked folder or file (default: those leading outside "
+                            "SRC_DIR, each folder read once)")
+        p.add_argument("--max-file-bytes", type=_positive_int, default=1 << 30,
+                       help="files over this many bytes are rejected as too_large (default "
+                            "1 GiB, the loaders' data.max_file_bytes)")
 
     audio = sub.add_parser("audio", help="wav/flac folder -> train.tsv / valid.tsv")
     common(audio)
@@ -446,11 +531,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             from d2v_engine.prepare_text import prepare_text
             return prepare_text(args)
         return prepare_audio(args) if args.modality == "audio" else prepare_image(args)
-    except D2VError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an output folder that cannot be written, a file gone while reading
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except Exception as e:  # an output folder that cannot be written, a file gone while reading
+        line = error_line(e)
+        if line is None or debug():
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
 
 

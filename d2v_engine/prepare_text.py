@@ -17,7 +17,9 @@ decompressed file; for .jsonl the offset of the record's line):
   not_utf8 (--errors replace keeps the document, invalid bytes as U+FFFD), empty (a file or record
   with no text but white space), duplicate (the same text as an earlier document, by hash;
   --no-dedup keeps it), too_short (fewer than --min-tokens tokens before </s>), corrupt /
-  truncated .gz, not_json / no_text_field .jsonl records, and unreadable files.
+  truncated .gz, not_json / no_text_field .jsonl records, too_large (a document or .jsonl line
+  over --max-doc-bytes, 64 MiB by default: files and .gz are read as streams, so memory stays
+  bounded whatever a file expands to), not_regular_file (a FIFO or device) and unreadable files.
 The BPE is trained on the train documents (or --tokenizer is used as given); --valid-percent
 holds out that fraction of the documents that pass the byte checks (before --min-tokens), a
 seeded draw as audio does. Exit 0 when a document was accepted; exit 2, with report.json and no
@@ -29,8 +31,11 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
+import stat
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +53,9 @@ DUPLICATE = "duplicate"
 NOT_JSON = "not_json"
 NO_TEXT_FIELD = "no_text_field"
 UNREADABLE = "unreadable"
+TOO_LARGE = "too_large"  # a document over --max-doc-bytes
+NOT_REGULAR = "not_regular_file"  # a FIFO, a device, a socket
+MAX_DOC_BYTES = 64 << 20
 _BLANK = b" \t\r\f\v"
 
 
@@ -98,9 +106,11 @@ def _decode(raw: bytes, offset: int, errors: str) -> tuple[str | None, int, bool
         return None, offset + e.start, False
 
 
-def _jsonl_texts(data: bytes, errors: str) -> list[tuple[int, bytes | None, str | None]]:
-    """(line offset, UTF-8 text of the record's "text" field or None, reason or None)."""
-    out, pos = [], 0
+def _jsonl_texts(data: bytes, errors: str, start: int = 0
+                 ) -> list[tuple[int, bytes | None, str | None]]:
+    """(line offset, UTF-8 text of the record's "text" field or None, reason or None) of the
+    records in `data`, which begins at byte `start` of its file."""
+    out, pos = [], start
     for line in data.split(b"\n"):
         offset, pos = pos, pos + len(line) + 1
         if not line.strip(_BLANK):
@@ -129,47 +139,126 @@ def _jsonl_texts(data: bytes, errors: str) -> list[tuple[int, bytes | None, str 
     return out
 
 
+def _lines(stream, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(byte offset, the line without its \\n, or None for a line over `limit` bytes) of a binary
+    stream, read a line at a time: memory stays bounded by `limit` whatever the stream holds."""
+    pos = 0
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            start = pos
+            pos += len(line)
+            while line and not line.endswith(b"\n"):  # the rest of the long line, unkept
+                line = stream.readline(1 << 20)
+                pos += len(line)
+            yield start, None
+            continue
+        yield pos, line[:-1] if line.endswith(b"\n") else line
+        pos += len(line)
+
+
+def _line_documents(lines, mode: str, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """split_documents over streamed lines: (offset, document bytes, or None when over limit)."""
+    start, parts, size = None, [], 0
+    for offset, line in lines:
+        content = None if line is None else (line[:-1] if line.endswith(b"\r") else line)
+        if content is None or content.strip(_BLANK):
+            if mode == "lines":
+                yield offset, content
+                continue
+            if start is None:
+                start, parts, size = offset, [], 0
+            if parts is not None and content is not None and size + len(line) + 1 <= limit:
+                parts.append(line)
+                size += len(line) + 1
+            else:
+                parts = None  # over the limit: the paragraph is rejected once it ends
+        elif start is not None:
+            yield start, _paragraph(parts)
+            start = None
+    if start is not None:
+        yield start, _paragraph(parts)
+
+
+def _paragraph(lines: list[bytes] | None) -> bytes | None:
+    """The paragraph's bytes as split_documents cuts them: inner line breaks kept, the last
+    line's \\r dropped."""
+    if lines is None:
+        return None
+    last = lines[-1][:-1] if lines[-1].endswith(b"\r") else lines[-1]
+    return b"\n".join(lines[:-1] + [last])
+
+
+def _doc_items(docs, errors: str, base: int | None = None) -> list[tuple]:
+    """("doc", offset, text, digest, replaced) / ("bad", offset, reason) of each document;
+    base: the .jsonl record's offset, which its documents carry."""
+    items = []
+    for offset, raw in docs:
+        at = offset if base is None else base
+        if raw is None:
+            items.append(("bad", at, TOO_LARGE))
+            continue
+        text, bad_at, replaced = _decode(raw, at, errors)
+        if text is None:
+            items.append(("bad", bad_at, NOT_UTF8))
+            continue
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        items.append(("doc", at, text, digest, replaced))
+    return items
+
+
+def _items(stream, jsonl: bool, mode: str, errors: str, limit: int) -> list[tuple]:
+    if jsonl:
+        items, records = [], 0
+        for offset, line in _lines(stream, limit):
+            if line is None:
+                items.append(("bad", offset, TOO_LARGE))
+                records += 1
+                continue
+            for base, text_bytes, reason in _jsonl_texts(line, errors, offset):
+                records += 1
+                if reason is not None:
+                    items.append(("bad", base, reason))
+                    continue
+                docs = split_documents(text_bytes, mode)
+                items += _doc_items(docs, errors, base) if docs else [("bad", base, EMPTY)]
+        return items if records else [("bad", 0, EMPTY)]
+    if mode == "file":
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            return [("bad", 0, TOO_LARGE)]
+        docs = split_documents(data, mode)
+    else:
+        docs = list(_line_documents(_lines(stream, limit), mode, limit))
+    return _doc_items(docs, errors) if docs else [("bad", 0, EMPTY)]
+
+
 def read_source(job: tuple) -> list[tuple]:
     """Items of one file, in order: ("doc", offset, text, digest, replaced) or
-    ("bad", offset, reason)."""
-    path, mode, errors = job
+    ("bad", offset, reason). Read as a stream (a .gz decompressed as it is read): memory stays
+    bounded by the largest document allowed (--max-doc-bytes), not the file's size."""
+    path, mode, errors, limit = job
+    name = path.lower()
+    gz = name.endswith(".gz")
     try:
-        data = Path(path).read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would never end
+            return [("bad", 0, NOT_REGULAR)]
+        raw = open(path, "rb")
     except OSError:
         return [("bad", 0, UNREADABLE)]
-    name = path.lower()
-    if name.endswith(".gz"):
+    with raw:
         try:
-            data = gzip.decompress(data)
+            stream = gzip.GzipFile(fileobj=raw) if gz else raw
+            return _items(stream, (name[:-3] if gz else name).endswith(".jsonl"), mode, errors,
+                          limit)
         except EOFError:
             return [("bad", 0, TRUNCATED)]
-        except (OSError, zlib.error):
+        except (gzip.BadGzipFile, zlib.error):
             return [("bad", 0, CORRUPT)]
-        name = name[:-3]
-    if name.endswith(".jsonl"):
-        records = _jsonl_texts(data, errors)
-        if not records:
-            return [("bad", 0, EMPTY)]
-    else:
-        records = [(0, data, None)]
-    items = []
-    for base, text_bytes, reason in records:
-        if reason is not None:
-            items.append(("bad", base, reason))
-            continue
-        docs = split_documents(text_bytes, mode)
-        if not docs:
-            items.append(("bad", base, EMPTY))
-        for offset, raw in docs:
-            # .jsonl texts are valid UTF-8 already; their documents carry the record's offset
-            at = base if name.endswith(".jsonl") else offset
-            text, bad_at, replaced = _decode(raw, at, errors)
-            if text is None:
-                items.append(("bad", bad_at, NOT_UTF8))
-                continue
-            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-            items.append(("doc", at, text, digest, replaced))
-    return items
+        except OSError:
+            return [("bad", 0, CORRUPT if gz else UNREADABLE)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +343,7 @@ def prepare_text(args) -> int:
     tokenizer = _load_tokenizer(Path(args.tokenizer)) if args.tokenizer is not None else None
 
     # 1. read and check the bytes of every file (all cores)
-    jobs = [(read, mode, args.errors) for _, read, _ in sources]
+    jobs = [(read, mode, args.errors, args.max_doc_bytes) for _, read, _ in sources]
     results = check_all(read_source, jobs, args.workers, "reading text", not args.quiet)
     docs, rejected, seen, replaced = [], [], set(), 0
     for (split, _, shown), items in zip(sources, results):
@@ -360,6 +449,9 @@ def add_arguments(p) -> None:
                    help="invalid UTF-8: reject the document (strict) or keep it with U+FFFD")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                    help="reject exact duplicate documents (by hash; default on)")
+    p.add_argument("--max-doc-bytes", type=_positive_int, default=MAX_DOC_BYTES,
+                   help="documents (and .jsonl lines) over this many bytes are rejected as "
+                        "too_large (default 64 MiB); memory per reading process stays below it")
     p.add_argument("--workers", type=_positive_int, default=default_workers(),
                    help="reading processes (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

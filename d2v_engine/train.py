@@ -6,21 +6,12 @@ torchrun aware: `torchrun --nproc_per_node N -m d2v_engine.train CONFIG ...` or
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from d2v_engine.errors import D2VError
+from d2v_engine.errors import debug, error_line
 
 USAGE = "usage: d2v-train CONFIG.yaml [dotted.key=value ...]"
-
-
-def one_line(error: Exception) -> str:
-    """The error's own message; a DataLoader worker wraps it in its traceback, which is dropped."""
-    text = str(error).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1]
-    prefix = f"{type(error).__module__}.{type(error).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,21 +21,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     from d2v_engine.config import load_config
     from d2v_engine.distributed import shutdown
+    from d2v_engine.preemption import STOP_SIGNALS, absorb_after_stop, stop_requested
     from d2v_engine.trainer import train
 
+    previous = {sig: signal.signal(sig, absorb_after_stop) for sig in STOP_SIGNALS}
     try:
         cfg = load_config(argv[0], argv[1:])
-        result = train(cfg)
+        result = train(cfg)  # takes SIGTERM / SIGUSR1 over while it runs
         if cfg.train.probe and int(os.environ.get("RANK", "0")) == 0 \
                 and result["step"] == cfg.train.max_steps:
             from d2v_engine.probe import print_probe, run_probe
 
             print_probe(run_probe(result["run_dir"]))
-    except D2VError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+    except Exception as e:
+        line = error_line(e)
+        if line is None or debug():
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     finally:
         shutdown()
+        for sig, handler in previous.items():
+            # After a stop, later signals are ignored until the exit: Python's own handlers go
+            # back to the default while the interpreter shuts down, SIG_IGN does not.
+            signal.signal(sig, signal.SIG_IGN if stop_requested() else handler)
     return 0
 
 

@@ -29,7 +29,8 @@ from d2v_engine.cpu_setup import describe as describe_cpu
 from d2v_engine.buckets import buckets_for, describe_buckets
 from d2v_engine.compile import FirstStepTimer, compile_student_teacher
 from d2v_engine.checkpoint import (
-    latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state,
+    latest_checkpoint, list_checkpoints, load_checkpoint, newest_loadable, rng_state,
+    set_rng_state,
 )
 from d2v_engine.config import Config, dump_yaml, to_dict
 from d2v_engine.data.loader import BatchPlan
@@ -45,6 +46,8 @@ from d2v_engine.mask_ahead import Feed, host_to_device
 from d2v_engine.metrics import MetricsLog, Progress, throughput, warn_data_wait
 from d2v_engine.models import build_model
 from d2v_engine.plan import describe_plan, make_plan, write_plan
+from d2v_engine.resume_check import check_resume, describe_changes
+from d2v_engine.run_lock import LOCK_NAME, RunDirLock
 from d2v_engine.preemption import (
     StopSignals, injected_kill_step, kill_self, launch_id, restart_checkpoint, restart_count,
 )
@@ -83,6 +86,11 @@ def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
     restarted = None if cfg.train.resume else restart_checkpoint(run_dir)
     if restarted is not None:
         return restarted
+    if cfg.train.resume_from:
+        ckpt = Path(cfg.train.resume_from)
+        if not ckpt.is_file():
+            raise CheckpointError(f"train.resume_from={ckpt}: no such checkpoint file")
+        return ckpt
     if cfg.train.resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -107,7 +115,7 @@ def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
 def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan, lr: float,
                     loader: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    _write_config(run_dir, dump_yaml(cfg))
     # One line per start in this directory: the original command first, then each resume's.
     with open(run_dir / "command.txt", "a") as f:
         f.write(" ".join([sys.executable, "-m", "d2v_engine.train"] + sys.argv[1:]) + "\n")
@@ -116,6 +124,38 @@ def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan,
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
           f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}, "
           f"{_precision(dist.device, cfg.train.precision)}", file=sys.stderr, flush=True)
+
+
+def _write_config(run_dir: Path, text: str) -> None:
+    """config.yaml is this start's resolved config; one that differs from an earlier start's is
+    never replaced silently: the earlier one is kept as config.yaml.prev<N>."""
+    path = run_dir / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        n = 1
+        while (run_dir / f"config.yaml.prev{n}").exists():
+            n += 1
+        path.rename(run_dir / f"config.yaml.prev{n}")
+        print(f"d2v-engine: the config differs from the previous start's, kept as "
+              f"config.yaml.prev{n}", file=sys.stderr)
+    path.write_text(text)
+
+
+def _load_resume_state(cfg: Config, checkpoint: Path) -> dict:
+    """The checkpoint to resume from, loaded and checked against this start's recipe."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        older = newest_loadable(checkpoint.parent, before=checkpoint)
+        if older is None or cfg.train.resume_from:
+            raise
+        raise CheckpointError(f"{e}; the newest checkpoint that loads is {older.name}: resume "
+                              f"from it with train.resume_from={older}") from None
+    if isinstance(state.get("config"), dict):
+        changes = check_resume(cfg, state["config"], checkpoint)
+        line = describe_changes(changes)
+        if line and int(os.environ.get("RANK", "0")) == 0:
+            print(f"d2v-engine: {line}", file=sys.stderr)
+    return state
 
 
 def _wandb(cfg: Config) -> dict | None:
@@ -132,13 +172,16 @@ def train(cfg: Config) -> dict:
     While it runs, SIGTERM / SIGUSR1 stop it cleanly after the current step (d2v_engine.preemption).
     """
     fresh = not cfg.run_dir.exists()
+    lock = RunDirLock(cfg.run_dir)  # rank 0 takes it in _train (d2v_engine.run_lock)
     try:
         with StopSignals() as signals, contextlib.ExitStack() as cleanup:
-            return _train(cfg, signals, cleanup)
+            return _train(cfg, signals, cleanup, lock)
     except BaseException:
-        if fresh and int(os.environ.get("RANK", "0")) == 0:
+        if fresh and lock.held:
             _remove_failed_start(cfg.run_dir)
         raise
+    finally:
+        lock.release()
 
 
 def _remove_failed_start(run_dir: Path) -> None:
@@ -147,16 +190,20 @@ def _remove_failed_start(run_dir: Path) -> None:
     metrics = run_dir / "metrics.jsonl"
     if list_checkpoints(run_dir) or (metrics.exists() and metrics.stat().st_size):
         return
-    for name in ("config.yaml", "command.txt", "plan.json", "env.json", "metrics.jsonl"):
+    for name in ("config.yaml", "command.txt", "plan.json", "env.json", "metrics.jsonl",
+                 LOCK_NAME):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     with contextlib.suppress(OSError):
         run_dir.rmdir()  # only when nothing else is in it
 
 
-def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> dict:
+def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack,
+           lock: RunDirLock) -> dict:
     dist = init_distributed(cfg.train.device)
     device, run_dir = dist.device, cfg.run_dir
+    if dist.is_main:  # before anything reads or writes the run directory
+        lock.acquire()
     if dist.cpu:
         # One write per line: print() writes the text and the newline separately, and the ranks'
         # lines would interleave.
@@ -174,8 +221,10 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
         return {"step": 0, "losses": [], "run_dir": str(run_dir), "plan": run_plan.info,
                 "pid": os.getpid()}
     resume_from = _prepare_run_dir(cfg, dist)
-    if resume_from is not None:  # the attention backends picked before the restart
-        preload_attention_picks(cfg.run_dir)
+    state = None
+    if resume_from is not None:
+        state = _load_resume_state(cfg, resume_from)
+        preload_attention_picks(cfg.run_dir)  # the attention backends picked before the restart
 
     dataset, plan = run_plan.dataset, run_plan.batch
     loader_kind = choose_loader(cfg.data, cfg.modality)
@@ -204,8 +253,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack) -> 
     guard = UpdateGuard(cfg, log)
     saver = CheckpointSaver(cfg, dist.is_main, device, log)
     start_step, bad_state = 0, {}
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
+    if state is not None:
         load_states(model, teacher, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

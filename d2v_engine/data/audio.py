@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v_engine.config import DataConfig
-from d2v_engine.data.common import bad_file, with_labels, read_labels
+from d2v_engine.data.common import bad_file, check_file, read_labels, with_labels
 from d2v_engine.errors import DataError
 
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
@@ -59,6 +59,39 @@ def _wav_chunks(data: bytes, total: int) -> tuple[bytes, int, int]:
     if fmt is None or len(fmt) < 16 or payload is None:
         raise ValueError("missing fmt or data chunk")
     return fmt, *payload
+
+
+class NonFiniteAudio(ValueError):
+    """Float samples that are NaN / Inf, or so large that the per-utterance normalization's
+    float32 statistics overflow: the waveform would turn every target it touches into NaN."""
+
+
+# Float WAVs hold samples near [-1, 1]; past this the sum of squares of a long utterance no longer
+# fits float32 (1e6^2 x 1e8 samples ~ 1e20, well inside 3e38), so normalization stays finite.
+MAX_ABS_SAMPLE = 1e6
+
+
+def check_finite(samples: np.ndarray) -> None:
+    """NonFiniteAudio unless every sample is finite and within +-MAX_ABS_SAMPLE."""
+    if samples.size and not (np.isfinite(samples).all() and np.abs(samples).max() <= MAX_ABS_SAMPLE):
+        raise NonFiniteAudio(f"non-finite samples (NaN / Inf, or beyond +-{MAX_ABS_SAMPLE:g}: "
+                             "normalization would overflow)")
+
+
+def check_finite_wav(path: Path | str) -> None:
+    """check_finite of a float WAV's samples, read through a memory map (PCM and FLAC hold
+    integers, always finite: nothing is read for them)."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+        total = os.fstat(f.fileno()).st_size
+    if head[:4] != b"RIFF":
+        return
+    code, _, _, bits, offset, size = _wav_header(head, total)
+    if code == _FLOAT and size >= bits // 8:
+        dtype = "<f4" if bits == 32 else "<f8"
+        count = min(size, total - offset) // (bits // 8)
+        if count > 0:
+            check_finite(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)))
 
 
 class UnsupportedEncoding(ValueError):
@@ -174,7 +207,9 @@ def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
     path = Path(path)
     if path.suffix.lower() == ".wav":
         try:
-            return read_wav(path)
+            samples, rate, channels = read_wav(path)
+            check_finite(samples)
+            return samples, rate, channels
         except UnsupportedEncoding:
             pass
     try:
@@ -189,6 +224,7 @@ def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    check_finite(samples)
     return samples, int(rate), samples.shape[1]
 
 
@@ -267,6 +303,7 @@ class AudioManifestDataset:
         """Mono float32 waveform in [-1, 1] at data.sample_rate (resampled when data.resample);
         BadSample or DataError (data.on_bad_file) for a damaged file or a wrong rate/channels."""
         try:
+            check_file(path, self.cfg.max_file_bytes)
             samples, rate, channels = read_audio(path)
         except FileNotFoundError:
             raise bad_file(self.cfg.on_bad_file, path, "file not found") from None

@@ -1,6 +1,8 @@
-"""What the three datasets share: the skippable bad-sample error and label batching."""
+"""What the three datasets share: the skippable bad-sample error, the file check, label batching."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -15,6 +17,16 @@ class BadSample(DataError):
     def __init__(self, path: Path | str, reason: str):
         self.path = Path(path)
         super().__init__(f"bad sample {self.path}: {reason}")
+
+
+def check_file(path: Path | str, max_bytes: int) -> None:
+    """ValueError unless `path` is a regular file of at most max_bytes (data.max_file_bytes): a
+    device (/dev/zero), a FIFO or a runaway file would be read until memory runs out."""
+    info = os.stat(path)  # FileNotFoundError stays what it is
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file (a device, FIFO or socket)")
+    if info.st_size > max_bytes:
+        raise ValueError(f"{info.st_size} bytes, over data.max_file_bytes={max_bytes}")
 
 
 def bad_file(on_bad_file: str, path: Path | str, reason: str) -> DataError:

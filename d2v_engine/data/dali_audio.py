@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d2v_engine.data.audio import AudioManifestDataset, audio_file_info, check_format, crop_start
-from d2v_engine.data.common import bad_file
+from d2v_engine.data.audio import (
+    AudioManifestDataset, audio_file_info, check_finite_wav, check_format, crop_start,
+)
+from d2v_engine.data.common import bad_file, check_file
 from d2v_engine.data.dali_common import DaliLoader, one_torch_thread
 from d2v_engine.data.loader import check_crop_group, global_batch_indices, group_positions
 from d2v_engine.errors import DataError
@@ -55,7 +57,9 @@ class DaliAudioLoader(DaliLoader):
     def prepare_sample(self, index: int, rng: np.random.Generator):
         path = self.path_of(index)
         try:
+            check_file(path, self.cfg.max_file_bytes)
             rate, channels, frames = audio_file_info(path)
+            check_finite_wav(path)  # DALI's decoder would pass NaN / Inf samples on
         except FileNotFoundError:
             raise bad_file(self.cfg.on_bad_file, path, "file not found") from None
         except (OSError, ValueError) as e:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from d2v_engine.data.augment import draw, jitter_uint8
-from d2v_engine.data.common import bad_file
+from d2v_engine.data.common import bad_file, check_file
 from d2v_engine.data.dali_common import DaliLoader, one_torch_thread
 from d2v_engine.data.images import (
     IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, center_crop_geometry,
@@ -127,8 +127,9 @@ class DaliImageLoader(DaliLoader):
     def prepare_sample(self, index: int, rng: np.random.Generator):
         path = self.dataset.files[index]
         try:
+            check_file(path, self.cfg.max_file_bytes)
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(self.cfg.max_file_bytes + 1)
             width, height = image_size(data)
         except FileNotFoundError:
             raise bad_file(self.cfg.on_bad_file, path, "file not found") from None

@@ -19,7 +19,7 @@ from d2v_engine.config import DataConfig
 from d2v_engine.data.augment import (  # noqa: F401  (random_resized_crop_box: the crop's home was here)
     PIL_FILTERS, draw, jitter_pil, random_resized_crop_box,
 )
-from d2v_engine.data.common import bad_file, with_labels
+from d2v_engine.data.common import bad_file, check_file, with_labels
 from d2v_engine.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -131,6 +131,7 @@ class ImageFolderDataset:
     def decode(self, path: str) -> Image.Image:
         """The file as an RGB PIL image; BadSample or DataError (data.on_bad_file) if it fails."""
         try:
+            check_file(path, self.cfg.max_file_bytes)
             with Image.open(path) as img:
                 return img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

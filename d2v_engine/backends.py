@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -46,10 +47,12 @@ def detect() -> dict:
     }
 
 
-def describe(device: torch.device, loader: str | None = None, cfg=None) -> str:
+def describe(device: torch.device, loader: str | None = None, cfg=None,
+             optimizer: str | None = None) -> str:
     """One line saying which path each kind of op takes on `device`; `loader` is the data
-    loader's own line (d2v_engine.data.select.describe_loader). With `cfg` on CUDA the attention
-    backends are picked (timed) here for the config's training shapes."""
+    loader's own line (d2v_engine.data.select.describe_loader), `optimizer` the optimizer's
+    (d2v_engine.optim.describe_optimizer). With `cfg` on CUDA the attention backends are picked
+    (timed) here for the config's training shapes."""
     info = detect()
     gpu = device.type == "cuda"
     triton = info["triton"] is not None and (gpu or info["triton_interpret"])
@@ -60,6 +63,7 @@ def describe(device: torch.device, loader: str | None = None, cfg=None) -> str:
         f"masking: {kernels}",
         f"attention: {_attention_backend(device, cfg)}"
         + (" (flash-attn present)" if info["flash_attn"] else ""),
+        f"optimizer: {optimizer}" if optimizer else
         f"optimizer: {'torch fused AdamW' if gpu else 'torch foreach AdamW'}"
         + (" (apex present)" if info["apex"] else ""),
         f"loader: {loader}" if loader else
@@ -77,13 +81,9 @@ def _attention_backend(device: torch.device, cfg=None) -> str:
     """What d2v_kernels.attention dispatches to: the forced backend, on CUDA the measured picks (for
     cfg's shapes when given), else its fixed choice for a fp32 B x H x T x 64 CPU call."""
     try:
-        from d2v_kernels import attention_dispatch
-        from d2v_kernels.attention import attention_backend, supports
-        forced = os.environ.get("D2V_ATTENTION")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
-        if attention_dispatch.measures(device) and not (forced and supports(forced, probe, probe,
-                                                                           probe)):
+        from d2v_kernels.attention import attention_backend
+        probe = _attention_probe(device)
+        if _attention_measured(device):
             picks = attention_picks(cfg, device) if cfg is not None else []
             if not picks:
                 return "measured per shape on its first call"
@@ -95,6 +95,43 @@ def _attention_backend(device: torch.device, cfg=None) -> str:
     if name == "triton":
         return "triton flash (interpreted)" if device.type == "cpu" else "triton flash"
     return _ATTENTION_NAMES.get(name, name)
+
+
+def _attention_probe(device: torch.device) -> torch.Tensor:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
+
+
+def _attention_measured(device: torch.device) -> bool:
+    """Whether attention on `device` takes measured picks (CUDA, and no usable D2V_ATTENTION)."""
+    from d2v_kernels import attention_dispatch
+    from d2v_kernels.attention import supports
+    forced = os.environ.get("D2V_ATTENTION")
+    probe = _attention_probe(device)
+    return attention_dispatch.measures(device) and not (forced and supports(forced, probe, probe,
+                                                                            probe))
+
+
+def share_attention_picks(cfg, device: torch.device, rank: int, broadcast) -> dict:
+    """Several ranks: every rank picks the attention backends of `cfg`'s shapes at once (timed,
+    or preloaded on resume), then takes rank 0's (`broadcast(obj)` returns rank 0's obj), unless
+    its GPU is another model. Called before training's first collective, so no rank waits in a
+    collective while another times kernels. Returns {"shapes", "seconds", "replaced",
+    "same_gpu", "error"}."""
+    from d2v_kernels import attention_dispatch
+    start, error = time.perf_counter(), ""
+    try:
+        if _attention_measured(device):
+            attention_picks(cfg, device)
+    except Exception as e:  # the other ranks wait in the broadcast; the step meets it again
+        error = f"{type(e).__name__}: {e}"
+    own = {desc: record["backend"] for desc, record in attention_dispatch.picks().items()}
+    gpu = detect()["gpu"]
+    sent = broadcast({"gpu": gpu, "picks": own})
+    same_gpu = sent["gpu"] == gpu
+    replaced = attention_dispatch.adopt(sent["picks"]) if rank != 0 and same_gpu else 0
+    return {"shapes": len(sent["picks"]), "seconds": time.perf_counter() - start,
+            "replaced": replaced, "same_gpu": same_gpu, "error": error}
 
 
 def attention_picks(cfg, device: torch.device) -> list[tuple[str, str]]:

@@ -194,17 +194,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def rng_state() -> dict:
-    """Every RNG state of this process (Python, NumPy, torch CPU and each CUDA device), in types
-    torch.load(weights_only=True) accepts: NumPy's uint32 key array becomes an int64 tensor."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states (Python, NumPy, torch CPU and, on CUDA, `device`'s: the one it
+    trains on, default the current device), in types torch.load(weights_only=True) accepts:
+    NumPy's uint32 key array becomes an int64 tensor."""
     state = {
         "python": random.getstate(),  # (version, tuple of ints, None)
         "numpy": numpy_rng_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        state["cuda_device"] = torch.cuda.get_rng_state(_cuda_index(device))
     return state
+
+
+def _cuda_index(device: torch.device | None) -> int:
+    if device is None or device.index is None:
+        return torch.cuda.current_device()
+    return device.index
 
 
 def numpy_rng_plain(state: tuple) -> dict:
@@ -214,14 +221,33 @@ def numpy_rng_plain(state: tuple) -> dict:
             "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restores `rng_state`'s states; the CUDA one goes to `device` (default the current
+    device) only, so a run resumes on any number of visible GPUs."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        index = _cuda_index(device)
+        own = cuda_state_for(state, index)
+        if own is not None:
+            torch.cuda.set_rng_state(own, index)
+
+
+def cuda_state_for(state: dict, index: int) -> torch.Tensor | None:
+    """The CUDA generator state device `index` resumes with. Checkpoints before "cuda_device"
+    hold every device the writer (rank 0) saw, as a list, which set_rng_state_all restored
+    whole (an IndexError where fewer devices are visible): device i keeps entry i where there is
+    one, a device past the list (more GPUs than the writer saw) takes entry 0, the one rank 0
+    trained on."""
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    every = state.get("cuda")
+    if not every:
+        return None
+    return every[index] if index < len(every) else every[0]
 
 
 if __name__ == "__main__":

@@ -245,6 +245,14 @@ class TrainConfig:
     probe: bool = False  # after the run, rank 0 prints a linear probe of the final checkpoint
     dry_run: bool = False  # print and write run.dir/plan.json, then exit without training
     world_size: int = 0  # expected number of ranks; 0: whatever torchrun gives
+    # Seconds a collective waits for the slowest rank before the run fails (nccl and gloo; torch's
+    # defaults are 10 and 30 minutes). 300: a rank that died or hung stops the job in 5 minutes
+    # instead of holding every GPU for 10-30, while the longest waits a healthy run makes stay
+    # well inside it: the other ranks wait in the save's all-reduce while rank 0 writes a
+    # checkpoint (base configs: 1.4-1.5 GB; save_checkpoint wrote 1.48 GB in 5.8 s to a local
+    # disk, 50 MB/s storage takes 30 s), and ranks reach the first step after compiling or timing
+    # attention side by side. Raise it for checkpoints of several GB on slow storage.
+    collective_timeout_s: float = 300.0
 
 
 @dataclass
@@ -437,6 +445,7 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.schedule_reference_steps >= 0, "optim.schedule_reference_steps",
          "must be >= 0 (0: train.max_steps, no scaling)")
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
+    need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 (seconds)")
     need(not ((t.resume or t.resume_from) and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")
     known = flatten(to_dict(Config()))

@@ -19,7 +19,7 @@ FREE_ON_RESUME = tuple(k for k in BOOKKEEPING if k != "data.path") + (
     "train.device_memory_gb", "train.memory_fraction", "train.peak_tflops",
     # Drop-ins tested equal to the plain path: compile, FSDP, masks drawn ahead.
     "train.compile", "train.compile_mode", "train.compile_backend", "train.distributed",
-    "train.ddp_bucket_cap_mb", "train.mask_ahead",
+    "train.ddp_bucket_cap_mb", "train.mask_ahead", "train.collective_timeout_s",
     "model.init_from",  # the run's start; its weights are in the checkpoint since
 )
 

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from d2v_engine.backends import describe, env_report, preload_attention_picks
-from d2v_engine.cpu_setup import describe as describe_cpu
+from d2v_engine.backends import (
+    describe, env_report, preload_attention_picks, share_attention_picks,
+)
+from d2v_engine.cpu_setup import dali_cpus, describe as describe_cpu
 from d2v_engine.buckets import buckets_for, describe_buckets
 from d2v_engine.compile import FirstStepTimer, compile_student_teacher
 from d2v_engine.checkpoint import (
@@ -36,7 +38,9 @@ from d2v_engine.config import Config, dump_yaml, to_dict
 from d2v_engine.data.loader import BatchPlan
 from d2v_engine.data.select import build_loader, choose_loader, describe_loader
 from d2v_engine.data2vec import build_objective, channel_std
-from d2v_engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed
+from d2v_engine.distributed import (
+    DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, init_distributed,
+)
 from d2v_engine.ema import EMATeacher, ema_decay_at, teacher_shared_prefixes
 from d2v_engine.errors import CheckpointError, ConfigError
 from d2v_engine.flops import device_peak
@@ -113,13 +117,13 @@ def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path | None:
 
 
 def _write_run_info(cfg: Config, run_dir: Path, dist: DistInfo, plan: BatchPlan, lr: float,
-                    loader: str) -> None:
+                    loader: str, optimizer: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, dump_yaml(cfg))
     # One line per start in this directory: the original command first, then each resume's.
     with open(run_dir / "command.txt", "a") as f:
         f.write(" ".join([sys.executable, "-m", "d2v_engine.train"] + sys.argv[1:]) + "\n")
-    print(f"d2v-engine: {describe(dist.device, loader, cfg)}", file=sys.stderr)
+    print(f"d2v-engine: {describe(dist.device, loader, cfg, optimizer)}", file=sys.stderr)
     print(f"d2v-engine: {cfg.modality} run '{cfg.run.name}' in {run_dir}: world {dist.world_size} "
           f"on {dist.device.type}, global batch {plan.global_batch} = {plan.world_size} ranks x "
           f"{plan.accumulation} accumulation x {plan.micro_batch} micro-batch, peak lr {lr:.3g}, "
@@ -156,6 +160,22 @@ def _load_resume_state(cfg: Config, checkpoint: Path) -> dict:
         if line and int(os.environ.get("RANK", "0")) == 0:
             print(f"d2v-engine: {line}", file=sys.stderr)
     return state
+
+
+def _share_attention_picks(cfg: Config, dist: DistInfo) -> None:
+    """Every rank times the config's attention shapes at once, then takes rank 0's picks
+    (d2v_engine.backends.share_attention_picks); rank 0 says so, a rank that keeps its own too."""
+    shared = share_attention_picks(cfg, dist.device, dist.rank, broadcast_object)
+    if shared["error"]:
+        sys.stderr.write(f"d2v-engine: rank {dist.rank}: timing attention failed "
+                         f"({shared['error']})\n")
+    if not shared["same_gpu"]:
+        sys.stderr.write(f"d2v-engine: rank {dist.rank}: its GPU is not rank 0's model: it keeps "
+                         f"its own attention picks\n")
+    if dist.is_main and shared["shapes"]:
+        print(f"d2v-engine: attention backends of {shared['shapes']} shape(s) picked on every rank "
+              f"in {shared['seconds']:.1f} s; all {dist.world_size} ranks run rank 0's",
+              file=sys.stderr, flush=True)
 
 
 def _wandb(cfg: Config) -> dict | None:
@@ -200,7 +220,7 @@ def _remove_failed_start(run_dir: Path) -> None:
 
 def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack,
            lock: RunDirLock) -> dict:
-    dist = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
     device, run_dir = dist.device, cfg.run_dir
     if dist.is_main:  # before anything reads or writes the run directory
         lock.acquire()
@@ -225,6 +245,8 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack,
     if resume_from is not None:
         state = _load_resume_state(cfg, resume_from)
         preload_attention_picks(cfg.run_dir)  # the attention backends picked before the restart
+    if dist.world_size > 1:  # the first collective: every rank arrives with its picks made
+        _share_attention_picks(cfg, dist)
 
     dataset, plan = run_plan.dataset, run_plan.batch
     loader_kind = choose_loader(cfg.data, cfg.modality)
@@ -256,14 +278,15 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack,
     if state is not None:
         load_states(model, teacher, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         guard.load_state_dict(state.get("guard", {}))
         bad_state = state.get("bad_files", {})
         start_step = state["step"]
 
     if dist.is_main:
         _write_run_info(cfg, run_dir, dist, plan, peak_lr,
-                        describe_loader(loader_kind, cfg.data, device))
+                        describe_loader(loader_kind, cfg.data, device, dali_cpus(dist.cpu)),
+                        describe_optimizer(optimizer))
         write_plan(run_dir, run_plan.info)
         if resume_from is not None:
             log.write({"event": "resume", "step": start_step, "checkpoint": resume_from.name,
@@ -288,7 +311,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack,
     first_step = FirstStepTimer(cfg.train.compile and dist.is_main, device)
     stop = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.max_steps else cfg.train.max_steps
     loader = build_loader(dataset, cfg.data, cfg.modality, plan, dist.rank, cfg.seed, start_step,
-                          stop, device=device, kind=loader_kind)
+                          stop, device=device, kind=loader_kind, cpus=dali_cpus(dist.cpu))
     # Micro-batches on the device, the next one's copies and masks on a side stream (mask_ahead).
     feed = Feed(iter(loader), model, cfg, device, plan.accumulation, start_step, stop, buckets,
                 pad_value, crop_group)
@@ -420,7 +443,7 @@ def _train(cfg: Config, signals: StopSignals, cleanup: contextlib.ExitStack,
             states = gather_states(model, teacher, optimizer, cfg)  # collective under FSDP
             saver.save(done, lambda: {
                 "step": done, **states, "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "config": to_dict(cfg), "world_size": dist.world_size,
+                "rng": rng_state(device), "config": to_dict(cfg), "world_size": dist.world_size,
                 "guard": guard.state_dict(), "launch_id": launch_id(),
                 "bad_files": {"count": len(bad_seen), "first": first_bad,
                               "paths": sorted(bad_seen)},

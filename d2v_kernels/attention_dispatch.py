@@ -17,8 +17,10 @@ once, before its graph is built). Timing: CUDA events, the median of `REPEATS` c
 the picks of the shapes a config will run before training starts, and `preload` gives a resumed
 run the picks it recorded. Measuring leaves the random number generators as they were. Off CUDA
 (and with D2V_ATTENTION set) d2v_kernels.attention keeps its fixed order and nothing is measured.
-Each process measures for itself: the ranks of a multi-GPU run may keep different backends for a
-shape whose candidates time alike (each computes the same attention).
+Under several ranks every rank times the config's shapes at the same time, then all `adopt` rank
+0's picks (d2v_engine.backends.share_attention_picks): every rank runs what env.json records, so
+a resume gives each rank the backends it had. Shapes first met during training (audio and text
+batches shorter than the longest crop) are timed by each process for itself.
 """
 from __future__ import annotations
 
@@ -86,6 +88,19 @@ def preload(recorded: dict) -> None:
         backend = value.get("backend") if isinstance(value, dict) else value
         if isinstance(backend, str):
             _preloaded[desc] = backend
+
+
+def adopt(recorded: dict) -> int:
+    """Takes another process's picks ({described key: backend}: rank 0's) for the keys this
+    process has picked and for those it meets later; returns how many of its own it replaced."""
+    preload(recorded)
+    replaced = 0
+    for key, value in _picks.items():
+        backend = _preloaded.get(describe_key(key))
+        if backend and backend != value["backend"]:
+            _picks[key] = {**value, "backend": backend, "adopted": True}
+            replaced += 1
+    return replaced
 
 
 @torch._dynamo.assume_constant_result

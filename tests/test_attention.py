@@ -381,3 +381,38 @@ def test_compiled_call_takes_the_measured_pick(measured):
     out = compiled(q, k, v, bias)
     assert "sdpa_math" in ran and len(timed) == 5
     torch.testing.assert_close(out, attention_reference(q, k, v, pad, bias))
+
+
+def test_every_rank_times_the_configs_shapes_then_all_run_rank_0s_picks(measured):
+    """Before the first collective each rank makes its own picks (timed here: student sdpa math,
+    teacher flex), then takes rank 0's, for those keys and for calls to come; rank 0 sends its
+    own; a rank whose GPU is another model keeps its own."""
+    from d2v_engine import backends
+    from d2v_engine.config import load_config
+    timed, ran = measured
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_audio.yaml")
+    cpu = torch.device("cpu")
+    sent = []
+
+    def from_rank0(obj, backend="sdpa_efficient", gpu=None):
+        sent.append(obj)
+        return {"gpu": obj["gpu"] if gpu is None else gpu,
+                "picks": {desc: backend for desc in obj["picks"]}}
+
+    shared = backends.share_attention_picks(cfg, cpu, 1, from_rank0)
+    assert timed, "rank 1 did not time its shapes before the broadcast"
+    assert sorted(sent[0]["picks"].values()) == ["flex", "sdpa_math"], sent
+    assert (shared["shapes"], shared["replaced"], shared["same_gpu"]) == (2, 2, True), shared
+    timed.clear()
+    assert [b for _, b in backends.attention_picks(cfg, cpu)] == ["sdpa_efficient"] * 2
+    assert timed == [], "an adopted pick was timed again"
+
+    attention_dispatch.reset()
+    shared = backends.share_attention_picks(cfg, cpu, 0, lambda obj: obj)
+    assert shared["replaced"] == 0 and [b for _, b in backends.attention_picks(cfg, cpu)] == [
+        "sdpa_math", "flex"], shared
+
+    attention_dispatch.reset()
+    shared = backends.share_attention_picks(cfg, cpu, 1, lambda obj: from_rank0(obj, gpu="other"))
+    assert not shared["same_gpu"] and shared["replaced"] == 0, shared
+    assert [b for _, b in backends.attention_picks(cfg, cpu)] == ["sdpa_math", "flex"]

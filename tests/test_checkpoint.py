@@ -215,3 +215,68 @@ def test_upgrade_refuses_a_file_that_needs_more_than_numpy_and_runs_nothing(tmp_
     r = _module("d2v_engine.checkpoint", "upgrade", str(evil), str(tmp_path / "new.pt"))
     assert r.returncode == 2 and "posix.system" in r.stderr and "not converted" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "new.pt").exists()
+
+
+# --- CUDA generator states on any number of visible GPUs ---------------------------------------
+
+
+class _VisibleGPUs:
+    """torch.cuda's generator calls as on a machine with `count` visible devices, each with its
+    own state (device i: 16 bytes of value i); setting a device that is not there fails as CUDA
+    does."""
+
+    def __init__(self, monkeypatch, count: int):
+        self.states = [torch.full((16,), i, dtype=torch.uint8) for i in range(count)]
+        self.set: list[tuple[int, int]] = []  # (device, first byte of the state it was given)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: self._get(device))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(self.states))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self._set)
+
+    def _index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index
+        if index >= len(self.states):
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        return index
+
+    def _get(self, device):
+        return self.states[self._index(device)].clone()
+
+    def _set(self, state, device=0):
+        self.set.append((self._index(device), int(state[0])))
+
+
+def test_a_checkpoint_written_with_8_visible_gpus_resumes_with_1(tmp_path, monkeypatch):
+    """Rank 3 of an 8-GPU run saves its own device's state only; a debug resume with
+    CUDA_VISIBLE_DEVICES=0 restores it into device 0 (set_rng_state_all over the 8 saved states
+    failed here with an IndexError / invalid device ordinal)."""
+    _VisibleGPUs(monkeypatch, 8)
+    path = save_checkpoint(tmp_path, 1, {"step": 1, "rng": rng_state(torch.device("cuda", 3))})
+    saved = load_checkpoint(path)["rng"]
+    assert "cuda" not in saved and int(saved["cuda_device"][0]) == 3, sorted(saved)
+    one = _VisibleGPUs(monkeypatch, 1)
+    set_rng_state(saved, torch.device("cuda", 0))
+    assert one.set == [(0, 3)], f"restored (device, state) pairs {one.set}, want [(0, 3)]"
+
+
+@pytest.mark.parametrize("visible,device,want", [(1, 0, (0, 0)), (2, 1, (1, 1)), (8, 5, (5, 5))])
+def test_old_checkpoints_with_every_devices_state_resume_on_fewer_gpus(tmp_path, monkeypatch,
+                                                                       visible, device, want):
+    """Checkpoints before "cuda_device" hold the list of all 8 states rank 0 saw: each rank
+    takes its own device's entry (what set_rng_state_all gave it), on any visible count."""
+    writer = _VisibleGPUs(monkeypatch, 8)
+    old = {**rng_state(torch.device("cpu")), "cuda": list(writer.states)}
+    state = load_checkpoint(save_checkpoint(tmp_path, 1, {"step": 1, "rng": old}))["rng"]
+    now = _VisibleGPUs(monkeypatch, visible)
+    set_rng_state(state, torch.device("cuda", device))
+    assert now.set == [want], f"{visible} visible, rank on cuda:{device}: restored {now.set}"
+
+
+def test_an_old_checkpoint_from_fewer_gpus_gives_extra_devices_rank_0s_state(monkeypatch):
+    gpus = _VisibleGPUs(monkeypatch, 8)
+    old = {**rng_state(torch.device("cpu")),
+           "cuda": [torch.full((16,), v, dtype=torch.uint8) for v in (9, 10)]}
+    set_rng_state(old, torch.device("cuda", 6))
+    assert gpus.set == [(6, 9)], f"cuda:6 of a 2-GPU checkpoint restored {gpus.set}"

@@ -2,6 +2,7 @@
 sharding across 2 ranks, seeded determinism, resume, every bad-data case; loader selection."""
 from __future__ import annotations
 
+import os
 import shutil
 import wave
 from pathlib import Path
@@ -17,11 +18,13 @@ from d2v_engine.config import DataConfig
 from d2v_engine.data import build_dataset
 from d2v_engine.data.audio import audio_info
 from d2v_engine.data.dali_audio import DaliAudioLoader
+from d2v_engine.data.dali_common import affinity_mask
 from d2v_engine.data.dali_images import DaliImageLoader
 from d2v_engine.data.images import IMAGENET_MEAN, IMAGENET_STD
 from d2v_engine.data.loader import BatchPlan, make_loader
 from d2v_engine.data.select import build_loader, choose_loader
 from d2v_engine.errors import ConfigError, DataError
+from d2v_engine.topology import parse_cpulist
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "images" / "digits"
@@ -325,3 +328,51 @@ def test_loader_selection_auto_dali_torch():
     ds = build_dataset(DataConfig(path=str(DIGITS), img_size=16), "image")
     loader = build_loader(ds, img, "image", BatchPlan.make(4, 4, 1), 0, 0, 0, 1)
     assert isinstance(loader, DaliImageLoader) and len(loader) == 1
+
+
+# ---------------------------------------------------------------- thread affinity
+
+
+def _threads() -> dict:
+    """{thread id: (name, CPUs it may run on)} of this process."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            status = (task / "status").read_text().splitlines()
+        except OSError:  # the thread ended meanwhile
+            continue
+        allowed = next(l.split()[1] for l in status if l.startswith("Cpus_allowed_list"))
+        out[task.name] = (name, allowed)
+    return out
+
+
+def _worker_cpus(cpus, monkeypatch) -> list:
+    """CPUs of the DALI worker threads a loader given `cpus` starts, while it runs."""
+    monkeypatch.delenv("DALI_AFFINITY_MASK", raising=False)
+    ds = build_dataset(DataConfig(path=str(DIGITS), img_size=16), "image")
+    before = set(_threads())
+    batches = iter(DaliImageLoader(ds, BatchPlan.make(4, 4, 1), 0, 3, 0, 2, num_threads=2,
+                                   cpus=cpus))
+    next(batches)
+    workers = [allowed for tid, (name, allowed) in _threads().items()
+               if tid not in before and name.startswith("[DALI][TP")]
+    batches.close()
+    return workers
+
+
+def test_dali_worker_threads_stay_on_the_ranks_cpus(monkeypatch):
+    """Given this rank's CPUs (cpu_setup.dali_cpus), DALI's worker threads run on them, one CPU
+    each from DALI_AFFINITY_MASK; given none, DALI leaves them on every CPU the process has."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 usable CPUs to tell pinned threads from unpinned ones")
+    assert affinity_mask([3, 7], 3) == "3,7,3" and affinity_mask([3, 7, 9], 1) == "3,7,9"
+    cpu = allowed[-1]
+    pinned = _worker_cpus([cpu], monkeypatch)
+    assert pinned == [str(cpu)] * 2, f"DALI workers on CPUs {pinned}, the rank's is {cpu}"
+    assert os.environ["DALI_AFFINITY_MASK"] == f"{cpu},{cpu}"
+    free = _worker_cpus(None, monkeypatch)
+    assert len(free) == 2 and all(parse_cpulist(a) == allowed for a in free), \
+        f"unpinned DALI workers on CPUs {free}, the process has {allowed}"
+    assert sorted(os.sched_getaffinity(0)) == allowed, "the loader moved the training thread"

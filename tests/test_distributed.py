@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from d2v_engine.config import load_config
+from d2v_engine.cpu_setup import rank_cpus
+from d2v_engine.errors import ConfigError
+from d2v_engine.topology import read_topology
 from d2v_engine.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +36,9 @@ def _torchrun(port, run_dir, config, *overrides, env=None):
 
 
 def _share_of_cpus():
+    """(usable CPUs, rank 0's CPUs of 2 CPU ranks): half the whole cores of this machine."""
     usable = sorted(os.sched_getaffinity(0))
-    return usable, max(1, len(usable) // 2)
+    return usable, rank_cpus(usable, 0, 2, read_topology()).cpus
 
 
 @pytest.mark.parametrize("modality,port", [pytest.param("image", 29533, marks=pytest.mark.latest),
@@ -68,22 +73,22 @@ def test_two_gloo_ranks_follow_one_rank_with_accumulation_two(modality, port, tm
     rows = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["data_wait_frac"] <= 1.0 for r in rows if "loss" in r)
 
-    usable, share = _share_of_cpus()
+    usable, mine = _share_of_cpus()
     for rank in (0, 1):
         found = re.search(rf"rank {rank} \(local {rank}/2\): (\d+) intra-op thread\(s\) from "
                           rf"share of the cores of \d+ usable CPUs, pinned to CPUs", two.stderr)
-        assert found and int(found.group(1)) == share, two.stderr
+        assert found and int(found.group(1)) == len(mine), two.stderr
     cpu = plan_two["cpu"]
-    assert cpu["threads"] == share and cpu["pinned"] and cpu["cpus"] == usable[:share]
+    assert cpu["threads"] == len(mine) and cpu["pinned"] and cpu["cpus"] == mine, (cpu, mine)
 
 
 def test_a_users_omp_num_threads_is_kept_and_ranks_still_pinned(tmp_path):
     r = _torchrun(29536, tmp_path, "configs/tiny_image.yaml", "train.dry_run=true",
                   env={"OMP_NUM_THREADS": "3"})
-    usable, share = _share_of_cpus()
+    usable, mine = _share_of_cpus()
     cpu = json.loads((tmp_path / "plan.json").read_text())["cpu"]
     assert cpu["threads_from"] == "OMP_NUM_THREADS (user)" and cpu["pinned"]
-    assert cpu["cpus"] == usable[:share]
+    assert cpu["cpus"] == mine, (cpu["cpus"], mine)
     assert not (tmp_path / "metrics.jsonl").exists()  # a dry run does not train
     assert sum("OMP_NUM_THREADS (user)" in l for l in r.stderr.splitlines()) == 2
 
@@ -106,3 +111,120 @@ def test_a_rank_whose_micro_batch_is_all_bad_files_keeps_step_with_the_other(tmp
     assert not [r for r in rows if r.get("event") == "no_data"]
     assert all(r["loss"] > 0 for r in losses)
     assert losses[-1]["bad_files"] == 1, "the count is over both ranks, whichever drew the file"
+
+
+# --- process group set-up ----------------------------------------------------------------------
+
+WAIT_SCRIPT = '''
+import sys, time
+import torch, torch.distributed as dist
+from d2v_engine.distributed import init_distributed
+info = init_distributed("cpu", float(sys.argv[1]))
+if info.rank == 1:
+    time.sleep(float(sys.argv[2]))
+start = time.perf_counter()
+try:
+    dist.all_reduce(torch.ones(1))
+    outcome = "done"
+except Exception as e:
+    outcome = f"failed ({type(e).__name__})"
+print(f"rank {info.rank}: all_reduce {outcome} after {time.perf_counter() - start:.1f} s",
+      flush=True)
+'''
+
+
+def _rank0_wait(tmp_path, timeout_s, sleep_s, port):
+    """(outcome, seconds) of rank 0's all-reduce while rank 1 sleeps `sleep_s` first."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*TORCHRUN, "--master_port", str(port), str(script), str(timeout_s),
+                        str(sleep_s)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    found = re.search(r"rank 0: all_reduce (done|failed \(\w+\)) after ([\d.]+) s", r.stdout)
+    assert found, r.stdout + r.stderr[-2000:]
+    return found.group(1), float(found.group(2))
+
+
+def test_the_collective_timeout_reaches_the_gloo_group(tmp_path):
+    """Two gloo ranks, rank 1 late to the all-reduce: with a 3 s timeout rank 0 fails after ~3 s
+    (torch's gloo default would wait 30 min); with 60 s it waits for rank 1 and succeeds."""
+    outcome, waited = _rank0_wait(tmp_path, 3, 20, 29543)
+    print(f"\ntimeout 3 s, rank 1 20 s late: rank 0 {outcome} after {waited} s")
+    assert outcome.startswith("failed") and 2.5 <= waited < 15, (outcome, waited)
+    outcome, waited = _rank0_wait(tmp_path, 60, 3, 29544)
+    print(f"timeout 60 s, rank 1 3 s late: rank 0 {outcome} after {waited} s")
+    assert outcome == "done" and waited >= 2.0, (outcome, waited)
+
+
+class _Joined(Exception):
+    pass
+
+
+def _record_init(monkeypatch, env: dict) -> dict:
+    """init_process_group's keyword arguments, for a rank with `env` (RANK, WORLD_SIZE, ...)."""
+    from d2v_engine import distributed
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise _Joined
+    monkeypatch.setattr(distributed.dist, "init_process_group", init)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    for key in ("TORCHELASTIC_RESTART_COUNT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return seen
+
+
+def test_init_process_group_gets_the_timeout_and_on_cuda_the_device(monkeypatch):
+    import datetime
+
+    from d2v_engine.distributed import init_distributed
+    seen = _record_init(monkeypatch, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    with pytest.raises(_Joined):
+        init_distributed("cpu", 42)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=42)}, seen
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    seen.clear()
+    with pytest.raises(_Joined):
+        init_distributed("auto", 90)
+    assert seen == {"backend": "nccl", "timeout": datetime.timedelta(seconds=90),
+                    "device_id": torch.device("cuda", 1)}, seen
+
+
+def test_the_trainer_passes_train_collective_timeout_s(monkeypatch, tmp_path):
+    from d2v_engine import trainer
+    seen = []
+
+    def init(device, timeout):
+        seen.append((device, timeout))
+        raise _Joined
+    monkeypatch.setattr(trainer, "init_distributed", init)
+    cfg = load_config(ROOT / "configs/tiny_image.yaml", [f"run.dir={tmp_path}",
+                                                          "train.collective_timeout_s=42"])
+    with pytest.raises(_Joined):
+        train(cfg)
+    assert seen == [("auto", 42.0)], seen
+    assert load_config(None, []).train.collective_timeout_s == 300.0
+    with pytest.raises(ConfigError, match="train.collective_timeout_s"):
+        load_config(None, ["train.collective_timeout_s=0"])
+
+
+def test_more_local_ranks_than_visible_gpus_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    """torchrun --nproc_per_node 4 where CUDA_VISIBLE_DEVICES leaves 2 GPUs: exit 2 at start,
+    one line naming both counts, instead of two ranks sharing a GPU until NCCL fails."""
+    from d2v_engine import train as entry
+    _record_init(monkeypatch, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3",
+                               "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "2,3"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code = entry.main([str(ROOT / "configs/tiny_image.yaml"), f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    assert err[0] == ("error: 4 ranks on this node (LOCAL_WORLD_SIZE) but 2 CUDA device(s) "
+                      "visible (CUDA_VISIBLE_DEVICES=2,3): start at most 2 (torchrun "
+                      "--nproc_per_node, GPUS=), or set train.device=cpu"), err

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from d2v_engine.config import load_config
-from d2v_engine.cpu_setup import omp_threads_from_user, parse_cpulist, rank_cpus
+from d2v_engine.cpu_setup import omp_threads_from_user, rank_cpus
+from d2v_engine.topology import Topology, parse_cpulist
 from d2v_engine.errors import ConfigError
 from d2v_engine.metrics import warn_data_wait
 from d2v_engine.models import build_model
@@ -117,14 +118,16 @@ def test_model_dropout_zero_override_turns_off_every_random_source():
 def test_cpu_share_arithmetic():
     assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     cpus = list(range(8))
-    assert [rank_cpus(cpus, r, 2)[0] for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [rank_cpus(cpus, r, 3)[0] for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
-    assert [rank_cpus([0, 1], r, 4)[0] for r in range(4)] == [[0], [1], [0], [1]]
-    nodes = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [rank_cpus(cpus, r, 4, nodes) for r in range(4)] == [
+    assert [rank_cpus(cpus, r, 2).cpus for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [rank_cpus(cpus, r, 3).cpus for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [rank_cpus([0, 1], r, 4).cpus for r in range(4)] == [[0], [1], [0], [1]]
+    topo = Topology(nodes={0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
+    assert [(p.cpus, p.node) for p in (rank_cpus(cpus, r, 4, topo) for r in range(4))] == [
         ([0, 1], 0), ([2, 3], 0), ([4, 5], 1), ([6, 7], 1)]
-    assert rank_cpus(cpus, 0, 1, nodes) == (cpus, None)  # one rank spans the nodes
-    assert rank_cpus([4, 5, 6], 0, 2, nodes) == ([4], None)  # one usable node: a flat split
+    one = rank_cpus(cpus, 0, 1, topo)
+    assert (one.cpus, one.node) == (cpus, None)  # one rank spans the nodes
+    flat = rank_cpus([4, 5, 6], 0, 2, topo)
+    assert (flat.cpus, flat.node) == ([4], None)  # one usable node: a flat split
 
 
 def test_who_set_omp_num_threads():

@@ -11,6 +11,15 @@ step alone (exact resume), and ranks never overlap. DALI does what costs: decodi
 with device="mixed"), resizing, normalizing, batching, with prefetch_queue_depth batches in
 flight while the step runs.
 
+Threads: DALI's CPU threads and the mixed decoder's each go where DALI_AFFINITY_MASK says, entry i
+for thread i. Given this rank's CPUs (d2v_engine.cpu_setup pinned the rank to them), the loader
+writes them there, one physical core per thread first, and builds with set_affinity=True, so
+both thread pools stay on the rank's own cores. Without it DALI's default pins the decoder's
+threads to the CPUs NVML calls close to the GPU that the thread may use, and where those do not
+overlap (a rank pinned off its GPU's node) warns once per thread and leaves them unpinned. A
+mask the user exported is theirs: it is kept (and set_affinity applies it); with pinning off
+(D2V_PIN_CPUS=0) DALI keeps its defaults.
+
 The file bytes are read and their headers checked in the Python callback (it runs in the
 process's own thread when DALI prefetches). A file that fails there is a bad file before DALI
 sees it; one that only the decoder rejects fails the whole DALI batch, so the loader decodes the
@@ -57,6 +66,12 @@ def dali_available() -> bool:
         return False
 
 
+def affinity_mask(cpus: list[int], num_threads: int) -> str:
+    """DALI_AFFINITY_MASK for `num_threads` threads over `cpus` (in order, repeated when there
+    are more threads): DALI gives thread i entry i, and a thread past the list NVML's choice."""
+    return ",".join(str(cpus[i % len(cpus)]) for i in range(max(num_threads, len(cpus))))
+
+
 def sample_rng(seed: int, step: int, position: int) -> np.random.Generator:
     """The generator the torch loader hands dataset.load() for this sample (loader._Keyed)."""
     return np.random.default_rng(mix_seed(seed, step, position, STREAM_DATA))
@@ -96,7 +111,8 @@ class DaliLoader:
 
     def __init__(self, dataset, plan: BatchPlan, rank: int, seed: int, start_step: int,
                  max_steps: int, num_threads: int = 0, skip_bad: bool = False,
-                 device: torch.device | str = "cpu", prefetch: int = 2):
+                 device: torch.device | str = "cpu", prefetch: int = 2,
+                 cpus: list[int] | None = None):
         import nvidia.dali  # noqa: F401  (fails here, not mid-run, when DALI is missing)
         _guard_forked_children()
 
@@ -108,6 +124,7 @@ class DaliLoader:
             raise ConfigError("DALI loader asked for a CUDA device but CUDA is not available")
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self.prefetch = max(1, prefetch)
+        self.cpus = list(cpus) if cpus else None
         self.sampler = GlobalBatchSampler(len(dataset), plan, rank, seed, start_step, max_steps)
         self.known_bad: dict[str, str] = {}  # path -> reason, found by the decoder
         self._planned = None
@@ -179,10 +196,14 @@ class DaliLoader:
     def _build(self, feed, batch_size: int, gpu: bool, prefetch: int):
         from nvidia.dali import fn, pipeline_def
 
+        # DALI's threads read the mask when they start, during build: it must be in place now.
+        if self.cpus:
+            os.environ["DALI_AFFINITY_MASK"] = affinity_mask(self.cpus, self.num_threads)
+
         @pipeline_def(batch_size=batch_size, num_threads=self.num_threads,
                       device_id=(self.device.index or 0) if gpu else None,
                       prefetch_queue_depth=prefetch, seed=self.seed & 0x7FFFFFFF,
-                      exec_dynamic=True)
+                      exec_dynamic=True, set_affinity="DALI_AFFINITY_MASK" in os.environ)
         def pipeline():
             nodes = fn.external_source(source=feed, num_outputs=self.num_inputs, batch=True,
                                        dtype=list(self.input_dtypes), no_copy=False)

@@ -35,20 +35,24 @@ def choose_loader(data_cfg: DataConfig, modality: str) -> str:
     return "torch"
 
 
-def describe_loader(kind: str, data_cfg: DataConfig, device: torch.device) -> str:
-    """One line for the start-up banner: which loader, where it decodes, how many threads."""
+def describe_loader(kind: str, data_cfg: DataConfig, device: torch.device,
+                    cpus: list[int] | None = None) -> str:
+    """One line for the start-up banner: which loader, where it decodes, how many threads (and,
+    with `cpus`, that DALI pins them there)."""
     workers = data_cfg.num_workers
     if kind == "dali":
         where = "GPU (nvJPEG, mixed)" if device.type == "cuda" else "CPU"
-        return f"DALI decoding on {where}, {workers or torch.get_num_threads()} threads"
+        pinned = " pinned to this rank's CPUs (DALI_AFFINITY_MASK)" if cpus else ""
+        return f"DALI decoding on {where}, {workers or torch.get_num_threads()} threads{pinned}"
     return f"torch DataLoader, {workers} workers" + (
         " (DALI not installed)" if data_cfg.loader == "auto" and not dali_available() else "")
 
 
 def build_loader(dataset, data_cfg: DataConfig, modality: str, plan: BatchPlan, rank: int,
                  seed: int, start_step: int, max_steps: int, device: torch.device | str = "cpu",
-                 kind: str | None = None):
-    """This rank's micro-batches of steps start_step .. max_steps - 1 from the chosen loader."""
+                 kind: str | None = None, cpus: list[int] | None = None):
+    """This rank's micro-batches of steps start_step .. max_steps - 1 from the chosen loader;
+    `cpus`: where DALI's threads go, in thread order (d2v_engine.cpu_setup.dali_cpus)."""
     kind = kind or choose_loader(data_cfg, modality)
     skip_bad = data_cfg.on_bad_file == "skip"
     crop = {"crop_group": crop_group_size(data_cfg, plan.global_batch)} \
@@ -61,4 +65,5 @@ def build_loader(dataset, data_cfg: DataConfig, modality: str, plan: BatchPlan, 
     else:
         from d2v_engine.data.dali_audio import DaliAudioLoader as Loader
     return Loader(dataset, plan, rank, seed, start_step, max_steps,
-                  num_threads=data_cfg.num_workers, skip_bad=skip_bad, device=device, **crop)
+                  num_threads=data_cfg.num_workers, skip_bad=skip_bad, device=device, cpus=cpus,
+                  **crop)

@@ -38,7 +38,7 @@ $(STAMP): setup.py $(LOCK)
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m d2v_engine.train $(CONFIG) train.probe=true $(ARGS)
+	$(PY) -m d2v_engine.cli.train $(CONFIG) train.probe=true $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)

@@ -42,11 +42,11 @@ setup(
     # transformers imports): benchmarks/, tests/ and scripts/ run from the checkout, not installed.
     packages=find_packages(include=["d2v_engine", "d2v_engine.*", "d2v_kernels", "d2v_kernels.*"]),
     entry_points={"console_scripts": [
-        "d2v-train=d2v_engine.train:main",
-        "d2v-prepare=d2v_engine.prepare:main",
-        "d2v-export=d2v_engine.export:main",
-        "d2v-probe=d2v_engine.probe:main",
-        "d2v-checkpoint=d2v_engine.checkpoint_upgrade:main",
+        "d2v-train=d2v_engine.cli.train:main",
+        "d2v-prepare=d2v_engine.cli.prepare:main",
+        "d2v-export=d2v_engine.cli.export:main",
+        "d2v-probe=d2v_engine.cli.probe:main",
+        "d2v-checkpoint=d2v_engine.cli.checkpoint:main",
     ]},
     python_requires=">=3.10",
     install_requires=[
@@ -57,8 +57,8 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         # export, init_from, tokenization; accelerate: transformers' Trainer needs it to fine-tune
         "hf": ["transformers", "safetensors", "tokenizers>=0.15.1", "accelerate"],
-        "audio": ["soundfile"],  # FLAC and non-16-bit WAV in d2v_engine.prepare and the loader
-        "text": ["tokenizers>=0.15.1"],  # d2v_engine.prepare text (encode_special_tokens)
+        "audio": ["soundfile"],  # FLAC and non-16-bit WAV in d2v-prepare and the loader
+        "text": ["tokenizers>=0.15.1"],  # d2v-prepare text (encode_special_tokens)
         "tensorboard": ["tensorboard"],  # run.tensorboard: event files in <run dir>/tensorboard
     },
     ext_modules=ext_modules,

@@ -9,7 +9,7 @@ kernels read and write with that as a fraction of the device copy bandwidth meas
 (masks are latency-bound: the fraction only shows how far), and the fraction of a training step
 (--step-ms; default the base image step of shared/reference/performance.md, the only documented
 one, also used for audio and text). On CUDA each case also measures what drawing the masks on a side
-stream adds to a step (d2v_engine/mask_ahead.py): a ~1 ms stand-in step of bf16 matmuls timed alone and
+stream adds to a step (d2v_engine/run/mask_ahead.py): a ~1 ms stand-in step of bf16 matmuls timed alone and
 with the masks launched beside it on a second stream, the step waiting for their event at its end;
 the difference is the "ahead" column (goal: 0 us). `ours` is the public op on the device (all
 three take their Triton kernels on CUDA), `reference` the op's *_reference on the device, `numpy`

@@ -8,8 +8,8 @@ Per base config (image v1 and v2, audio, text; --tiny: the tiny configs, small b
 CPU) three steps built from the same models, the same synthetic batch and the same seeds run side
 by side:
 
-  ours          d2v_engine.compile'd student and teacher encoders, our public ops (Triton attention,
-                targets and masking on CUDA), d2v_engine.optim's AdamW
+  ours          d2v_engine.runtime.compile'd student and teacher encoders, our public ops (Triton attention,
+                targets and masking on CUDA), d2v_engine.objective.optim's AdamW
   plain         eager, the plain-math attention_reference, the *_reference ops: a straightforward
                 PyTorch data2vec step
   sdpa_compile  plain, but with scaled_dot_product_attention and torch.compile'd encoders
@@ -20,7 +20,7 @@ fused one on CUDA (foreach on the CPU), over the same parameter groups as ours.
 
 --quick (make gpu-check): image v1, image v2 and audio v1 only, 6 timed steps (2 for the
 breakdown), no encoder-alone comparison, regional compilation for both compiled variants (each
-block compiled on its own, d2v_engine.compile: one block graph per mode, train and eval, that every
+block compiled on its own, d2v_engine.runtime.compile: one block graph per mode, train and eval, that every
 block of the student and the teacher reuses, instead of whole-encoder graphs: a fraction of the
 compile time, the same kernels inside each block), and the configs' own dropout (the full runs
 switch dropout off).
@@ -65,16 +65,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import d2v_engine.data2vec as d2v_module
-import d2v_engine.data2vec_v2 as d2v2_module
+import d2v_engine.objective.data2vec as d2v_module
+import d2v_engine.objective.data2vec_v2 as d2v2_module
 import d2v_engine.models.transformer as transformer_module
 from benchmarks import common
-from d2v_engine.compile import compile_encoder
+from d2v_engine.runtime.compile import compile_encoder
 from d2v_engine.config import Config, load_config
-from d2v_engine.data2vec import build_objective
-from d2v_engine.ema import EMATeacher, teacher_shared_prefixes
+from d2v_engine.objective import build_objective
+from d2v_engine.objective.ema import EMATeacher, teacher_shared_prefixes
 from d2v_engine.models import build_model
-from d2v_engine.optim import build_optimizer, param_groups
+from d2v_engine.objective.optim import build_optimizer, param_groups
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
 from d2v_kernels import attention as attention_ops
 from d2v_kernels import masking as masking_ops

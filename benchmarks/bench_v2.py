@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from d2v_engine.config import load_config
-from d2v_engine.data2vec import build_objective
-from d2v_engine.ema import EMATeacher, teacher_shared_prefixes
+from d2v_engine.objective import build_objective
+from d2v_engine.objective.ema import EMATeacher, teacher_shared_prefixes
 from d2v_engine.models import build_model
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
 

@@ -3,11 +3,11 @@
     python -m benchmarks.default_run [--config configs/tiny_image_v2.yaml] [--seeds 1,2,3,4,5]
                                      [--args "train.max_steps=200"] [--json PATH]
 
-Each seed runs in its own process exactly as `make train` runs it (python -m d2v_engine.train
+Each seed runs in its own process exactly as `make train` runs it (python -m d2v_engine.cli.train
 CONFIG train.probe=true, the machine's threads, the installed loader), one after another, with
 seed=S and a fresh run.dir. Per seed: the wall seconds of the whole command (start-up, training,
 the probe), the linear probe it prints (checkpoint vs the same encoder at random init, fixed
-80/20 split: d2v_engine/probe.py) and the gain, the loss at the first and last logged step, and
+80/20 split: d2v_engine/handoff/probe.py) and the gain, the loss at the first and last logged step, and
 the smallest target_var logged (a collapse drives it to 0 while the loss falls too). README.md
 states the spread; tests/test_readme.py checks it against the JSON.
 """
@@ -33,7 +33,7 @@ DEFAULT_CONFIG = "configs/tiny_image_v2.yaml"  # the Makefile's CONFIG
 
 def run_seed(config: str, seed: int, extra: list[str], work: Path) -> dict:
     run_dir = work / f"seed{seed}"
-    cmd = [sys.executable, "-m", "d2v_engine.train", config, "train.probe=true", f"seed={seed}",
+    cmd = [sys.executable, "-m", "d2v_engine.cli.train", config, "train.probe=true", f"seed={seed}",
            f"run.dir={run_dir}", "train.progress=false", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)  # as a user runs it
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     out = {
         "what": "the main job (make train) over seeds (python -m benchmarks.default_run)",
         "date": datetime.date.today().isoformat(),
-        "command": f"python -m d2v_engine.train {args.config} train.probe=true seed=S "
+        "command": f"python -m d2v_engine.cli.train {args.config} train.probe=true seed=S "
                    + " ".join(extra),
         "config": args.config,
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor(),

@@ -6,7 +6,7 @@
 
 Per config: one run of BUDGET[config] updates (the schedules span it; train.max_steps overridden),
 a checkpoint at each of POINTS. At every checkpoint: the linear probe of the student's frozen,
-mean-pooled features (d2v_engine.probe: logistic regression, here 5-fold cross-validated over all the
+mean-pooled features (d2v_engine.handoff.probe: logistic regression, here 5-fold cross-validated over all the
 labelled data), and target_var / pred_var (mean of the logged rows since the previous point).
 Once per config: the probe of the same architecture at its random init (the run's own initial
 weights: step 0 of the curve), and once per modality a probe on the raw input: image pixels,
@@ -93,9 +93,9 @@ def raw_features(modality: str, items: list, vocab_size: int) -> torch.Tensor:
 
 def cross_val_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        folds: int = FOLDS) -> float:
-    """Mean test accuracy of d2v_engine.probe's logistic regression over `folds` contiguous folds of
+    """Mean test accuracy of d2v_engine.handoff.probe's logistic regression over `folds` contiguous folds of
     the (already seeded-shuffled) samples."""
-    from d2v_engine.probe import logistic_regression_accuracy
+    from d2v_engine.handoff.probe import logistic_regression_accuracy
 
     n, accs = len(labels), []
     bounds = np.linspace(0, n, folds + 1).astype(int)
@@ -113,7 +113,7 @@ def cross_val_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: i
 def train_run(config: str, run_dir: Path, steps: int, seed: int, extra: list[str]) -> dict:
     """Trains `config` for `steps` updates in a subprocess; its wall and CPU seconds, peak RSS."""
     every = max(1, round(steps * POINTS[0]))
-    args = [sys.executable, "-m", "d2v_engine.train", str(ROOT / f"configs/{config}.yaml"),
+    args = [sys.executable, "-m", "d2v_engine.cli.train", str(ROOT / f"configs/{config}.yaml"),
             f"run.dir={run_dir}", f"train.max_steps={steps}", f"seed={seed}",
             f"train.checkpoint_every={every}", f"train.keep_every={every}",
             f"train.log_every={min(5, every)}",  # rows in every window, however short the run
@@ -142,7 +142,7 @@ def read_rows(run_dir: Path) -> list[dict]:
 def raw_input_probe(config: str) -> dict:
     """Cross-validated probe on `config`'s labelled data as raw input (no encoder)."""
     from d2v_engine.config import load_config
-    from d2v_engine.probe import labelled_split
+    from d2v_engine.handoff.probe import labelled_split
 
     cfg = load_config(ROOT / f"configs/{config}.yaml")
     t0 = time.perf_counter()
@@ -154,8 +154,8 @@ def raw_input_probe(config: str) -> dict:
 
 def probe_run(run_dir: Path) -> dict:
     """Probe accuracies along the run and at random init; variances and loss per point."""
-    from d2v_engine.export import load_encoder
-    from d2v_engine.probe import embed_all, labelled_split
+    from d2v_engine.handoff.export import load_encoder
+    from d2v_engine.handoff.probe import embed_all, labelled_split
 
     torch.set_grad_enabled(False)
     checkpoints = sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
@@ -201,7 +201,7 @@ def short_run(run_dir: Path, seed: int) -> dict:
     """tests/test_quality.py's run, in this process: SHORT_STEPS updates of SHORT_CONFIG, then the
     cross-validated probe of its last checkpoint and of its random init on all the digits."""
     from d2v_engine.config import load_config
-    from d2v_engine.trainer import train
+    from d2v_engine.run.trainer import train
 
     cfg = load_config(ROOT / f"configs/{SHORT_CONFIG}.yaml",
                       [f"run.dir={run_dir}", f"train.max_steps={SHORT_STEPS}", f"seed={seed}",

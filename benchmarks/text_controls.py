@@ -17,7 +17,7 @@ better after pretraining than at random init. This separates "data2vec does not 
    variance that the mean target of each position explains (1: the targets say only where a
    token is, a collapse onto position that target_var, a variance over positions, does not see);
 5. the control: a plain masked-LM with the same encoder, data, batch, masks (draw_masks of the
-   config), optimizer and lr schedule (d2v_engine.optim, d2v_engine.schedule), cross entropy over the
+   config), optimizer and lr schedule (d2v_engine.objective.optim, d2v_engine.objective.schedule), cross entropy over the
    vocabulary instead of teacher targets, probed at the same quarters. If it does not beat
    random init either, the probe cannot tell learning at this size, whatever the objective.
 Writes <out>/<date>-cpu-quality-text-controls.json. Every run is on one thread.
@@ -70,7 +70,7 @@ def _pool(h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def layer_probes(wrapper, items, labels, num_classes) -> dict:
     """Probe accuracy of the mean-pooled embeddings, every block's output and the final output."""
-    from d2v_engine.probe import _pad_batch
+    from d2v_engine.handoff.probe import _pad_batch
 
     enc = wrapper.encoder
     pooled = None
@@ -99,7 +99,7 @@ def top_tokens(data_path: Path, meta: dict, n: int = TOP_TOKENS) -> torch.Tensor
 @torch.no_grad()
 def masked_token_probe(wrapper, items, classes: torch.Tensor, mask_id: int, seed: int = 0) -> dict:
     """Which of `classes` stood at a <mask>, from the final state there (5-fold probe)."""
-    from d2v_engine.probe import _pad_batch
+    from d2v_engine.handoff.probe import _pad_batch
 
     enc, g = wrapper.encoder, torch.Generator().manual_seed(seed)
     feats, ids = [], []
@@ -157,12 +157,12 @@ def mlm_control(config: str, steps: int, seed: int, items, labels, num_classes,
     from d2v_engine.config import load_config
     from d2v_engine.data import build_dataset
     from d2v_engine.data.text import read_meta
-    from d2v_engine.data2vec import Data2Vec
-    from d2v_engine.export import EncoderForExport
+    from d2v_engine.objective.data2vec import Data2Vec
+    from d2v_engine.handoff.export import EncoderForExport
     from d2v_engine.models.encoders import build_model
-    from d2v_engine.optim import build_optimizer
-    from d2v_engine.probe import embed_all
-    from d2v_engine.schedule import lr_factor
+    from d2v_engine.objective.optim import build_optimizer
+    from d2v_engine.handoff.probe import embed_all
+    from d2v_engine.objective.schedule import lr_factor
 
     cfg = load_config(ROOT / f"configs/{config}.yaml", [f"seed={seed}"])
     cfg.data.path = str(ROOT / cfg.data.path)
@@ -173,7 +173,7 @@ def mlm_control(config: str, steps: int, seed: int, items, labels, num_classes,
     masker = Data2Vec(cfg, encoder, {k: meta[k] for k in ("bos", "pad", "eos", "unk", "mask")})
     wrapper = EncoderForExport(encoder, cfg)
     lm = torch.nn.ModuleDict({"encoder": encoder, "lm_head": lm_head})
-    opt = build_optimizer(lm, cfg.optim, cfg.optim.lr, torch.device("cpu"))  # as d2v_engine.train
+    opt = build_optimizer(lm, cfg.optim, cfg.optim.lr, torch.device("cpu"))  # as d2v_engine.cli.train
     data = build_dataset(cfg.data, "text", "train")
     rng = np.random.default_rng(seed)
     checkpoints = {max(1, round(steps * p)) for p in POINTS}
@@ -212,8 +212,8 @@ def mlm_control(config: str, steps: int, seed: int, items, labels, num_classes,
 def controls(config: str, steps: int, seed: int, work: Path) -> dict:
     """Items 1-4 of the module docstring for one config."""
     from d2v_engine.data.text import read_meta
-    from d2v_engine.export import load_encoder
-    from d2v_engine.probe import labelled_split
+    from d2v_engine.handoff.export import load_encoder
+    from d2v_engine.handoff.probe import labelled_split
 
     record = {"run": config_run(config, work / config, steps, seed, [])}
     last = max((work / config).glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None)
     args = parser.parse_args(argv)
     from d2v_engine.config import load_config
-    from d2v_engine.probe import labelled_split
+    from d2v_engine.handoff.probe import labelled_split
 
     torch.set_num_threads(1)
     start = time.perf_counter()

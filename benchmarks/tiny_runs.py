@@ -3,7 +3,7 @@ that README.md states for them (tests/test_readme.py checks that the two agree).
 
     python -m benchmarks.tiny_runs [--configs tiny_image,tiny_audio,...] [--json PATH]
 
-Each config runs in its own process as `make train` runs it (python -m d2v_engine.train CONFIG, the
+Each config runs in its own process as `make train` runs it (python -m d2v_engine.cli.train CONFIG, the
 config's defaults: its 200 steps, the DALI loader when installed), with train.log_every=1 so
 that step 1 is logged too, and on one thread (OMP_NUM_THREADS=1, data.num_workers=1): on a shared
 machine, threads that spin-wait for cores other processes hold multiply the time per step (here
@@ -42,7 +42,7 @@ def run_config(name: str, work: Path) -> dict:
     config = ROOT / "configs" / f"{name}.yaml"
     spec = yaml.safe_load(config.read_text())
     run_dir = work / name
-    cmd = [sys.executable, "-m", "d2v_engine.train", str(config), f"run.dir={run_dir}",
+    cmd = [sys.executable, "-m", "d2v_engine.cli.train", str(config), f"run.dir={run_dir}",
            "train.log_every=1", "train.progress=false", "data.num_workers=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # as a user runs it

@@ -13,7 +13,7 @@ pickle, a plain torch.save of something else) and a file whose pickle asks for a
 tensors and plain containers. So a checkpoint holds only tensors, dicts, lists, tuples, ints,
 floats, strings, bools and None: the RNG states are stored in those types (`rng_state`).
 Checkpoints written before this format (NumPy arrays in the RNG state) are converted by
-`d2v-checkpoint upgrade OLD NEW` (d2v_engine.checkpoint_upgrade), run on trusted files.
+`d2v-checkpoint upgrade OLD NEW` (d2v_engine.cli.checkpoint), run on trusted files.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import os
 import pickle
 import random
 import re
-import sys
 import zipfile
 from pathlib import Path
 
@@ -248,9 +247,3 @@ def cuda_state_for(state: dict, index: int) -> torch.Tensor | None:
     if not every:
         return None
     return every[index] if index < len(every) else every[0]
-
-
-if __name__ == "__main__":
-    from d2v_engine.checkpoint_upgrade import main
-
-    sys.exit(main())

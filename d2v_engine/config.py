@@ -97,7 +97,7 @@ class MaskingConfig:
 
 @dataclass
 class ObjectiveConfig:
-    mode: Literal["v1", "v2"] = "v1"  # v2: data2vec 2.0 (d2v_engine/data2vec_v2.py)
+    mode: Literal["v1", "v2"] = "v1"  # v2: data2vec 2.0 (d2v_engine/objective/data2vec_v2.py)
     top_k: int = 8
     # which output of each teacher block is a target: "ffn" = the FFN branch before the last
     # residual (fairseq layer_results "fc": audio, text v1); "block" = the block's output
@@ -112,8 +112,8 @@ class ObjectiveConfig:
     loss_scale: Optional[float] = None  # None: 1/sqrt(C)
     ema_decay: float = 0.999
     ema_end_decay: float = 0.9999
-    ema_anneal_end_step: int = 30000  # at optim.schedule_reference_steps (d2v_engine.schedule)
-    # What the teacher averages (d2v_engine.ema.teacher_shared_prefixes); the rest it copies from the
+    ema_anneal_end_step: int = 30000  # at optim.schedule_reference_steps (d2v_engine.objective.schedule)
+    # What the teacher averages (d2v_engine.objective.ema.teacher_shared_prefixes); the rest it copies from the
     # student, and with "transformer" / "context" it encodes the student's local features:
     #   transformer  the blocks (+ audio's encoder norm): fairseq v1 ema_transformer_only
     #                (+ ema_layers_only: audio's positional conv copied); v2 ema_encoder_only
@@ -184,7 +184,7 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01
-    # Which parameters weight decay skips (d2v_engine.optim.param_groups):
+    # Which parameters weight decay skips (d2v_engine.objective.optim.param_groups):
     #   none  every parameter decays: fairseq's plain adam (v1 audio / text / vision, v2 audio)
     #   1d    1-D parameters and biases (norms, biases, layer scale): fairseq's data2vec 2.0
     #         optim_overrides under its composite optimizer (v2 image / text)
@@ -193,7 +193,7 @@ class OptimConfig:
     weight_decay_exempt: Literal["none", "1d", "beit"] = "1d"
     clip_norm: float = 0.0  # 0 disables clipping
     schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
-    warmup_steps: int = 0  # at schedule_reference_steps (d2v_engine.schedule)
+    warmup_steps: int = 0  # at schedule_reference_steps (d2v_engine.objective.schedule)
     # The run length at which warmup_steps and objective.ema_anneal_end_step are stated (the
     # paper's max_steps; 0: train.max_steps). proportional: they scale with train.max_steps /
     # schedule_reference_steps; absolute: as stated (fairseq's step counts).
@@ -203,7 +203,7 @@ class OptimConfig:
     # cosine floor / tri-stage end, as a fraction of lr; null: 0 for cosine (fairseq min_lr),
     # 0.01 for tri_stage (fairseq's final_lr_scale)
     final_lr_scale: Optional[float] = None
-    impl: Literal["auto", "apex", "fused", "foreach"] = "auto"  # d2v_engine.optim: which AdamW
+    impl: Literal["auto", "apex", "fused", "foreach"] = "auto"  # d2v_engine.objective.optim: which AdamW
 
 
 @dataclass
@@ -211,30 +211,30 @@ class TrainConfig:
     max_steps: int = 1000
     global_batch: int = 8
     # per rank and forward; 0: global_batch / world_size; auto: the largest that fits the memory
-    # budget (d2v_engine.memory_plan), a multiple of 8 (or below 8) dividing the per-rank share
+    # budget (d2v_engine.planning.memory), a multiple of 8 (or below 8) dividing the per-rank share
     micro_batch: int | Literal["auto"] = 0
     device_memory_gb: Optional[float] = None  # memory budget per rank (GB); None: the GPU's, if any
     memory_fraction: float = 0.9  # of device_memory_gb the plan's estimated peak may use
-    peak_tflops: Optional[float] = None  # the device's dense bf16 peak for MFU; None: d2v_engine.flops
+    peak_tflops: Optional[float] = None  # the device's dense bf16 peak for MFU; None: d2v_engine.planning.flops
     checkpoint_every: int = 0  # 0: only at the end
     stop_at: int = 0  # checkpoint and exit at this step, as a preemption would
     resume: bool = False
     # Resume from this checkpoint file instead of the newest complete one in run.dir.
     resume_from: str = ""
-    # Keys a resume may change on purpose beyond those always free (d2v_engine.resume_check), e.g.
+    # Keys a resume may change on purpose beyond those always free (d2v_engine.run.resume_check), e.g.
     # [optim.lr]; any other difference from the checkpoint's recipe is an error.
     resume_overrides: list = field(default_factory=list)
     log_every: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False  # torch.compile the student and teacher encoders (d2v_engine.compile)
+    compile: bool = False  # torch.compile the student and teacher encoders (d2v_engine.runtime.compile)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: str = "inductor"
-    length_buckets: int = 16  # with compile: audio/text lengths snapped to this many (d2v_engine.buckets)
+    length_buckets: int = 16  # with compile: audio/text lengths snapped to this many (d2v_engine.planning.buckets)
     # The next micro-batch's masks drawn during the current one's backward, on CUDA on a side
-    # stream with its copies (d2v_engine.mask_ahead); false draws them in the step. Same masks.
+    # stream with its copies (d2v_engine.run.mask_ahead); false draws them in the step. Same masks.
     mask_ahead: bool = True
-    distributed: Literal["ddp", "fsdp"] = "ddp"  # several ranks: d2v_engine.parallel
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # several ranks: d2v_engine.runtime.parallel
     ddp_bucket_cap_mb: int = 25
     keep_last: int = 2
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
@@ -519,7 +519,7 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 # Keys (prefixes) that say where and how a run is logged, scheduled or executed on the machine,
 # not what it learns: the model card's differences from the recipe leave them out, and a resume
-# may change them (d2v_engine.resume_check), data.path excepted there.
+# may change them (d2v_engine.run.resume_check), data.path excepted there.
 BOOKKEEPING = ("run.", "data.path", "data.num_workers", "data.loader", "data.on_bad_file",
                "data.max_file_bytes",
                "train.progress", "train.log_every", "train.checkpoint_every", "train.keep_last",

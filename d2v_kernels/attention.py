@@ -169,7 +169,7 @@ def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropou
     _check(q, k, v, key_padding_mask, attn_bias, skip_padded_queries)
     skip = bool(skip_padded_queries and key_padding_mask is not None)
     if _shape_only(q):
-        # Meta or fake tensors: the plan counting FLOPs and memory (d2v_engine.flops). The d2v op
+        # Meta or fake tensors: the plan counting FLOPs and memory (d2v_engine.planning.flops). The d2v op
         # pair stands in for the flash kernels: one node each way, counted by FlashAttention's
         # convention (d2v_kernels.ops), saving what the kernels save (out and lse, no T x T scores).
         from d2v_kernels import ops

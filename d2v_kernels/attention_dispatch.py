@@ -13,12 +13,12 @@ while torch.compile traces (there the pick is a constant of the graph: each comp
 once, before its graph is built). Timing: CUDA events, the median of `REPEATS` calls after
 `WARMUP` (`_timer`; tests replace it).
 
-`picks()` is what env.json records and the start line shows (d2v_engine.backends); `pick_for` makes
+`picks()` is what env.json records and the start line shows (d2v_engine.runtime.backends); `pick_for` makes
 the picks of the shapes a config will run before training starts, and `preload` gives a resumed
 run the picks it recorded. Measuring leaves the random number generators as they were. Off CUDA
 (and with D2V_ATTENTION set) d2v_kernels.attention keeps its fixed order and nothing is measured.
 Under several ranks every rank times the config's shapes at the same time, then all `adopt` rank
-0's picks (d2v_engine.backends.share_attention_picks): every rank runs what env.json records, so
+0's picks (d2v_engine.runtime.backends.share_attention_picks): every rank runs what env.json records, so
 a resume gives each rank the backends it had. Shapes first met during training (audio and text
 batches shorter than the longest crop) are timed by each process for itself.
 """

@@ -12,7 +12,7 @@ that gives the output shapes, and calls our dispatcher at run time.
   attention        d2v::attention_forward + d2v::attention_backward, tied by register_autograd
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode sees the attention pair as two opaque nodes;
-the formulas registered below count them as FlashAttention does (d2v_engine.flops counts the plan's
+the formulas registered below count them as FlashAttention does (d2v_engine.planning.flops counts the plan's
 step with them).
 
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,

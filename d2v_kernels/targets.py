@@ -159,7 +159,7 @@ def measured_backends() -> dict[tuple, dict]:
 
 
 def describe_backend(device: torch.device) -> str:
-    """One line for d2v_engine.backends: which path teacher_targets takes on `device`."""
+    """One line for d2v_engine.runtime.backends: which path teacher_targets takes on `device`."""
     forced = os.environ.get("D2V_TARGETS_BACKEND", "auto")
     if device.type != "cuda":
         return "triton (interpreted)" if _use_triton_on(device) else "torch reference"

@@ -207,7 +207,7 @@ def make_text(out: Path) -> dict:
     root = reset_dir(out / "text")
     train_topics = sorted(set(topics) - set(TEXT_VALID_TOPICS))
     splits = {"train": topic_paragraphs(train_topics), "valid": topic_paragraphs(TEXT_VALID_TOPICS)}
-    tok = train_bpe(splits["train"], BPE_VOCAB)  # the same BPE `python -m d2v_engine.data.tokenize` trains
+    tok = train_bpe(splits["train"], BPE_VOCAB)  # the same BPE `python -m d2v_engine.cli.tokenize` trains
     tok.save(str(root / "tokenizer.json"))
     probe = probe_docstrings()
     splits["probe"] = [doc for doc, _ in probe]

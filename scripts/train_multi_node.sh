@@ -24,4 +24,4 @@ echo "d2v-engine launch: $PYTHON (torch $TORCH_VERSION), $NNODES node(s) x $GPUS
 cd "$ROOT"  # d2v_engine/ and the configs' relative data paths
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$GPUS" \
   --max-restarts "${MAX_RESTARTS:-0}" --rdzv-backend c10d \
-  --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-d2v}" -m d2v_engine.train "$@"
+  --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-d2v}" -m d2v_engine.cli.train "$@"

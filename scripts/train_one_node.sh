@@ -11,4 +11,4 @@ count_ranks
 echo "d2v-engine launch: $PYTHON (torch $TORCH_VERSION), 1 node x $GPUS rank(s), $DEVICES" >&2
 cd "$ROOT"  # d2v_engine/ and the configs' relative data paths
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
-  --max-restarts "${MAX_RESTARTS:-0}" -m d2v_engine.train "$@"
+  --max-restarts "${MAX_RESTARTS:-0}" -m d2v_engine.cli.train "$@"

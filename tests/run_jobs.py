@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from d2v_engine.config import load_config
-from d2v_engine.distributed import barrier, init_distributed, shutdown
-from d2v_engine.trainer import train
+from d2v_engine.runtime.distributed import barrier, init_distributed, shutdown
+from d2v_engine.run.trainer import train
 
 
 def main(spec: str) -> int:

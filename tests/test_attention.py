@@ -349,12 +349,12 @@ def test_measuring_leaves_the_random_generators_alone(measured):
 
 
 def test_picks_reach_the_start_line_and_env_json_and_survive_a_resume(measured, tmp_path):
-    """d2v_engine.backends picks the config's shapes before training (the start line names them:
+    """d2v_engine.runtime.backends picks the config's shapes before training (the start line names them:
     the student's forward + backward, the teacher's forward only, where CPU flex qualifies),
     env_report carries them, and a resumed run preloads them instead of timing again."""
     import json
 
-    from d2v_engine import backends
+    from d2v_engine.runtime import backends
     from d2v_engine.config import load_config
     timed, _ = measured
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_audio.yaml")
@@ -387,7 +387,7 @@ def test_every_rank_times_the_configs_shapes_then_all_run_rank_0s_picks(measured
     """Before the first collective each rank makes its own picks (timed here: student sdpa math,
     teacher flex), then takes rank 0's, for those keys and for calls to come; rank 0 sends its
     own; a rank whose GPU is another model keeps its own."""
-    from d2v_engine import backends
+    from d2v_engine.runtime import backends
     from d2v_engine.config import load_config
     timed, ran = measured
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_audio.yaml")

@@ -128,7 +128,7 @@ def test_truncated_foreign_and_unsafe_files_each_get_their_own_one_line_message(
 @pytest.mark.parametrize("how", ["os.system", "Path.touch", "protocol 4"])
 def test_crafted_checkpoint_is_refused_before_it_runs_by_load_and_restart(how, tmp_path,
                                                                          monkeypatch):
-    from d2v_engine.preemption import restart_checkpoint
+    from d2v_engine.run.preemption import restart_checkpoint
 
     marker = tmp_path / "pwned"
     evil = _crafted(tmp_path / "run" / "checkpoint_00000001.pt", marker, how)
@@ -153,11 +153,11 @@ def test_crafted_checkpoint_is_refused_by_every_reader_and_never_runs(entry, tmp
     run = tmp_path / "run"
     evil = _crafted(run / "checkpoint_00000001.pt", marker)
     args = {
-        "export": ["d2v_engine.export", str(evil), str(tmp_path / "hf")],
-        "probe": ["d2v_engine.probe", str(evil)],
-        "init_from": ["d2v_engine.train", "configs/tiny_image.yaml", f"run.dir={tmp_path / 'new'}",
+        "export": ["d2v_engine.cli.export", str(evil), str(tmp_path / "hf")],
+        "probe": ["d2v_engine.cli.probe", str(evil)],
+        "init_from": ["d2v_engine.cli.train", "configs/tiny_image.yaml", f"run.dir={tmp_path / 'new'}",
                       f"model.init_from={evil}", "train.max_steps=1", "train.progress=false"],
-        "resume": ["d2v_engine.train", "configs/tiny_image.yaml", f"run.dir={run}",
+        "resume": ["d2v_engine.cli.train", "configs/tiny_image.yaml", f"run.dir={run}",
                    "train.resume=true", "train.max_steps=2", "train.progress=false"],
     }[entry]
     r = _module(*args)
@@ -182,9 +182,9 @@ def _as_written_before(path, out):
 
 
 def test_old_checkpoint_is_refused_then_upgraded_and_resumes_exactly(tmp_path, monkeypatch):
-    from d2v_engine.checkpoint_upgrade import upgrade
+    from d2v_engine.cli.checkpoint import upgrade
     from d2v_engine.config import load_config
-    from d2v_engine.trainer import train
+    from d2v_engine.run.trainer import train
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
@@ -212,7 +212,7 @@ def test_old_checkpoint_is_refused_then_upgraded_and_resumes_exactly(tmp_path, m
 def test_upgrade_refuses_a_file_that_needs_more_than_numpy_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     evil = _crafted(tmp_path / "evil.pt", marker)
-    r = _module("d2v_engine.checkpoint", "upgrade", str(evil), str(tmp_path / "new.pt"))
+    r = _module("d2v_engine.cli.checkpoint", "upgrade", str(evil), str(tmp_path / "new.pt"))
     assert r.returncode == 2 and "posix.system" in r.stderr and "not converted" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "new.pt").exists()
 

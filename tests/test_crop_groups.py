@@ -15,10 +15,10 @@ from d2v_engine.data import build_dataset
 from d2v_engine.data.dali_common import dali_available
 from d2v_engine.data.loader import BatchPlan
 from d2v_engine.data.select import build_loader
-from d2v_engine.data2vec import group_mask_count
+from d2v_engine.objective.step import group_mask_count
 from d2v_engine.errors import ConfigError
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
-from d2v_engine.trainer import train
+from d2v_engine.run.trainer import train
 from d2v_kernels.masking import span_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_one_rank_micro_16_micro_8_x_2_and_two_ranks_x_8_follow_the_same_losses(
                                        *common]))["losses"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29551", "-m", "d2v_engine.train", str(config),
+                        "--master_port", "29551", "-m", "d2v_engine.cli.train", str(config),
                         f"run.dir={tmp_path / 'c'}", "train.micro_batch=8", *common],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

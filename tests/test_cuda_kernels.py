@@ -414,7 +414,7 @@ def test_seed_copies_do_not_synchronize_the_host():
     (non_blocking); a copy from pageable memory would synchronize, which sync-debug mode turns
     into an error. Each op runs once first: compilation and cached tables may synchronize."""
     from d2v_engine.seeding import STREAM_MASK, sample_seeds
-    from d2v_engine.mask_ahead import host_to_device
+    from d2v_engine.run.mask_ahead import host_to_device
     lengths = torch.full((4,), 60, device="cuda")
 
     def step():

@@ -24,7 +24,7 @@ from d2v_engine.data.images import IMAGENET_MEAN, IMAGENET_STD
 from d2v_engine.data.loader import BatchPlan, make_loader
 from d2v_engine.data.select import build_loader, choose_loader
 from d2v_engine.errors import ConfigError, DataError
-from d2v_engine.topology import parse_cpulist
+from d2v_engine.runtime.topology import parse_cpulist
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "images" / "digits"

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from d2v_engine.config import load_config
-from d2v_engine.cpu_setup import rank_cpus
+from d2v_engine.runtime.cpu_setup import rank_cpus
 from d2v_engine.errors import ConfigError
-from d2v_engine.topology import read_topology
-from d2v_engine.trainer import train
+from d2v_engine.runtime.topology import read_topology
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -28,7 +28,7 @@ def _losses(run_dir):
 def _torchrun(port, run_dir, config, *overrides, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0", **(env or {})}
     env = {k: v for k, v in env.items() if v is not None}
-    cmd = [*TORCHRUN, "--master_port", str(port), "-m", "d2v_engine.train", config,
+    cmd = [*TORCHRUN, "--master_port", str(port), "-m", "d2v_engine.cli.train", config,
            f"run.dir={run_dir}", "train.progress=false", "train.log_every=1", *overrides]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -118,7 +118,7 @@ def test_a_rank_whose_micro_batch_is_all_bad_files_keeps_step_with_the_other(tmp
 WAIT_SCRIPT = '''
 import sys, time
 import torch, torch.distributed as dist
-from d2v_engine.distributed import init_distributed
+from d2v_engine.runtime.distributed import init_distributed
 info = init_distributed("cpu", float(sys.argv[1]))
 if info.rank == 1:
     time.sleep(float(sys.argv[2]))
@@ -163,7 +163,7 @@ class _Joined(Exception):
 
 def _record_init(monkeypatch, env: dict) -> dict:
     """init_process_group's keyword arguments, for a rank with `env` (RANK, WORLD_SIZE, ...)."""
-    from d2v_engine import distributed
+    from d2v_engine.runtime import distributed
     seen = {}
 
     def init(**kwargs):
@@ -181,7 +181,7 @@ def _record_init(monkeypatch, env: dict) -> dict:
 def test_init_process_group_gets_the_timeout_and_on_cuda_the_device(monkeypatch):
     import datetime
 
-    from d2v_engine.distributed import init_distributed
+    from d2v_engine.runtime.distributed import init_distributed
     seen = _record_init(monkeypatch, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     with pytest.raises(_Joined):
         init_distributed("cpu", 42)
@@ -197,7 +197,7 @@ def test_init_process_group_gets_the_timeout_and_on_cuda_the_device(monkeypatch)
 
 
 def test_the_trainer_passes_train_collective_timeout_s(monkeypatch, tmp_path):
-    from d2v_engine import trainer
+    from d2v_engine.run import trainer
     seen = []
 
     def init(device, timeout):
@@ -217,7 +217,7 @@ def test_the_trainer_passes_train_collective_timeout_s(monkeypatch, tmp_path):
 def test_more_local_ranks_than_visible_gpus_is_a_one_line_error(monkeypatch, capsys, tmp_path):
     """torchrun --nproc_per_node 4 where CUDA_VISIBLE_DEVICES leaves 2 GPUs: exit 2 at start,
     one line naming both counts, instead of two ranks sharing a GPU until NCCL fails."""
-    from d2v_engine import train as entry
+    from d2v_engine.cli import train as entry
     _record_init(monkeypatch, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3",
                                "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "2,3"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from d2v_engine.ema import EMATeacher
+from d2v_engine.objective.ema import EMATeacher
 
 
 class Toy(nn.Module):

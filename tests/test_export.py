@@ -17,9 +17,10 @@ transformers = pytest.importorskip("transformers")
 
 from d2v_engine.config import load_config
 from d2v_engine.errors import ConfigError, DataError
-from d2v_engine.export import export, hf_config, load_encoder, main as export_main
-from d2v_engine.probe import run_probe
-from d2v_engine.trainer import train
+from d2v_engine.cli.export import main as export_main
+from d2v_engine.handoff.export import export, hf_config, load_encoder
+from d2v_engine.handoff.probe import run_probe
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -177,8 +178,8 @@ def test_post_ln_image_exports_with_its_own_modeling_file(v2_image_run, tmp_path
 
 
 def test_post_ln_image_with_relative_bias_exports_equal(tmp_path):
-    from d2v_engine.export import EncoderForExport
-    from d2v_engine.export_remote import to_remote_model
+    from d2v_engine.handoff.export import EncoderForExport
+    from d2v_engine.handoff.export_remote import to_remote_model
     from d2v_engine.models import build_model
 
     cfg = load_config(ROOT / "configs/tiny_image_v2.yaml", ["model.rel_pos_bias=true"])
@@ -194,7 +195,7 @@ def test_post_ln_image_with_relative_bias_exports_equal(tmp_path):
 
 
 def test_post_ln_image_is_never_exported_as_data2vecvision():
-    from d2v_engine.export import EncoderForExport, to_hf_model
+    from d2v_engine.handoff.export import EncoderForExport, to_hf_model
     from d2v_engine.models import build_model
 
     cfg = load_config(ROOT / "configs/tiny_image_v2.yaml")
@@ -217,7 +218,7 @@ def exports(runs, tmp_path_factory):
 
 def _eval_datasets(run_dir):
     """Our loader's eval path on the embedded labelled data: the probe's datasets (augment off)."""
-    from d2v_engine.probe import probe_datasets
+    from d2v_engine.handoff.probe import probe_datasets
 
     return probe_datasets(load_encoder(run_dir).cfg)
 

@@ -1,4 +1,4 @@
-"""The plan's FLOP count (d2v_engine.flops, d2v_engine.shadow) and the MFU fields of the logs."""
+"""The plan's FLOP count (d2v_engine.planning.flops, d2v_engine.planning.shadow) and the MFU fields of the logs."""
 import json
 from pathlib import Path
 
@@ -7,16 +7,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from d2v_engine.config import load_config
-from d2v_engine.data2vec import build_objective
-from d2v_engine.ema import EMATeacher
-from d2v_engine.flops import (
+from d2v_engine.objective import build_objective
+from d2v_engine.objective.ema import EMATeacher
+from d2v_engine.planning.flops import (
     COUNTER_FORMULAS, PHASES, count_at_depth, count_flops, count_sample, device_peak, peak_tflops,
 )
-from d2v_engine.metrics import _scalars
+from d2v_engine.run.metrics import _scalars
 from d2v_engine.models import build_model
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
-from d2v_engine.shadow import build_shadow, random_text
-from d2v_engine.trainer import train
+from d2v_engine.planning.shadow import build_shadow, random_text
+from d2v_engine.run.trainer import train
 from d2v_kernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,13 +27,13 @@ import torch
 from safetensors.torch import load_file
 
 from d2v_engine.config import ObjectiveConfig, load_config
-from d2v_engine.ema import teacher_shared_prefixes
+from d2v_engine.objective.ema import teacher_shared_prefixes
 from d2v_engine.errors import CheckpointError
-from d2v_engine.export import export
+from d2v_engine.handoff.export import export
 from d2v_engine.models import build_model
 from d2v_engine.models.transformer import BlockStack
-from d2v_engine.optim import param_groups
-from d2v_engine.parallel import _optimizer_by_index, _optimizer_by_name
+from d2v_engine.objective.optim import param_groups
+from d2v_engine.runtime.parallel import _optimizer_by_index, _optimizer_by_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ("image", "audio", "text")
@@ -171,7 +171,7 @@ def test_fsdp_ddp_and_one_process_train_alike_resume_alike_and_export_alike(vers
 
 def test_optimizer_state_converts_between_torch_numbering_and_parameter_names():
     """FSDP's full optimizer state dict is keyed by parameter name, torch's by position: a
-    checkpoint of either kind loads into the other (d2v_engine.parallel.load_states converts)."""
+    checkpoint of either kind loads into the other (d2v_engine.runtime.parallel.load_states converts)."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
     model(torch.randn(5, 3)).square().sum().backward()

@@ -9,10 +9,10 @@ pytest.importorskip("transformers")  # the fixture exports to Hugging Face
 from d2v_engine.checkpoint import latest_checkpoint, load_checkpoint
 from d2v_engine.config import load_config
 from d2v_engine.errors import CheckpointError, ConfigError
-from d2v_engine.export import export, load_encoder
-from d2v_engine.init_from import init_encoder
+from d2v_engine.handoff.export import export, load_encoder
+from d2v_engine.handoff.init_from import init_encoder
 from d2v_engine.models import build_model
-from d2v_engine.trainer import train
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]

@@ -99,8 +99,8 @@ def test_transformers_hugging_face_kernels_and_ours_in_one_process(tmp_path, mon
     from transformers import Data2VecVisionModel  # noqa: F401 - model code loads
 
     from d2v_engine.config import load_config
-    from d2v_engine.export import export, load_encoder
-    from d2v_engine.trainer import train
+    from d2v_engine.handoff.export import export, load_encoder
+    from d2v_engine.run.trainer import train
     from d2v_kernels import masking, ops, targets  # noqa: F401 - our kernels beside theirs
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -159,11 +159,11 @@ def test_no_stale_module_path_in_what_users_read():
 def test_the_console_scripts_are_the_readmes():
     scripts = {e.name: e.value for e in metadata.distribution(OUR_DIST).entry_points
                if e.group == "console_scripts"} if _installed_names() else {}
-    assert scripts == {"d2v-train": "d2v_engine.train:main",
-                       "d2v-prepare": "d2v_engine.prepare:main",
-                       "d2v-export": "d2v_engine.export:main",
-                       "d2v-probe": "d2v_engine.probe:main",
-                       "d2v-checkpoint": "d2v_engine.checkpoint_upgrade:main"}, scripts
+    assert scripts == {"d2v-train": "d2v_engine.cli.train:main",
+                       "d2v-prepare": "d2v_engine.cli.prepare:main",
+                       "d2v-export": "d2v_engine.cli.export:main",
+                       "d2v-probe": "d2v_engine.cli.probe:main",
+                       "d2v-checkpoint": "d2v_engine.cli.checkpoint:main"}, scripts
     readme = (ROOT / "README.md").read_text()
     for name in scripts:
         assert f"{name} " in readme, f"the README never shows {name}"

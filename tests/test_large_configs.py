@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from d2v_engine.config import load_config
-from d2v_engine.memory_plan import GB
-from d2v_engine.trainer import train
+from d2v_engine.planning.memory import GB
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 LARGE = ["image_large", "image_large_v2", "audio_large", "audio_large_v2", "text_large_v2"]

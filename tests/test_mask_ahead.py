@@ -1,4 +1,4 @@
-"""d2v_engine.mask_ahead: masks drawn a micro-batch ahead (a side CUDA stream on a GPU, in order on the
+"""d2v_engine.run.mask_ahead: masks drawn a micro-batch ahead (a side CUDA stream on a GPU, in order on the
 CPU) are bit for bit the masks the step draws itself, and training follows the same trajectory.
 
 On the CPU the prefetch path runs the same calls with a no-op stream context; the stream and event
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from d2v_engine.config import load_config
-from d2v_engine.data2vec import build_objective
-from d2v_engine.mask_ahead import Feed
+from d2v_engine.objective import build_objective
+from d2v_engine.run.mask_ahead import Feed
 from d2v_engine.models import build_model
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
-from d2v_engine.trainer import train
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["image", "audio", "text", "image_v2", "audio_v2", "text_v2"]

@@ -1,4 +1,4 @@
-"""The plan's peak memory per rank (d2v_engine.memory_plan), train.micro_batch=auto, the budget."""
+"""The plan's peak memory per rank (d2v_engine.planning.memory), train.micro_batch=auto, the budget."""
 import json
 from pathlib import Path
 
@@ -7,15 +7,15 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from d2v_engine.config import load_config
-from d2v_engine.data2vec import build_objective
-from d2v_engine.ema import EMATeacher
+from d2v_engine.objective import build_objective
+from d2v_engine.objective.ema import EMATeacher
 from d2v_engine.errors import ConfigError
-from d2v_engine.memory_plan import GB, MemoryModel, PeakTracker, candidates
+from d2v_engine.planning.memory import GB, MemoryModel, PeakTracker, candidates
 from d2v_engine.models import build_model
-from d2v_engine.optim import build_optimizer
+from d2v_engine.objective.optim import build_optimizer
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
-from d2v_engine.shadow import forward, make_batch
-from d2v_engine.trainer import train
+from d2v_engine.planning.shadow import forward, make_batch
+from d2v_engine.run.trainer import train
 from d2v_kernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent

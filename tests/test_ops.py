@@ -16,8 +16,8 @@ import torch
 from d2v_engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from d2v_engine.config import load_config
 from d2v_engine.errors import CheckpointError, D2VError, TrainingError
-from d2v_engine.preemption import restart_checkpoint
-from d2v_engine.trainer import train
+from d2v_engine.run.preemption import restart_checkpoint
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["train.progress=false", "train.log_every=1", "train.global_batch=4",
@@ -69,7 +69,7 @@ def test_sigterm_checkpoints_exits_zero_and_resume_continues_exactly(tmp_path):
     common = ["train.max_steps=200"]  # the schedules' length; the runs stop far earlier
     run = tmp_path / "preempted"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "d2v_engine.train", "configs/tiny_text.yaml", f"run.dir={run}", *FAST,
+        [sys.executable, "-m", "d2v_engine.cli.train", "configs/tiny_text.yaml", f"run.dir={run}", *FAST,
          *common], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while len(_step_rows(run)) < 2 and proc.poll() is None and time.time() < deadline:
@@ -117,7 +117,7 @@ def test_killed_rank_under_torchrun_max_restarts_resumes_and_finishes(tmp_path):
     run = tmp_path / "elastic"
     common = ["train.max_steps=6", "train.micro_batch=2", "train.checkpoint_every=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "d2v_engine.train",
+           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "d2v_engine.cli.train",
            "configs/tiny_text.yaml", f"run.dir={run}", *FAST, *common]
     env = {**_env(threads="1"), "D2V_TEST_KILL_AT_STEP": "1:3"}  # rank 1 SIGKILLs itself before step 4
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -177,7 +177,7 @@ def test_nonfinite_updates_in_a_row_stop_after_max_bad_steps(tmp_path):
 
 def test_forced_collapse_stops_with_a_message_naming_the_values(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "d2v_engine.train", "configs/tiny_text.yaml", f"run.dir={tmp_path}",
+        [sys.executable, "-m", "d2v_engine.cli.train", "configs/tiny_text.yaml", f"run.dir={tmp_path}",
          *FAST, "train.max_steps=5", "objective.min_target_var=100", "objective.min_pred_var=0",
          "objective.collapse_check_after=1"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -283,7 +283,7 @@ def test_tensorboard_that_imports_but_is_broken_warns_and_logging_goes_on(tmp_pa
     import importlib.machinery
     import types
 
-    from d2v_engine.metrics import MetricsLog
+    from d2v_engine.run.metrics import MetricsLog
 
     # A tensorboard that imports (version and all) but whose parts are missing, as when one of
     # its dependencies is absent: torch.utils.tensorboard fails while importing its writer.
@@ -304,8 +304,8 @@ def test_tensorboard_that_imports_but_is_broken_warns_and_logging_goes_on(tmp_pa
 
 
 def test_steps_without_any_readable_sample_skip_the_update_and_stop_after_the_limit(tmp_path):
-    from d2v_engine.guards import UpdateGuard
-    from d2v_engine.metrics import MetricsLog
+    from d2v_engine.run.guards import UpdateGuard
+    from d2v_engine.run.metrics import MetricsLog
     cfg = load_config(ROOT / "configs/tiny_image.yaml",
                       [f"run.dir={tmp_path}", "train.max_bad_steps=3"])
     log = MetricsLog(tmp_path)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from d2v_engine import backends, optim
+from d2v_engine.objective import optim
+from d2v_engine.runtime import backends
 from d2v_engine.config import load_config
 from d2v_engine.errors import ConfigError
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_engine import buckets, optim
+from d2v_engine.objective import optim
+from d2v_engine.planning import buckets
 from d2v_engine.config import load_config
 from d2v_engine.errors import ConfigError
 from d2v_engine.models import build_model
@@ -122,7 +123,7 @@ def test_registered_attention_kernel_is_called_through_the_custom_op():
 
 def test_compiled_training_matches_eager_losses(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from d2v_engine.trainer import train
+    from d2v_engine.run.trainer import train
     common = ["train.progress=false", "train.log_every=1", "train.max_steps=2",
               "train.checkpoint_every=0", "train.global_batch=4", "train.precision=fp32",
               "model.depth=2", "objective.top_k=2"]
@@ -218,8 +219,8 @@ def test_bucket_sizes_floor_ceil_and_batch():
 
 def test_text_padding_to_a_bucket_keeps_the_loss(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from d2v_engine.data2vec import Data2Vec
-    from d2v_engine.ema import EMATeacher
+    from d2v_engine.objective.data2vec import Data2Vec
+    from d2v_engine.objective.ema import EMATeacher
     cfg = load_config(ROOT / "configs/tiny_text.yaml", [])
     torch.manual_seed(0)
     encoder = build_model(cfg.model, "text")
@@ -244,7 +245,7 @@ def _metrics(run_dir):
 def test_fsdp_two_gloo_ranks_follow_the_one_rank_trajectory(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0",
            "PYTHONPATH": str(ROOT)}
-    common = ["-m", "d2v_engine.train", "configs/tiny_image.yaml", "train.progress=false",
+    common = ["-m", "d2v_engine.cli.train", "configs/tiny_image.yaml", "train.progress=false",
               "train.log_every=1", "train.max_steps=3", "train.global_batch=8",
               "train.micro_batch=4", "model.drop_path=0.0", "data.augment=false"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from d2v_engine.config import load_config
-from d2v_engine.cpu_setup import omp_threads_from_user, rank_cpus
-from d2v_engine.topology import Topology, parse_cpulist
+from d2v_engine.runtime.cpu_setup import omp_threads_from_user, rank_cpus
+from d2v_engine.runtime.topology import Topology, parse_cpulist
 from d2v_engine.errors import ConfigError
-from d2v_engine.metrics import warn_data_wait
+from d2v_engine.run.metrics import warn_data_wait
 from d2v_engine.models import build_model
-from d2v_engine.plan import checkpoint_count
-from d2v_engine.trainer import train
+from d2v_engine.planning.plan import checkpoint_count
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""d2v_engine.prepare on folders with planted bad files: report counts, exact manifest lines, exit codes,
+"""d2v-prepare on folders with planted bad files: report counts, exact manifest lines, exit codes,
 and the loaders read what it writes."""
 import json
 import subprocess
@@ -12,7 +12,8 @@ from PIL import Image
 
 from d2v_engine.config import DataConfig
 from d2v_engine.data import build_dataset
-from d2v_engine.prepare import main, resample
+from d2v_engine.cli.prepare import main
+from d2v_engine.prepare.media import resample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +153,7 @@ def test_nothing_accepted_exits_2_with_counts_and_no_manifest(audio_src, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.tsv").write_text("stale\n")
-    r = subprocess.run([sys.executable, "-m", "d2v_engine.prepare", "audio", str(audio_src / "bad"),
+    r = subprocess.run([sys.executable, "-m", "d2v_engine.cli.prepare", "audio", str(audio_src / "bad"),
                         str(out), "--quiet", "--min-seconds", "0.1", "--max-seconds", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr

@@ -1,4 +1,4 @@
-"""d2v_engine.prepare text on planted folders: every good document kept exactly, every bad one counted
+"""d2v-prepare text on planted folders: every good document kept exactly, every bad one counted
 by reason, one-line errors with exit 2 from every entry point, and the token folder trains with
 complete_doc blocks whose padding changes nothing."""
 import copy
@@ -17,9 +17,9 @@ Tokenizer = pytest.importorskip("tokenizers").Tokenizer
 
 from d2v_engine.config import DataConfig, load_config
 from d2v_engine.data import build_dataset
-from d2v_engine.data2vec import build_objective
+from d2v_engine.objective import build_objective
 from d2v_engine.models import build_model
-from d2v_engine.prepare import main
+from d2v_engine.cli.prepare import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_TOKENIZER = ROOT / "data" / "text" / "tokenizer.json"
@@ -188,15 +188,15 @@ def _run(module: str, *args) -> subprocess.CompletedProcess:
 def test_command_line_exits_0_on_success_and_2_with_one_line_on_a_missing_input(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("one small document of text\n")
-    ok = _run("d2v_engine.prepare", "text", str(good), str(tmp_path / "ok"), *QUICK)
+    ok = _run("d2v_engine.cli.prepare", "text", str(good), str(tmp_path / "ok"), *QUICK)
     assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr
-    bad = _run("d2v_engine.data.tokenize", str(tmp_path / "o"), f"train={tmp_path / 'nope.txt'}")
+    bad = _run("d2v_engine.cli.tokenize", str(tmp_path / "o"), f"train={tmp_path / 'nope.txt'}")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "nope.txt" in bad.stderr, bad.stderr
 
 
 def test_every_entry_point_answers_bad_input_with_one_line_and_exit_2(tmp_path, capsys):
-    from d2v_engine.data.tokenize import main as tokenize_main
+    from d2v_engine.cli.tokenize import main as tokenize_main
 
     good = tmp_path / "good.txt"
     good.write_text("one small document of text\n")
@@ -224,7 +224,7 @@ def test_every_entry_point_answers_bad_input_with_one_line_and_exit_2(tmp_path, 
         assert len(errors) == 1 and named in errors[0], (argv, err)
     assert tokenize_main(["--help"]) == 0 and main(["text", "--help"]) == 0
     usage = capsys.readouterr().out
-    assert "python -m d2v_engine.data.tokenize SRC OUT_DIR" in usage, usage
+    assert "python -m d2v_engine.cli.tokenize SRC OUT_DIR" in usage, usage
     assert "tokenize.py" not in usage and "prepare.py" not in usage, usage
 
 
@@ -240,7 +240,7 @@ def test_jsonl_lone_surrogate_is_not_utf8(tmp_path):
 
 
 def test_prepared_folder_trains_with_complete_doc_blocks(planted, tmp_path, monkeypatch):
-    from d2v_engine.trainer import train
+    from d2v_engine.run.trainer import train
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as tests/test_train.py: kernels tested apart
     out = tmp_path / "tok"

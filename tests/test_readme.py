@@ -31,7 +31,7 @@ import yaml
 from d2v_engine.checkpoint import list_checkpoints, load_checkpoint
 from d2v_engine.config import load_config
 from d2v_engine.data.loader import BatchPlan
-from d2v_engine.train import main as train_main
+from d2v_engine.cli.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -65,7 +65,7 @@ CLAIMS = [
           "test_make_installs_the_lock_and_test_latest_the_newest_releases"),
     Claim("`make lock` re-resolves", "test_make_installs_the_lock_and_test_latest_the_newest_releases"),
     Claim("The commands (console scripts in `.venv/bin`; each is also "
-          "`python -m d2v_engine.<module>`)", "tests/test_install.py::test_the_console_scripts_are_the_readmes"),
+          "`python -m d2v_engine.cli.<name>`)", "tests/test_install.py::test_the_console_scripts_are_the_readmes"),
     Claim("make train CONFIG=configs/tiny_audio.yaml", "test_make_train_with_a_config_and_args"),
     Claim('make train CONFIG=configs/tiny_text.yaml ARGS="train.max_steps=50 seed=3"',
           "test_make_train_with_a_config_and_args"),
@@ -324,7 +324,7 @@ def test_a_tiny_run_writes_what_the_readme_lists(image_run):
 def test_make_train_runs_tiny_image_v2_and_probes():
     make = (ROOT / "Makefile").read_text()
     assert "CONFIG ?= configs/tiny_image_v2.yaml" in make
-    assert re.search(r"^train:.*\n\t\$\(PY\) -m d2v_engine\.train \$\(CONFIG\) train\.probe=true",
+    assert re.search(r"^train:.*\n\t\$\(PY\) -m d2v_engine\.cli\.train \$\(CONFIG\) train\.probe=true",
                      make, flags=re.M), "make train no longer runs the config with its probe"
     cfg = load_config(ROOT / "configs/tiny_image_v2.yaml")
     assert (cfg.run.name, cfg.objective.mode, cfg.train.max_steps) == ("tiny_image_v2", "v2", 200)
@@ -362,8 +362,8 @@ def test_make_installs_the_lock_and_test_latest_the_newest_releases():
 def test_default_run_figures_are_the_measured_ones():
     record = json.loads(DEFAULT_RUN.read_text())
     assert f"CONFIG ?= {record['config']}" in (ROOT / "Makefile").read_text()
-    assert record["command"].startswith(f"python -m d2v_engine.train {record['config']} "
-                                        "train.probe=true")
+    # The command as it ran then (the entry point's module has moved since, the command not).
+    assert f"train {record['config']} train.probe=true" in record["command"], record["command"]
     runs = record["runs"]
     cfg = load_config(ROOT / record["config"])
     assert all(r["steps"] == cfg.train.max_steps for r in runs)
@@ -389,7 +389,7 @@ def test_default_run_figures_are_the_measured_ones():
 def test_make_train_with_a_config_and_args(config, args, tmp_path):
     """What `make train CONFIG=... ARGS=...` runs, 3 steps instead of 200 (or 50); the audio
     probe (400 clips to embed) is left to tests/test_export.py."""
-    r = run("d2v_engine.train", config, "train.probe=true", *args, "train.max_steps=3",
+    r = run("d2v_engine.cli.train", config, "train.probe=true", *args, "train.max_steps=3",
             f"run.dir={tmp_path}", "train.progress=false")
     assert r.code == 0, r.err[-2000:]
     probed = "train.probe=false" not in args
@@ -610,14 +610,14 @@ def test_prepare_writes_the_manifests_and_report(prepared, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.wav").write_bytes(b"RIFF junk")
-    nothing = run("d2v_engine.prepare", "audio", str(bad), str(tmp_path / "o"), "--quiet")
+    nothing = run("d2v_engine.cli.prepare", "audio", str(bad), str(tmp_path / "o"), "--quiet")
     assert nothing.code == 2 and "no file accepted" in nothing.err
     assert not (tmp_path / "o" / "train.tsv").exists()
 
 
 def test_a_dry_run_prints_and_writes_the_plan(prepared):
     out, _, _ = prepared
-    r = run("d2v_engine.train", "configs/audio_base.yaml", f"data.path={out / 'speech'}",
+    r = run("d2v_engine.cli.train", "configs/audio_base.yaml", f"data.path={out / 'speech'}",
             "train.dry_run=true", f"run.dir={out / 'plan'}", "data.min_sample_size=0",
             "train.global_batch=32", "train.max_steps=1000")
     assert r.code == 0, r.err[-2000:]
@@ -642,7 +642,7 @@ def test_export_and_probe_commands(image_run, tmp_path):
     assert probe.code == 0, probe.err[-2000:]
     saved = json.loads((run_dir / "probe.json").read_text())
     assert saved["checkpoint"].endswith("checkpoint_00000006.pt")
-    from d2v_engine.probe import run_probe
+    from d2v_engine.handoff.probe import run_probe
 
     run_probe(run_dir / "checkpoint_00000004.pt", max_samples=100)
     assert json.loads((run_dir / "probe.json").read_text()) == saved, "probe.json overwritten"

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from d2v_engine.config import OptimConfig, load_config
-from d2v_engine.data2vec import build_objective
-from d2v_engine.ema import EMATeacher, teacher_shared_prefixes
+from d2v_engine.objective import build_objective
+from d2v_engine.objective.ema import EMATeacher, teacher_shared_prefixes
 from d2v_engine.models import build_model
-from d2v_engine.optim import build_optimizer
-from d2v_engine.schedule import lr_factor
+from d2v_engine.objective.optim import build_optimizer
+from d2v_engine.objective.schedule import lr_factor
 from d2v_engine.models.transformer import Block
 from d2v_kernels.targets import teacher_targets
 

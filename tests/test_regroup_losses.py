@@ -26,7 +26,7 @@ OVERRIDES = ["train.max_steps=6", "train.log_every=1", "train.progress=false",
 
 def losses_of(name: str, run_dir: Path) -> list[float]:
     from d2v_engine.config import load_config
-    from d2v_engine.trainer import train
+    from d2v_engine.run.trainer import train
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"run.dir={run_dir}", *OVERRIDES])
     return train(cfg)["losses"]

@@ -20,9 +20,9 @@ import yaml
 from d2v_engine.checkpoint import list_checkpoints
 from d2v_engine.config import load_config
 from d2v_engine.errors import ConfigError
-from d2v_engine.plan import checkpoints_kept
-from d2v_engine.train import main as train_main
-from d2v_engine.trainer import train
+from d2v_engine.planning.plan import checkpoints_kept
+from d2v_engine.cli.train import main as train_main
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["train.progress=false", "train.log_every=1", "train.global_batch=4",
@@ -44,7 +44,7 @@ def _env():
 
 
 def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "d2v_engine.train", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "d2v_engine.cli.train", *args], cwd=ROOT,
                           env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -112,7 +112,7 @@ def test_an_unknown_resume_override_is_a_config_error(tmp_path):
 def test_a_second_writer_is_refused_and_a_killed_holder_leaves_nothing_to_clean(tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(
-        [sys.executable, "-m", "d2v_engine.train", "configs/tiny_text.yaml", f"run.dir={run}",
+        [sys.executable, "-m", "d2v_engine.cli.train", "configs/tiny_text.yaml", f"run.dir={run}",
          *FAST, "train.max_steps=100000"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
@@ -139,7 +139,7 @@ def test_a_second_writer_is_refused_and_a_killed_holder_leaves_nothing_to_clean(
 # --- 3. data ----------------------------------------------------------------------------------
 
 def _prepare(*args):
-    return subprocess.run([sys.executable, "-m", "d2v_engine.prepare", *map(str, args),
+    return subprocess.run([sys.executable, "-m", "d2v_engine.cli.prepare", *map(str, args),
                            "--quiet", "--workers", "1"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
 
@@ -215,7 +215,7 @@ def test_a_gz_bomb_is_rejected_in_bounded_memory(tmp_path):
         for _ in range(512):
             f.write(member)
     start = time.time()
-    cmd = [sys.executable, "-m", "d2v_engine.prepare", "text", str(src), str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "d2v_engine.cli.prepare", "text", str(src), str(tmp_path / "out"),
            "--quiet", "--workers", "1", "--vocab-size", "300"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -229,7 +229,7 @@ def test_a_gz_bomb_is_rejected_in_bounded_memory(tmp_path):
 
 
 def test_a_long_line_over_the_limit_is_rejected_and_the_rest_of_the_file_kept(tmp_path):
-    from d2v_engine.prepare_text import read_source
+    from d2v_engine.prepare.text import read_source
 
     path = tmp_path / "lines.txt"
     path.write_bytes(b"first line\n" + b"x" * 5000 + b"\nlast line\n")
@@ -281,7 +281,7 @@ def test_devices_fifos_and_huge_files_are_bad_files_never_read(tmp_path):
 # --- 4. one line for every user error ---------------------------------------------------------
 
 def _hf_export(tmp_path) -> Path:
-    from d2v_engine.export import export
+    from d2v_engine.handoff.export import export
 
     run = tmp_path / "src_run"
     train(_cfg(run, "train.max_steps=1", config="configs/tiny_image.yaml"))
@@ -375,7 +375,7 @@ def test_the_plans_checkpoint_count_is_arithmetic_for_any_run_length():
 def test_a_sigterm_burst_checkpoints_and_exits_zero(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "d2v_engine.train", "configs/tiny_text.yaml", f"run.dir={run}",
+        [sys.executable, "-m", "d2v_engine.cli.train", "configs/tiny_text.yaml", f"run.dir={run}",
          *FAST, "train.max_steps=100000"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -395,7 +395,7 @@ def test_a_sigterm_burst_checkpoints_and_exits_zero(tmp_path):
 # --- 6. export never clobbers -----------------------------------------------------------------
 
 def test_export_into_a_non_empty_folder_is_refused_then_replaces_only_its_own_files(tmp_path):
-    from d2v_engine.export import main as export_main
+    from d2v_engine.cli.export import main as export_main
 
     run = tmp_path / "run"
     train(_cfg(run, "train.max_steps=1", config="configs/tiny_image.yaml"))
@@ -403,7 +403,7 @@ def test_export_into_a_non_empty_folder_is_refused_then_replaces_only_its_own_fi
     out.mkdir()
     (out / "README.md").write_text("my notes")
     (out / "keep.txt").write_text("mine too")
-    done = subprocess.run([sys.executable, "-m", "d2v_engine.export", str(run), str(out)],
+    done = subprocess.run([sys.executable, "-m", "d2v_engine.cli.export", str(run), str(out)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     line = _assert_one_line_error(done, str(out), "README.md", "--overwrite")
     assert "keep.txt" not in line.split("would replace")[1], line
@@ -463,7 +463,7 @@ def test_a_full_disk_says_no_space_left(tmp_path, monkeypatch, capsys):
 
 def test_a_prepare_worker_killed_from_outside_is_an_error_not_a_hang(tmp_path):
     from d2v_engine.errors import DataError
-    from d2v_engine.prepare import check_all
+    from d2v_engine.prepare.common import check_all
 
     with pytest.raises(DataError, match="a worker process died"):
         check_all(_die_on_three, list(range(8)), 2, "checking", progress=False)

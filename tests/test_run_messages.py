@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from d2v_engine.buckets import buckets_for, describe_buckets
+from d2v_engine.planning.buckets import buckets_for, describe_buckets
 from d2v_engine.checkpoint import list_checkpoints, save_checkpoint
 from d2v_engine.config import load_config
 from d2v_engine.errors import ConfigError, TrainingError
-from d2v_engine.metrics import MetricsLog
-from d2v_engine.plan import checkpoints_kept
-from d2v_engine.train import main
-from d2v_engine.trainer import train
+from d2v_engine.run.metrics import MetricsLog
+from d2v_engine.planning.plan import checkpoints_kept
+from d2v_engine.cli.train import main
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["train.progress=false", "train.log_every=1", "run.tensorboard=false",
@@ -44,13 +44,13 @@ def test_a_dry_run_says_that_nothing_was_trained(tmp_path, capsys):
 
 
 def test_stop_at_resume_and_a_finished_run_say_what_they_do(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["d2v_engine.train", "first"])
+    monkeypatch.setattr(sys, "argv", ["d2v_engine.cli.train", "first"])
     assert main(_text(tmp_path, "train.max_steps=3", "train.stop_at=2")) == 0
     assert "stopped at step 2 (train.stop_at)" in capsys.readouterr().err
     assert _rows(tmp_path)[-1] == {"event": "stopped", "step": 2, "reason": "stop_at"}
-    monkeypatch.setattr(sys, "argv", ["d2v_engine.train", "second"])
+    monkeypatch.setattr(sys, "argv", ["d2v_engine.cli.train", "second"])
     assert main(_text(tmp_path, "train.max_steps=3", "train.resume=true")) == 0
-    monkeypatch.setattr(sys, "argv", ["d2v_engine.train", "third"])
+    monkeypatch.setattr(sys, "argv", ["d2v_engine.cli.train", "third"])
     assert main(_text(tmp_path, "train.max_steps=3", "train.resume=true")) == 0
     err = capsys.readouterr().err
     assert "the run is finished (step 3 of train.max_steps=3): nothing to train" in err, err
@@ -166,7 +166,7 @@ def test_the_plans_kept_count_is_what_retention_keeps(tmp_path, steps, every, la
     assert checkpoints_kept(steps, every, last, keep_every) == len(list_checkpoints(tmp_path))
 
 
-@pytest.mark.parametrize("module", ["d2v_engine.export", "benchmarks.bench_masking"])
+@pytest.mark.parametrize("module", ["d2v_engine.cli.export", "benchmarks.bench_masking"])
 def test_help_explains_and_exits_0(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from d2v_engine.config import OptimConfig
-from d2v_engine.ema import ema_decay_at
-from d2v_engine.schedule import lr_factor, scaled_lr
+from d2v_engine.objective.ema import ema_decay_at
+from d2v_engine.objective.schedule import lr_factor, scaled_lr
 
 
 def test_cosine_warms_up_then_decays_to_the_floor():
@@ -41,13 +41,13 @@ def test_ema_decay_anneals_linearly_then_holds():
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules scale with train.max_steps (d2v_engine.schedule.run_steps)
+# Schedules scale with train.max_steps (d2v_engine.objective.schedule.run_steps)
 
 import json
 from pathlib import Path
 
 from d2v_engine.config import load_config
-from d2v_engine.schedule import run_steps, schedule_steps
+from d2v_engine.objective.schedule import run_steps, schedule_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -110,7 +110,7 @@ def test_no_reference_length_means_no_scaling():
 def test_the_trainer_logs_the_scaled_curves(tmp_path, monkeypatch):
     """A real 20-step run logs, for every update, the lr and EMA decay of the 200-step curves at
     the same fraction of the run (tiny_text, one block: the schedule does not depend on it)."""
-    from d2v_engine.trainer import train
+    from d2v_engine.run.trainer import train
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels have their own tests
     small = ["model.depth=1", "objective.top_k=1", "train.global_batch=2", "train.progress=false",

@@ -177,7 +177,7 @@ def test_slurm_script_hands_srun_the_node_list_job_and_signal_settings(env, tmp_
     got, args = _record(tmp_path)
     assert args == ["scripts/train_multi_node.sh", "configs/tiny_image.yaml", "train.max_steps=2"]
     assert (got["MASTER_ADDR"], got["NNODES"], got["RDZV_ID"]) == ("node-a", "2", "4242")
-    assert got["SLURM_RESTART_COUNT"] == "3"  # what d2v_engine.preemption reads on a requeue
+    assert got["SLURM_RESTART_COUNT"] == "3"  # what d2v_engine.run.preemption reads on a requeue
     # SLURM sends TERM 120 s before the limit; torchrun must give the ranks less than that to
     # finish the step and checkpoint, and more than its default 30 s.
     options = _sbatch_options()

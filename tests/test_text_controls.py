@@ -64,7 +64,7 @@ def test_the_masked_lm_control_learns_from_the_masked_tokens():
     """Its first loss is the uniform guess over the vocabulary and it falls: the control trains."""
     from benchmarks.text_controls import mlm_control
     from d2v_engine.config import load_config
-    from d2v_engine.probe import labelled_split
+    from d2v_engine.handoff.probe import labelled_split
     from benchmarks.common import ROOT
 
     cfg = load_config(ROOT / "configs/tiny_text.yaml")

@@ -11,7 +11,8 @@ Tokenizer = pytest.importorskip("tokenizers").Tokenizer
 
 from d2v_engine.config import DataConfig
 from d2v_engine.data import build_dataset
-from d2v_engine.data.tokenize import main, train_bpe, write_split
+from d2v_engine.cli.tokenize import main
+from d2v_engine.data.tokenize import train_bpe, write_split
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = [f"Sentence {i}: the quick brown fox number {i * 7} jumps over the lazy dog again."

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from d2v_engine import cpu_setup
-from d2v_engine.cpu_setup import dali_cpus, describe, rank_cpus, spread_order
-from d2v_engine.topology import parse_cpulist, read_cores, read_topology
+from d2v_engine.runtime import cpu_setup
+from d2v_engine.runtime.cpu_setup import dali_cpus, describe, rank_cpus, spread_order
+from d2v_engine.runtime.topology import parse_cpulist, read_cores, read_topology
 
 
 def _ranges(cpus) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from d2v_engine.checkpoint import load_checkpoint
 from d2v_engine.config import load_config
-from d2v_engine.trainer import train
+from d2v_engine.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ["image", "audio", "text"]
@@ -32,7 +32,7 @@ def _rows(run_dir):
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "d2v_engine.train", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "d2v_engine.cli.train", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 

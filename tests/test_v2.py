@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from d2v_engine.config import load_config
-from d2v_engine.data2vec import Data2Vec, build_objective
-from d2v_engine.data2vec_v2 import Data2VecV2
-from d2v_engine.ema import EMATeacher
+from d2v_engine.objective import Data2Vec, build_objective
+from d2v_engine.objective.data2vec_v2 import Data2VecV2
+from d2v_engine.objective.ema import EMATeacher
 from d2v_engine.errors import ConfigError
 from d2v_engine.models import build_model
 from d2v_engine.models.decoder import ConvDecoder
 from d2v_engine.models.visible import encode_visible, gather_tokens, keep_indices, scatter_tokens
-from d2v_engine.trainer import train
+from d2v_engine.run.trainer import train
 from d2v_kernels.masking import block_mask, clone_seeds, random_mask
 from d2v_kernels.targets import teacher_targets
 

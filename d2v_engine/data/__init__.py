@@ -31,7 +31,7 @@ def build_dataset(data_cfg: DataConfig, modality: str, split: str = "train"):
     """The dataset at data.path: an image folder, an audio manifest or a text folder.
 
     Image folders have no splits (point data.path at the split's folder); a folder written by
-    `d2v_engine.prepare image` (or its .tsv list) has. Audio and text use `split` unless data.path is a
+    `d2v-prepare image` (or its .tsv list) has. Audio and text use `split` unless data.path is a
     manifest file.
     """
     if not data_cfg.path:
@@ -40,7 +40,7 @@ def build_dataset(data_cfg: DataConfig, modality: str, split: str = "train"):
     if not path.exists():
         raise DataError(f"data.path not found: {path}")
     if modality == "image":
-        prepared = path / f"{split}.tsv"  # a folder `d2v_engine.prepare image` wrote
+        prepared = path / f"{split}.tsv"  # a folder `d2v-prepare image` wrote
         return ImageFolderDataset(data_cfg, prepared if prepared.is_file() else path)
     if modality == "audio":
         return AudioManifestDataset(data_cfg, path / f"{split}.tsv" if path.is_dir() else path)

@@ -18,8 +18,8 @@ batch; 0: the whole global batch), and every clip of a group is cropped to the g
 the clip lengths come from the file headers (crop_length), each clip's offset from its own
 generator (seed, step, position). A sample's crop therefore depends on the seed, the step, its
 position and its group's lengths, never on the world size, the micro-batch or the accumulation;
-the trainer gives a group's rows one masked count the same way (d2v_engine.data2vec). A micro-batch
-holds whole groups' parts only: train.micro_batch must divide data.crop_group (d2v_engine.plan).
+the trainer gives a group's rows one masked count the same way (d2v_engine.objective.data2vec). A micro-batch
+holds whole groups' parts only: train.micro_batch must divide data.crop_group (d2v_engine.planning.plan).
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def resample(wav: np.ndarray, rate: int, target: int, taps: int = 32) -> np.ndar
 def read_audio(path: Path | str) -> tuple[np.ndarray, int, int]:
     """read_wav's result for any file the engine accepts: WAV (16-bit PCM or float32) without a
     dependency; other WAV encodings and FLAC through the optional `soundfile` package. The
-    loader and `d2v_engine.prepare` both decode with this, so whatever prepare accepts loads."""
+    loader and `d2v-prepare` both decode with this, so whatever prepare accepts loads."""
     path = Path(path)
     if path.suffix.lower() == ".wav":
         try:

@@ -12,7 +12,7 @@ with device="mixed"), resizing, normalizing, batching, with prefetch_queue_depth
 flight while the step runs.
 
 Threads: DALI's CPU threads and the mixed decoder's each go where DALI_AFFINITY_MASK says, entry i
-for thread i. Given this rank's CPUs (d2v_engine.cpu_setup pinned the rank to them), the loader
+for thread i. Given this rank's CPUs (d2v_engine.runtime.cpu_setup pinned the rank to them), the loader
 writes them there, one physical core per thread first, and builds with set_affinity=True, so
 both thread pools stay on the rank's own cores. Without it DALI's default pins the decoder's
 threads to the CPUs NVML calls close to the GPU that the thread may use, and where those do not

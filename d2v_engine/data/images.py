@@ -59,7 +59,7 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[int] | None, list[str
 
 
 def read_image_list(path: Path) -> tuple[list[str], list[int] | None, list[str]]:
-    """(files, labels or None, class names) of a list written by `d2v_engine.prepare image`: the
+    """(files, labels or None, class names) of a list written by `d2v-prepare image`: the
     root folder on line 1, then `relative_path[<TAB>label]` (labels on every line or none);
     class names from classes.txt beside it when present."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
@@ -120,7 +120,7 @@ class ImageFolderDataset:
     def __init__(self, data_cfg: DataConfig, root: Path):
         self.cfg = data_cfg
         self.root = Path(root)
-        # A folder is scanned; a file is the list `d2v_engine.prepare image` wrote.
+        # A folder is scanned; a file is the list `d2v-prepare image` wrote.
         scan = read_image_list if self.root.is_file() else scan_image_folder
         self.files, self.labels, self.classes = scan(self.root)
         self.num_labels = len(self.classes)

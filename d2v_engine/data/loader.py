@@ -56,7 +56,7 @@ def group_positions(position: int, group: int) -> range:
 
 
 def check_crop_group(crop_group: int, plan: BatchPlan) -> None:
-    """ConfigError when a micro-batch would hold parts of two crop groups (d2v_engine.plan)."""
+    """ConfigError when a micro-batch would hold parts of two crop groups (d2v_engine.planning.plan)."""
     if crop_group and (crop_group % plan.micro_batch or plan.global_batch % crop_group):
         raise ConfigError(f"config key 'data.crop_group': {crop_group} must divide the global "
                           f"batch ({plan.global_batch}) and be a multiple of the micro-batch "

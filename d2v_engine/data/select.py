@@ -52,7 +52,7 @@ def build_loader(dataset, data_cfg: DataConfig, modality: str, plan: BatchPlan, 
                  seed: int, start_step: int, max_steps: int, device: torch.device | str = "cpu",
                  kind: str | None = None, cpus: list[int] | None = None):
     """This rank's micro-batches of steps start_step .. max_steps - 1 from the chosen loader;
-    `cpus`: where DALI's threads go, in thread order (d2v_engine.cpu_setup.dali_cpus)."""
+    `cpus`: where DALI's threads go, in thread order (d2v_engine.runtime.cpu_setup.dali_cpus)."""
     kind = kind or choose_loader(data_cfg, modality)
     skip_bad = data_cfg.on_bad_file == "skip"
     crop = {"crop_group": crop_group_size(data_cfg, plan.global_batch)} \

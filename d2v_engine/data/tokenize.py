@@ -1,7 +1,7 @@
 """Text -> the token folder d2v_engine.data.text reads: the BPE tokenizer and the token-file writer.
 
-    python -m d2v_engine.data.tokenize SRC OUT [options]        (the same command as
-    python -m d2v_engine.data.tokenize OUT SPLIT=PATH ...        `d2v-prepare text`)
+    python -m d2v_engine.cli.tokenize SRC OUT [options]        (the same command as
+    python -m d2v_engine.cli.tokenize OUT SPLIT=PATH ...        `d2v-prepare text`)
 
 Every document is BPE-encoded by Hugging Face `tokenizers` and followed by </s> in <split>.bin
 (uint16 LE, or uint32 when the vocabulary exceeds 65,536 ids: meta.json "dtype"); <split>.idx
@@ -13,7 +13,6 @@ tokenizer that made the files. Text that spells a special token ("</s>") is enco
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,15 +93,3 @@ def write_split(folder: Path, split: str, tokenizer, docs: list[str], eos: int,
                 dtype: str = "uint16") -> tuple[int, int]:
     """Encodes docs into <split>.bin / <split>.idx; returns (tokens, documents)."""
     return write_tokens(folder, split, encode_documents(tokenizer, docs), eos, dtype), len(docs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`d2v-prepare text` under this module's name; the exit code."""
-    from d2v_engine.prepare import main as prepare_main
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return prepare_main(["text", *argv], prog="python -m d2v_engine.data.tokenize")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """data2vec 2.0's convolutional decoder: restores a full-length sequence of target predictions from
-the student's visible-token encodings (with noise at the masked positions, d2v_engine/data2vec_v2.py).
+the student's visible-token encodings (with noise at the masked positions, d2v_engine/objective/data2vec_v2.py).
 
 A block is conv (kernel k, "same" length, groups g) -> LayerNorm over channels without affine ->
 GELU, with a residual around every block whose input has the decoder's width (so not the first one

@@ -115,7 +115,7 @@ class BlockStack(nn.Module):
 
     def __init__(self, cfg, pre_ln: bool, k_bias: bool = True, eps: float = 1e-5):
         super().__init__()
-        # On the CPU explicitly: the plan builds models on the meta device (d2v_engine.flops).
+        # On the CPU explicitly: the plan builds models on the meta device (d2v_engine.planning.flops).
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.layerdrop = cfg.layerdrop
         # Recompute each block's activations in backward (memory for compute); only the student's
@@ -127,13 +127,13 @@ class BlockStack(nn.Module):
                   k_bias=k_bias, eps=eps)
             for i in range(cfg.depth)
         )
-        # FSDP (d2v_engine.parallel sets it): every rank must gather every block in the same order,
+        # FSDP (d2v_engine.runtime.parallel sets it): every rank must gather every block in the same order,
         # but each rank draws its own layerdrop. A dropped block then still runs, its output
         # weighted 0: x + 0 * (block(x) - x) is x and passes x's gradient through unchanged, as
         # skipping does, and gives the block's parameters a zero gradient on this rank (which is
         # what DDP reduces for a parameter this rank did not use). The RNG state is restored
         # after it, so later dropout and layerdrop draws are those of a skip. `runs` counts, per
-        # block, the micro-batches that kept it since d2v_engine.parallel.forget_unused_blocks last
+        # block, the micro-batches that kept it since d2v_engine.runtime.parallel.forget_unused_blocks last
         # read it.
         self.run_dropped = False
         self.runs = [0] * len(self.blocks)

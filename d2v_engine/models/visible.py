@@ -36,7 +36,7 @@ def row_count_range(mask: torch.Tensor) -> torch.Tensor:
 def shared_count(count_range) -> int:
     """The masked count every row shares, from row_count_range's [min, max] (ValueError if the
     rows differ). From a device tensor this is a host read: the count sets the shape of
-    everything after it. Drawn a micro-batch ahead (d2v_engine.mask_ahead), the range is copied to the
+    everything after it. Drawn a micro-batch ahead (d2v_engine.run.mask_ahead), the range is copied to the
     host on the side stream and read a whole step later, so the step never waits for it."""
     lo, hi = count_range.tolist()
     if lo != hi:

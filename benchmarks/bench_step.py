@@ -72,7 +72,7 @@ import d2v_engine.models.transformer as transformer_module
 from benchmarks import common
 from d2v_engine.compile import compile_encoder
 from d2v_engine.config import Config, load_config
-from d2v_engine.data2vec import build_objective
+from d2v_engine.data2vec import build_objective, teacher_may_skip_padding
 from d2v_engine.ema import EMATeacher, teacher_shared_prefixes
 from d2v_engine.mask_ahead import host_to_device
 from d2v_engine.models import build_model
@@ -302,7 +302,8 @@ class Step:
                 mark("masking")
                 with torch.no_grad():
                     t_x, t_pad = teacher.embed(source, pad)
-                    t_out = teacher.encode(t_x, t_pad, return_layers=True)
+                    t_out = teacher.encode(t_x, t_pad, return_layers=True,
+                                           skip_padded_queries=teacher_may_skip_padding(o))
                 mark("teacher")
                 x, x_pad = model.encoder.embed(masked_source, pad)
                 mark("student")  # the timer adds up every segment of one name
@@ -312,7 +313,8 @@ class Step:
                 mask = model.make_mask(source, pad, x_pad, seeds, x.shape[1])
                 mark("masking")
                 with torch.no_grad():
-                    t_out = teacher.encode(x.detach(), x_pad, return_layers=True)
+                    t_out = teacher.encode(x.detach(), x_pad, return_layers=True,
+                                           skip_padded_queries=teacher_may_skip_padding(o))
                 mark("teacher")
             with torch.no_grad():
                 per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
@@ -321,7 +323,8 @@ class Step:
                     else x_pad, layer_norm=o.layer_norm, final_norm=o.final_norm,
                     instance_norm_padding=o.instance_norm_padding)
             mark("targets")
-            student = model.encoder.encode(x, x_pad, mask=None if cfg.modality == "text" else mask)
+            student = model.encoder.encode(x, x_pad, mask=None if cfg.modality == "text" else mask,
+                                           skip_padded_queries=True)
             pred = model.head(student.x[:, n_extra:][mask]).float()
             loss = torch.nn.functional.mse_loss(pred, targets[mask], reduction="sum")
         loss.backward()

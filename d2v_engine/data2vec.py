@@ -20,6 +20,14 @@ from d2v_kernels.masking import block_mask, span_mask, token_mask
 from d2v_kernels.targets import teacher_targets
 
 
+def teacher_may_skip_padding(o) -> bool:
+    """Whether the targets never read the teacher's layers at padded positions: true unless an
+    instance norm counts the padded steps in its statistics (instance_norm_padding="include",
+    fairseq's), so the teacher's attention may skip the padded queries."""
+    return not (o.instance_norm_padding == "include"
+                and "instance" in (o.layer_norm, o.final_norm))
+
+
 @dataclass
 class StepOutput:
     """One micro-batch's loss_sum (the scaled loss summed over masked positions, normalized by the
@@ -138,14 +146,16 @@ class Data2Vec(nn.Module):
         masks = self.draw_masks(batch, seeds) if masks is None else masks
         mask = masks["mask"]
 
+        # The student's padded positions are never read (the loss is at masked positions, never
+        # padding), so attention skips their queries.
         if cfg.modality == "text":
             x, x_pad = self.encoder.embed(masks["source"], padding_mask)
-            student = self.encoder.encode(x, x_pad)
+            student = self.encoder.encode(x, x_pad, skip_padded_queries=True)
             with torch.no_grad():
                 t_x, t_pad = teacher.embed(source, padding_mask)
         else:
             x, x_pad = self.encoder.embed(source, padding_mask)
-            student = self.encoder.encode(x, x_pad, mask=mask)
+            student = self.encoder.encode(x, x_pad, mask=mask, skip_padded_queries=True)
             with torch.no_grad():
                 if shared_features:
                     t_x, t_pad = x.detach(), x_pad
@@ -153,7 +163,8 @@ class Data2Vec(nn.Module):
                     t_x, t_pad = teacher.embed(source, padding_mask)
 
         with torch.no_grad():
-            t_out = teacher.encode(t_x, t_pad, return_layers=True)
+            t_out = teacher.encode(t_x, t_pad, return_layers=True,
+                                   skip_padded_queries=teacher_may_skip_padding(o))
             per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
             layers = [y[:, n_extra:] for y in per_block[-o.top_k:]]
             targets = teacher_targets(

@@ -53,7 +53,8 @@ D = 64, large B*H):
               tile (the bias tile is loaded once), summing dS in fp32 registers and storing the
               chunk's partial once. The C partials (C x H x Tq x Tk fp32) are summed in a fixed
               order (torch.sum over the chunk dimension): no atomics, a deterministic gradient.
-              C is chosen so that about 4 programs per SM run (fewer with small B). Folding the
+              C fills whole waves (bias_chunks: the grid's time in waves x samples per chunk,
+              minimized; one program per SM is a wave). Folding the
               sum into the dK/dV kernel (which has dS already) was measured by registers and
               instructions on sm_90: its per-sample loop needs the dS sums of all query blocks
               at once -- in registers only 64 x 16 tiles fitted (255 registers, spilling with
@@ -531,15 +532,34 @@ def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
+# The shared bias gradient's grid: 64 x 64 tiles x H x C batch chunks, each program looping over
+# its chunk's samples. Its configs hold one 8-warp program per H100 SM, or two of 4 warps at
+# about half the speed each (python -m d2v_kernels.compile_check --match _bwd_dbias: 145-248
+# registers), so one program per SM is a wave. DBIAS_OVERHEAD: a program's fixed work (the bias
+# tile loaded once, the fp32 partial stored once: 16 KB each) in units of one sample's work (four
+# 8 KB operand tiles, S and dP recomputed): an estimate.
+DBIAS_OVERHEAD = 0.5
+
+
+def wave_chunks(b: int, per_chunk: int, wave: int) -> int:
+    """The chunk count C in 1..b minimizing the grid's time, waves x work per program:
+    ceil(per_chunk * C / wave) * (ceil(b / C) + DBIAS_OVERHEAD); ties go to the fewest chunks
+    (fewer fp32 partials to write and sum), then C is evened out so that no chunk is empty.
+    E.g. b = 128, 192 programs per chunk (H = 12, T = 197), 132 SMs: C = 2, 2.9 waves, 4% above
+    the work / SMs bound; about 4 programs per SM (C = 3, the rule before) ran 4.4 waves (the
+    fifth 36% full), 17% above it."""
+    best = min(range(1, b + 1), key=lambda c: (
+        triton.cdiv(per_chunk * c, wave) * (triton.cdiv(b, c) + DBIAS_OVERHEAD), c))
+    return triton.cdiv(b, triton.cdiv(b, best))
+
+
 def bias_chunks(b: int, h: int, t_q: int, t_k: int, device: torch.device) -> int:
-    """How many batch chunks share a bias gradient's work: about 4 programs per SM (of 64 x 64
-    tiles x H heads x chunks), at most one chunk per sample; 2 when interpreted."""
+    """How many batch chunks share a bias gradient's work (wave_chunks, one program per SM a
+    wave); 2 when interpreted."""
     if device.type != "cuda":
         return min(b, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    per_chunk = h * triton.cdiv(t_q, 64) * triton.cdiv(t_k, 64)
-    chunks = min(b, max(1, triton.cdiv(4 * sms, per_chunk)))
-    return triton.cdiv(b, triton.cdiv(b, chunks))  # no empty chunk
+    return wave_chunks(b, h * triton.cdiv(t_q, 64) * triton.cdiv(t_k, 64), sms)
 
 
 def flash_backward(dout, q, k, v, key_padding_mask, attn_bias, out, lse, scale, dropout_p=0.0,

@@ -39,11 +39,12 @@ Estimates, nothing here has been timed on a GPU yet; the basis of each:
   extension    (60 s)   240 s   beside the tests, so 0 s of wall time: nvcc of targets_kernels.cu
                                 with torch's flags took 44 s on 2 cores here (make compile-check),
                                 the torch binding ~30-60 s; ninja builds the two at once
-  tests        150 s    210 s   13 attention tests in bf16/fp16 x 4 shapes, each kernel's ~7-25
-                                autotune configs compiled once (ptxas 2-8 s per bf16 config in
-                                make compile-check's table), over 12 processes on 16 cores; the
-                                rest (targets, masking, dispatch, dropout) < 20 s; --durations in
-                                the logs records the real split
+  tests        150 s    210 s   the attention tests compile each autotune config once: the base
+                                configs' 112 bf16 + fp16 attention compiles took 451 s of ptxas
+                                on this 2-core CPU (median 3.7 s, max 11 s: compile_check
+                                --dtypes bfloat16,float16), ~40 s over 12 processes, plus
+                                autotuning and the float64 references; 2x for the unknown;
+                                --durations in the logs records the real split
   ext tests     15 s     60 s   76 targets-extension tests of ms each, plus the load
   benchmarks   355 s    rest    run_all's per-case estimates (BenchCase.estimate_s), summed in
                                 QUICK_PLAN order: attention 4 x 20 s, image v1 step 110 s,

@@ -452,3 +452,28 @@ def test_compiled_call_takes_the_measured_pick(measured):
     out = compiled(q, k, v, bias)
     assert "sdpa_math" in ran and len(timed) == 5
     torch.testing.assert_close(out, attention_reference(q, k, v, pad, bias))
+
+
+def _grid_time(b, per_chunk, wave, chunks):
+    """wave_chunks' model of the bias-gradient grid: waves x (samples per chunk + overhead)."""
+    return -(-per_chunk * chunks // wave) * (-(-b // chunks) + attention_module.DBIAS_OVERHEAD)
+
+
+@pytest.mark.parametrize("b", [1, 2, 7, 32, 64, 128, 256])
+@pytest.mark.parametrize("heads,t", [(12, 197), (12, 65), (16, 750)])
+def test_bias_gradient_grid_fills_whole_waves(b, heads, t):
+    """On an H100 (132 SMs, one dbias program per SM): the chunk count is the best of the model
+    over every count, no chunk is empty, and at image v1's B = 128 the grid runs within 5% of the
+    work / SMs bound where about 4 programs per SM (the old rule: C = 3) lost 17% to its tail."""
+    sms = 132
+    per_chunk = heads * (-(-t // 64)) ** 2
+    chunks = attention_module.wave_chunks(b, per_chunk, sms)
+    assert 1 <= chunks <= b
+    per = -(-b // chunks)
+    assert (chunks - 1) * per < b, f"an empty chunk: {chunks} chunks of {per} for B={b}"
+    best = min(_grid_time(b, per_chunk, sms, c) for c in range(1, b + 1))
+    assert _grid_time(b, per_chunk, sms, chunks) == best
+    if (b, heads, t) == (128, 12, 197):
+        bound = per_chunk * b / sms
+        assert _grid_time(b, per_chunk, sms, chunks) / bound < 1.05, chunks
+        assert _grid_time(b, per_chunk, sms, 3) / bound > 1.15

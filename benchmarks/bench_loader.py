@@ -105,7 +105,8 @@ def cases(tiny: bool = False) -> list:
         rows = main((["--tiny"] if tiny else []) + ["--modalities", modality])
         for dali in (r for r in rows if r.loader == "dali"):
             peer = next(r for r in rows if r.loader == "torch")
-            shape = f"{dali.modality} batch {dali.batch}, {dali.workers} workers, DALI on {dali.device}"
+            shape = (f"{dali.modality} batch {dali.batch}, {dali.workers} workers, DALI on "
+                     f"{dali.device}")
             emit(common.record("loader", shape, dali.per_s, "torch DataLoader", peer.per_s,
                                dali.unit))
 

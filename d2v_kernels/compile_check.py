@@ -420,9 +420,10 @@ def cuda_home(nvcc: str) -> str:
 def torch_nvcc_command(nvcc: str) -> list[str]:
     """The nvcc and its flags that torch.utils.cpp_extension.load passes for the extension's .cu
     files (d2v_kernels._cuda's arguments), for sm_90: read from the ninja file torch itself writes
-    for that build (its COMMON_NVCC_FLAGS -- -D__CUDA_NO_HALF_CONVERSIONS__ and the like --, the arch
-    flags of TORCH_CUDA_ARCH_LIST=9.0, include_paths("cuda"), -std=c++20), so a flag torch adds
-    tomorrow is checked here too. A CPU build of torch has no CUDA_HOME: nvcc's toolkit stands in."""
+    for that build (its COMMON_NVCC_FLAGS -- -D__CUDA_NO_HALF_CONVERSIONS__ and the like --, the
+    arch flags of TORCH_CUDA_ARCH_LIST=9.0, include_paths("cuda"), -std=c++20), so a flag torch
+    adds tomorrow is checked here too. A CPU build of torch has no CUDA_HOME: nvcc's toolkit
+    stands in."""
     from unittest import mock
 
     from torch.utils import cpp_extension as ce

@@ -768,12 +768,8 @@ if triton is not None:
         draw = _bits_tl(base, key, t) >> 8
         base, key = _stream_tl(seed, salt_random)
         new_id = (_bits_tl(base, key, t) * choices) >> 32
-        # while, not range(n_exclude): the interpreter of triton 3.6 turns a range bound into
-        # int(1-element array), which numpy >= 2.4 refuses (the compiled loop is the same)
-        i = tl.zeros([], dtype=tl.int32)
-        while i < n_exclude:
+        for i in range(n_exclude):
             new_id += (new_id >= tl.load(exclude + i)).to(tl.int64)
-            i += 1
         old = tl.load(tokens + at, mask=inside, other=0)
         new = tl.where(draw >= random_below, mask_id, new_id).to(old.dtype)
         new = tl.where(chosen & (draw >= keep_below), new, old)
@@ -857,14 +853,12 @@ if triton is not None:
         col = index % w
         base, key = _stream_tl(seed, salt_draw)
         kept = index < 0
-        i = tl.zeros([], dtype=tl.int64)
-        while i < centers:  # not range(centers): see _token_kernel
-            c = (_bits_tl(base, key, i) * n) >> 32
+        for i in range(centers):
+            c = (_bits_tl(base, key, tl.full([], i, tl.int64)) * n) >> 32
             lo_r = c // w - length // 2
             lo_c = c % w - length // 2
             kept = kept | ((row >= lo_r) & (row < lo_r + length) & (col >= lo_c)
                            & (col < lo_c + length))
-            i += 1
         kept = kept & inside
         excess = tl.sum(kept.to(tl.int64)) - keep
         base, key = _stream_tl(seed, salt_fill)

@@ -11,9 +11,9 @@ summary, each row written the moment it is measured), bench.log, summary.json (r
 every phase). A run killed at any point leaves what it measured there. Stdout stays short (only
 its tail may come back): a line or two per phase, failing tests one line each, the headline rows.
 
-Compile caches live in the checkout's ignored .gpu-cache/ (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR,
-TORCH_EXTENSIONS_DIR), so a second call on a warm machine compiles nothing; TRITON_PRINT_AUTOTUNING=1
-writes each autotune pick into the logs.
+Compile caches live in the checkout's ignored .gpu-cache/ (TRITON_CACHE_DIR,
+TORCHINDUCTOR_CACHE_DIR, TORCH_EXTENSIONS_DIR), so a second call on a warm machine compiles
+nothing; TRITON_PRINT_AUTOTUNING=1 writes each autotune pick into the logs.
 
 Phases, most information per second first, each timed and capped (a phase past its cap is killed
 and reported, and the next one starts):
@@ -245,9 +245,10 @@ def _finished_in_log(text: str) -> int:
 
 
 def phase_tests(name: str, files, marks: str, cpu: bool, cap: float, workers: int,
-                out: Path) -> str:
+                out: Path, **extra_env) -> str:
     """The tests of `files` selected by the -m expression `marks`, over `workers` pytest
-    processes; logs, --durations and junit XML under out/tests/."""
+    processes (their environment plus `extra_env`); logs, --durations and junit XML under
+    out/tests/."""
     begin = time.perf_counter()
     ids = collect_test_ids(files, marks, cpu, cap)
     if not ids:
@@ -261,7 +262,8 @@ def phase_tests(name: str, files, marks: str, cpu: bool, cap: float, workers: in
         xml = out / "tests" / f"{name}{n}.xml"
         cmd = [sys.executable, "-m", "pytest", "-v", "--tb=line", "-rs", "-p", "no:cacheprovider",
                "--durations=15", f"--junitxml={xml}", *group]
-        procs.append((start(cmd, cpu, out / "tests" / f"{name}{n}.log"), xml, len(group)))
+        procs.append((start(cmd, cpu, out / "tests" / f"{name}{n}.log", **extra_env), xml,
+                      len(group)))
     totals = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     failures, killed = [], []
     for n, (proc, xml, count) in enumerate(procs):
@@ -288,13 +290,13 @@ def phase_tests(name: str, files, marks: str, cpu: bool, cap: float, workers: in
     return "ok" if ok else "FAILED"
 
 
-def phase_bench(cpu: bool, budget: float, out: Path) -> str:
+def phase_bench(cpu: bool, budget: float, out: Path, **extra_env) -> str:
     cmd = [sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out / "bench")]
     if cpu:  # CI: no per-case guards (a slow shared CPU must not fail the check), tiny shapes
         cmd.append("--tiny")
     else:  # 20 s for start-up and the files
         cmd += ["--budget-s", f"{max(budget - 20, 1):.0f}"]
-    rc = finish(start(cmd, cpu, out / "bench.log"), budget)
+    rc = finish(start(cmd, cpu, out / "bench.log", **extra_env), budget)
     results = sorted((out / "bench").glob("*.json"))
     if not results:
         print(f"benchmarks: no results (exit {rc}); see {out / 'bench.log'}")
@@ -379,12 +381,18 @@ def main(argv=None) -> int:
           flush=True)
     cap = _cuda.BUILD_CAP_S
     rc = finish(build, cap - (time.perf_counter() - build_start))
-    record("extension", extension_result(rc, out / "extension.log", cap), build_start)
+    built = extension_result(rc, out / "extension.log", cap)
+    record("extension", built, build_start)
+    # A build that did not succeed is reported above: the test processes and the benchmarks
+    # must not each try it again (D2V_CUDA_JIT=0: the extension's CUDA tests skip, saying it is
+    # not installed; the targets benchmark has no cuda peer).
+    no_rebuild = {} if built == "ok" else {"D2V_CUDA_JIT": "0"}
     guarded("extension tests", lambda: phase_tests(
         "ext_tests", EXTENSION_TESTS, f"not {FP32_MARK}", args.cpu,
-        min(EXTENSION_TESTS_CAP_S, left() - BENCH_MIN_S - fp32_reserve), workers, out))
+        min(EXTENSION_TESTS_CAP_S, left() - BENCH_MIN_S - fp32_reserve), workers, out,
+        **no_rebuild))
     guarded("benchmarks", lambda: phase_bench(args.cpu, max(left() - fp32_reserve, BENCH_MIN_S),
-                                              out))
+                                              out, **no_rebuild))
     if args.fp32:
         guarded("fp32", lambda: phase_tests("fp32", KERNEL_TESTS, FP32_MARK, args.cpu,
                                             max(min(FP32_CAP_S, left()), 30), workers, out))

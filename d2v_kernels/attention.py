@@ -505,14 +505,13 @@ def flash_forward(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dr
     thr, drop_scale = dropout_threshold(dropout_p)
     if dropout_p > 0 and keep is None:
         keep = torch.empty(dropout_mask_shape(B, H, Tq, Tk), dtype=torch.uint8, device=q.device)
-    if dropout_p > 0:
-        seed = _seed_tensor(seed, q.device)
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0 else q  # q: a pointer never loaded
     pad, spb, spn = _mask_args(key_padding_mask, q)
     bias, sbb, sbh, sbm, sbn = _bias_args(attn_bias, q)
     _, _, r8, c4 = dropout_mask_shape(B, H, Tq, Tk)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_fwd_kernel, grid, (
-        q, k, v, bias, pad, out, lse, q if keep is None else keep, q if seed is None else seed,
+        q, k, v, bias, pad, out, lse, q if keep is None else keep, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sbb, sbh, sbm, sbn, spb, spn,
         H, Tq, Tk, scale * _LOG2E, thr, drop_scale, r8, c4, _t_bucket(max(Tq, Tk))),

@@ -25,7 +25,8 @@ GPU_TRITON := 3.6.0
 TRITON_VENV := .venv-triton$(GPU_TRITON)
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: train test test-latest lock bench install clean gpu-check gpu-check-cpu compile-check
+.PHONY: train test test-latest lock bench install clean gpu-check gpu-check-cpu \
+	gpu-check-cpu-image compile-check
 
 $(STAMP): setup.py $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(if $(HAS_GPU),--system-site-packages) $(VENV)
@@ -61,12 +62,20 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all $(ARGS)
 
 # On a GPU machine as it is: no venv and no pip (the GPU image has what this needs and no
-# network); scripts/gpu_check.py says what it runs, within 9 minutes. gpu-check-cpu is its CI mode.
+# network); scripts/gpu_check.py says what it runs, within 9 minutes, and writes every log and
+# result under --out (default $OUT, else gpu-check-out/<date-time>). gpu-check-cpu is its CI
+# mode; gpu-check-cpu-image runs that mode under the GPU image's triton ($(GPU_TRITON)) and the
+# newest numpy (the image's pins; torch stays the lock's CPU build, the image's CUDA 2.11 has no
+# CPU wheel to match), in the triton venv of compile-check.
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) scripts/gpu_check.py $(ARGS)
 
 gpu-check-cpu: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py --cpu $(ARGS)
+
+gpu-check-cpu-image: $(TRITON_STAMP)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade numpy
+	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python scripts/gpu_check.py --cpu $(ARGS)
 
 $(TRITON_STAMP): $(STAMP)
 	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
@@ -82,4 +91,4 @@ compile-check: $(STAMP) $(TRITON_STAMP)
 	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m d2v_kernels.compile_check $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(LATEST_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) $(LATEST_VENV) runs build *.egg-info .gpu-cache gpu-check-out

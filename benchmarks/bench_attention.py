@@ -13,9 +13,15 @@ Peers, each on the same tensors: every SDPA kernel (flash, cuDNN, efficient, mat
 padding as an additive mask, which some refuse -- the row says why), FlexAttention (bias as a
 score_mod, padding as a block mask; it has no dropout, so the dropout cases list it as refused),
 flash-attn where installed (varlen on the unpadded tokens when padded; no bias), and "dispatch":
-d2v_kernels.attention.attention, whatever the measured dispatcher picked. "ours" computes every query
+d2v_kernels.attention.attention, whatever the measured dispatcher picked -- its row names the
+forward pick and the forward+backward pick (the one training takes), with every candidate's
+back-to-back and single-call milliseconds (d2v_kernels.attention_dispatch). "ours" computes every query
 row, as training does; "ours_skipq" skips padded queries (skip_padded_queries=True), which
 flash-attn's varlen path also does.
+
+run_all (cases(); make gpu-check) times ours and the SDPA kernels first and FlexAttention and the
+dispatcher (which compile per shape key) after the other benchmarks' headline rows; each row is
+emitted the moment it is measured.
 
 FLOPs, as FlashAttention counts them: 4 * B * H * Tq * Tk * D for the forward and 3.5x that for
 forward + backward (1 + 2.5), counting only the unpadded queries and keys (sum over samples of
@@ -153,60 +159,125 @@ def measure(fn, inputs, p: float, device, backward: bool, tiny: bool) -> float:
     return time_ms(step, device, repeats=2 if tiny else 5, warmup=1)
 
 
-def run_rows(tiny: bool, quick: bool = False, only: tuple = ()) -> list[dict]:
+def _case_setup(tiny: bool, dtype=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    D = 32 if tiny else 64
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype, 32 if tiny else 64
+
+
+def measure_rows(case: tuple, impls, tiny: bool, dtype=None):
+    """Yields one row per implementation of `impls` (names of implementations()) as soon as it
+    is measured: fwd and fwd+bwd ms and TFLOP/s of useful work, or the error it raised."""
+    device, dtype, D = _case_setup(tiny, dtype)
+    name_, B, H, T, pad, bias_kind, p = case
+    inputs = make_inputs(B, H, T, D, pad, dtype, device, bias=bias_kind)
+    flops = useful_flops(H, D, inputs[5])
+    available = implementations(device)
+    for name in impls:
+        if name not in available or (name == "ours_skipq" and pad == 0):
+            continue  # not installed here; or the same as "ours" without padding
+        fn = available[name]
+        row = {"case": name_, "B": B, "H": H, "T": T, "D": D, "pad": pad, "bias": bias_kind,
+               "dropout": p, "dtype": str(dtype), "impl": name, "useful_gflop": flops / 1e9}
+        if name == "dispatch" and device.type == "cuda":
+            from d2v_kernels import attention_dispatch as dispatch
+            for backward, label in ((False, "fwd"), (True, "fwd_bwd")):  # training: fwd_bwd
+                key = dispatch.shape_key(*inputs[:3], inputs[3], inputs[4], p, backward=backward)
+                row[f"picked_{label}"] = dispatch.pick_for(key)
+                row[f"dispatch_{label}"] = dispatch.picks()[dispatch.describe_key(key)]
+        try:
+            for phase, backward, mult in (("fwd", False, 1.0), ("fwd_bwd", True, FWD_BWD_FLOPS)):
+                ms = measure(fn, inputs, p, device, backward, tiny)
+                row[f"{phase}_ms"] = ms
+                row[f"{phase}_tflops"] = mult * flops / ms / 1e9
+        except Exception as e:  # a backend that refuses these arguments is a row, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" \
+                if str(e).strip() else type(e).__name__
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        yield row
+
+
+def case_list(tiny: bool, quick: bool = False, only: tuple = ()) -> list[tuple]:
     cases = TINY if tiny else [c for c in CASES if not quick or c[0] in QUICK]
-    cases = [c for c in cases if not only or c[0] in only]
-    rows = []
-    for case, B, H, T, pad, bias_kind, p in cases:
-        inputs = make_inputs(B, H, T, D, pad, dtype, device, bias=bias_kind)
-        flops = useful_flops(H, D, inputs[5])
-        for name, fn in implementations(device).items():
-            row = {"case": case, "B": B, "H": H, "T": T, "D": D, "pad": pad, "bias": bias_kind,
-                   "dropout": p, "dtype": str(dtype), "impl": name, "useful_gflop": flops / 1e9}
-            if name == "ours_skipq" and pad == 0:
-                continue  # the same as "ours" without padding
-            if name == "dispatch" and device.type == "cuda":
-                from d2v_kernels import attention_dispatch
-                row["picked"] = attention_dispatch.pick(*inputs[:3], inputs[3], inputs[4], p)
-            try:
-                for phase, backward, mult in (("fwd", False, 1.0),
-                                              ("fwd_bwd", True, FWD_BWD_FLOPS)):
-                    ms = measure(fn, inputs, p, device, backward, tiny)
-                    row[f"{phase}_ms"] = ms
-                    row[f"{phase}_tflops"] = mult * flops / ms / 1e9
-            except Exception as e:  # a backend that refuses these arguments is a row, not a crash
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" \
-                    if str(e).strip() else type(e).__name__
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-    return rows
+    return [c for c in cases if not only or c[0] in only]
+
+
+def run_rows(tiny: bool, quick: bool = False, only: tuple = (), dtype=None) -> list[dict]:
+    impls = list(implementations(_case_setup(tiny)[0]))
+    return [row for case in case_list(tiny, quick, only)
+            for row in measure_rows(case, impls, tiny, dtype)]
 
 
 def _shape(r) -> str:
     return (f"{r['case']} B={r['B']} H={r['H']} T={r['T']} D={r['D']} pad={r['pad']:.0%}"
             + (f" bias={r['bias']}" if r["bias"] else "") + (f" p={r['dropout']:g}"
-                                                             if r["dropout"] else ""))
+                                                             if r["dropout"] else "")
+            + f" {r['dtype'].replace('torch.', '')}")
 
 
-def run(tiny: bool = False, quick: bool = False) -> list[dict]:
-    """run_all's interface: ours vs each peer, fwd and fwd+bwd TFLOP/s of useful work."""
+# The peers timed first (each a few seconds: no compile of its own) and those timed after the
+# other benchmarks' headline rows: FlexAttention compiles a kernel per shape key, and "dispatch"
+# runs the dispatcher's measurement, which times every candidate, flex included.
+FAST_PEERS = ("ours_skipq", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "sdpa",
+              "flash_attn")
+SLOW_PEERS = ("flex", "dispatch")
+_ours: dict = {}  # case tuple -> our row, shared by a case's fast and slow halves
+
+
+def _records(ours: dict, peer: dict | None, device, peak: float) -> list[dict]:
+    """fwd and fwd+bwd records of ours against `peer` (None: ours alone); the dispatcher's row
+    names its pick for that phase ("dispatch (sdpa_flash)": fwd+bwd is the training pick)."""
+    from benchmarks import common
+
+    def name(phase):
+        if peer is None:
+            return None
+        picked = peer.get(f"picked_{phase}")
+        return peer["impl"] + (f" ({picked})" if picked else "")
+    return [common.record(f"attention_{phase}", _shape(ours), ours[f"{phase}_tflops"],
+                          name(phase), None if peer is None else peer.get(f"{phase}_tflops"),
+                          "TFLOP/s", ours[f"{phase}_tflops"] / peak, device)
+            for phase in ("fwd", "fwd_bwd")]
+
+
+# Expected seconds of one case on an H100 with the compiles cached by the tests phase (estimates:
+# do_bench spends ~0.15 s per timing, 2 per peer; autotuning our 3-4 kernels ~2-5 s; a
+# FlexAttention compile per key ~10-20 s, the dispatcher's own timing of every candidate ~5 s).
+ESTIMATE_S = {"fast": 20.0, "slow": 45.0}
+
+
+def cases(tiny: bool = False, quick: bool = False, half: str | None = None, dtype=None,
+          only: tuple = ()) -> list:
+    """run_all's interface: one BenchCase per attention case, ours first (a row of its own, once
+    per case and dtype whichever half comes first), then each peer against it: half "fast" the
+    FAST_PEERS, "slow" the SLOW_PEERS, None both; `dtype` (default bf16 on CUDA, fp32 on the
+    CPU) is the inputs' dtype."""
     from benchmarks import common
     device = common.device()
     peak, _ = common.matmul_peak_tflops(device.type)
-    rows = run_rows(tiny, quick)
-    records = []
-    for ours in (r for r in rows if r["impl"] == "ours" and "error" not in r):
-        for peer in (r for r in rows if r["case"] == ours["case"] and r["impl"] != "ours"):
-            for phase in ("fwd", "fwd_bwd"):
-                records.append(common.record(
-                    f"attention_{phase}", _shape(ours), ours[f"{phase}_tflops"], peer["impl"],
-                    peer.get(f"{phase}_tflops"), "TFLOP/s",
-                    ours[f"{phase}_tflops"] / peak, device))
-    return records
+    peers = {"fast": FAST_PEERS, "slow": SLOW_PEERS, None: FAST_PEERS + SLOW_PEERS}[half]
+    slow = half != "fast"
+    label = ("" if dtype is None else f" {str(dtype).replace('torch.', '')}") + (
+        " flex+dispatch" if half == "slow" else "")
+
+    def run(emit, case):
+        key = (case, dtype)
+        if key not in _ours:
+            ours = next(measure_rows(case, ["ours"], tiny, dtype))
+            if "error" in ours:
+                raise RuntimeError(f"ours failed on {case[0]}: {ours['error']}")
+            _ours[key] = ours
+            for rec in _records(ours, None, device, peak):
+                emit(rec)
+        for row in measure_rows(case, peers, tiny, dtype):
+            for rec in _records(_ours[key], row, device, peak):
+                emit(rec)
+
+    return [common.BenchCase(f"attention/{case[0]}{label}",
+                             lambda emit, case=case: run(emit, case), (None,) + tuple(peers),
+                             ESTIMATE_S["slow" if slow else "fast"])
+            for case in case_list(tiny, quick, only)]
 
 
 def print_rows(rows) -> None:
@@ -219,7 +290,8 @@ def print_rows(rows) -> None:
             continue
         print(f"{r['case']:<16}{r['impl']:<16}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>9.3g}"
               f"{r['fwd_bwd_ms']:>12.3f}{r['fwd_bwd_tflops']:>9.3g}"
-              + (f"  (picked {r['picked']})" if r.get("picked") else ""))
+              + (f"  (picked {r['picked_fwd']}, fwd+bwd {r['picked_fwd_bwd']})"
+                 if r.get("picked_fwd") else ""))
 
 
 def main(argv=None) -> list[dict]:

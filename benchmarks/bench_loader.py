@@ -96,17 +96,22 @@ def time_loader(kind: str, modality: str, cfg: DataConfig, batch: int, steps: in
     return seconds, samples, audio
 
 
-def run(tiny: bool = False) -> list[dict]:
-    """run_all's interface: DALI against the torch DataLoader, same workers, per modality."""
+def cases(tiny: bool = False) -> list:
+    """run_all's interface: one BenchCase per modality, DALI against the torch DataLoader, same
+    workers (DALI rows only where DALI is installed)."""
     from benchmarks import common
-    rows = main(["--tiny"] if tiny else [])
-    records = []
-    for dali in (r for r in rows if r.loader == "dali"):
-        peer = next(r for r in rows if r.modality == dali.modality and r.loader == "torch")
-        shape = f"{dali.modality} batch {dali.batch}, {dali.workers} workers, DALI on {dali.device}"
-        records.append(common.record("loader", shape, dali.per_s, "torch DataLoader", peer.per_s,
-                                     dali.unit))
-    return records
+
+    def run(emit, modality):
+        rows = main((["--tiny"] if tiny else []) + ["--modalities", modality])
+        for dali in (r for r in rows if r.loader == "dali"):
+            peer = next(r for r in rows if r.loader == "torch")
+            shape = (f"{dali.modality} batch {dali.batch}, {dali.workers} workers, DALI on "
+                     f"{dali.device}")
+            emit(common.record("loader", shape, dali.per_s, "torch DataLoader", peer.per_s,
+                               dali.unit))
+
+    return [common.BenchCase(f"loader/{m}", lambda emit, m=m: run(emit, m), ("torch DataLoader",),
+                             60.0) for m in ("image", "audio")]
 
 
 def main(argv=None) -> list[Row]:

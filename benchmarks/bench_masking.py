@@ -338,10 +338,10 @@ def side_stream_overhead_us(fn, device: torch.device) -> float | None:
 
 def run_case(case: Case, impls, device: torch.device, tiny: bool = False,
              copy_gbps: float | None = None):
+    """Yields one row per implementation of `impls` as soon as it is measured."""
     inputs = make_inputs(case, device)
     cuda = device.type == "cuda"
     want = implementation("reference", case, inputs)() if "ours" in impls else None
-    rows, us = [], {}
     for impl in impls:
         fn = implementation(impl, case, inputs)
         got = fn()
@@ -350,19 +350,16 @@ def run_case(case: Case, impls, device: torch.device, tiny: bool = False,
         match = None
         if impl == "ours":
             match = bool(torch.equal(got, want))
-        us[impl] = _time_us(fn, cuda and impl != "numpy", 0.05 if tiny else 0.3)
-        row = dict(asdict(case), impl=impl, on=on, path=path(impl, case, device), us=us[impl],
+        us = _time_us(fn, cuda and impl != "numpy", 0.05 if tiny else 0.3)
+        row = dict(asdict(case), impl=impl, on=on, path=path(impl, case, device), us=us,
                    masked_frac=got.float().mean().item(), matches_reference=match,
                    bytes=None, copy_fraction=None, ahead_us=None)
         if impl == "ours":
             row["bytes"] = kernel_bytes(case)
             if copy_gbps:
-                row["copy_fraction"] = row["bytes"] / us[impl] / 1e3 / copy_gbps
+                row["copy_fraction"] = row["bytes"] / us / 1e3 / copy_gbps
             row["ahead_us"] = side_stream_overhead_us(fn, device)
-        rows.append(row)
-    for row in rows:
-        row["speedup_vs_numpy"] = us["numpy"] / row["us"] if "numpy" in us else None
-    return rows
+        yield row
 
 
 def context(rows, step_ms: float = IMAGE_STEP_MS) -> dict:
@@ -442,6 +439,10 @@ def main(argv=None) -> None:
     env["copy_gbps"] = common.copy_bandwidth_gbps(device.type)
     rows = [row for case in cases
             for row in run_case(case, impls, device, args.tiny, env["copy_gbps"])]
+    for row in rows:
+        numpy_us = next((r["us"] for r in rows if r["name"] == row["name"]
+                         and r["impl"] == "numpy"), None)
+        row["speedup_vs_numpy"] = numpy_us / row["us"] if numpy_us else None
     ctx = context(rows, args.step_ms)
     print_table(env, rows, ctx)
     if args.json:
@@ -450,27 +451,39 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
-def run(tiny: bool = False, quick: bool = False) -> list[dict]:
-    """run_all's interface: our masks (device kernel) vs the torch reference and the NumPy loop,
-    fraction_of_peak = our bytes / measured copy bandwidth; on CUDA also what the side stream adds
-    to a step ("masking_ahead": ours = added us, peer = the masks' time in the step)
-    (quick: the same cases, the base configs' full batches, are already the headline ones)."""
+# Expected seconds of one case on an H100 (estimates): do_bench ~0.15 s per op, the side-stream
+# measurement ~1 s, the NumPy loop over a base batch ~1-3 s, the kernels' compile (cached by the
+# tests phase) ~2 s.
+ESTIMATE_S = 10.0
+
+
+def cases(tiny: bool = False, quick: bool = False) -> list:
+    """run_all's interface: one BenchCase per case, our masks (device kernel) first, a row of its
+    own, then against the torch reference and the NumPy loop, fraction_of_peak = our bytes /
+    measured copy bandwidth; on CUDA also what the side stream adds to a step ("masking_ahead":
+    ours = added us, peer = the masks' time in the step). quick: the same cases, the base
+    configs' full batches, are already the headline ones."""
     from benchmarks import common
     device = _device()
     copy_gbps = common.copy_bandwidth_gbps(device.type)
-    records = []
-    for case in (TINY if tiny else CASES):
-        rows = {r["impl"]: r for r in run_case(case, IMPLS, device, tiny, copy_gbps)}
-        ours = rows["ours"]
-        shape = (f"{case.name} {ours['op']} B={ours['B']} T={ours['T']} ({ours['path']}, "
-                 f"{ours['bytes'] / 1e3:.0f} KB)")
-        for peer in ("reference", "numpy"):
-            records.append(common.record("masking", shape, ours["us"], peer, rows[peer]["us"],
-                                         "us", ours["copy_fraction"], device))
-        if ours["ahead_us"] is not None:
-            records.append(common.record("masking_ahead", shape, max(ours["ahead_us"], 0.0),
-                                         "in the step", ours["us"], "us", None, device))
-    return records
+
+    def run(emit, case):
+        ours = None
+        for row in run_case(case, IMPLS, device, tiny, copy_gbps):
+            ours = ours or row  # IMPLS starts with ours
+            shape = (f"{case.name} {ours['op']} B={ours['B']} T={ours['T']} ({ours['path']}, "
+                     f"{ours['bytes'] / 1e3:.0f} KB)")
+            peer = None if row is ours else row["impl"]
+            emit(common.record("masking", shape, ours["us"], peer,
+                               None if peer is None else row["us"], "us", ours["copy_fraction"],
+                               device))
+            if row is ours and ours["ahead_us"] is not None:
+                emit(common.record("masking_ahead", shape, max(ours["ahead_us"], 0.0),
+                                   "in the step", ours["us"], "us", None, device))
+
+    return [common.BenchCase(f"masking/{case.name}", lambda emit, case=case: run(emit, case),
+                             (None, "in the step") + IMPLS[1:], ESTIMATE_S)
+            for case in (TINY if tiny else CASES)]
 
 
 @pytest.mark.benchmark(group="masking")

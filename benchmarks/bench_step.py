@@ -50,7 +50,8 @@ phase breakdown (the phases above are the v1 objective's).
 
 Also the encoder alone (image; forward + backward of its output's sum) against Hugging Face
 transformers' Data2VecVisionModel and timm's ViT-B/16 (same width, depth, heads, patch size),
-each where installed. Records: benchmarks.common.record; `run(tiny)` returns them for run_all.
+each where installed. Records: benchmarks.common.record; `cases(tiny)` gives run_all one guarded
+case per modality, each emitting its rows as they are measured.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ from d2v_engine.runtime.compile import compile_encoder
 from d2v_engine.config import Config, load_config
 from d2v_engine.objective import build_objective
 from d2v_engine.objective.ema import EMATeacher, teacher_shared_prefixes
+from d2v_engine.objective.step import teacher_may_skip_padding
+from d2v_engine.run.mask_ahead import host_to_device
 from d2v_engine.models import build_model
 from d2v_engine.objective.optim import build_optimizer, param_groups
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
@@ -251,7 +254,10 @@ class Step:
         return {k: v.to(self.dev, non_blocking=True) for k, v in batch.items()}
 
     def seeds(self, step: int, batch_size: int):
-        return sample_seeds(self.cfg.seed, step, torch.arange(batch_size), STREAM_MASK).to(self.dev)
+        # through pinned memory, non_blocking, as the trainer's feed copies them: from pageable
+        # memory the copy would synchronize the host with the device every step
+        return host_to_device(sample_seeds(self.cfg.seed, step, torch.arange(batch_size),
+                                           STREAM_MASK), self.dev)
 
     def update(self, masked):
         """Grad scaling and clipping (multi-tensor for every variant), then the optimizer."""
@@ -297,7 +303,8 @@ class Step:
                 mark("masking")
                 with torch.no_grad():
                     t_x, t_pad = teacher.embed(source, pad)
-                    t_out = teacher.encode(t_x, t_pad, return_layers=True)
+                    t_out = teacher.encode(t_x, t_pad, return_layers=True,
+                                           skip_padded_queries=teacher_may_skip_padding(o))
                 mark("teacher")
                 x, x_pad = model.encoder.embed(masked_source, pad)
                 mark("student")  # the timer adds up every segment of one name
@@ -307,7 +314,8 @@ class Step:
                 mask = model.make_mask(source, pad, x_pad, seeds, x.shape[1])
                 mark("masking")
                 with torch.no_grad():
-                    t_out = teacher.encode(x.detach(), x_pad, return_layers=True)
+                    t_out = teacher.encode(x.detach(), x_pad, return_layers=True,
+                                           skip_padded_queries=teacher_may_skip_padding(o))
                 mark("teacher")
             with torch.no_grad():
                 per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
@@ -316,7 +324,8 @@ class Step:
                     else x_pad, layer_norm=o.layer_norm, final_norm=o.final_norm,
                     instance_norm_padding=o.instance_norm_padding)
             mark("targets")
-            student = model.encoder.encode(x, x_pad, mask=None if cfg.modality == "text" else mask)
+            student = model.encoder.encode(x, x_pad, mask=None if cfg.modality == "text" else mask,
+                                           skip_padded_queries=True)
             pred = model.head(student.x[:, n_extra:][mask]).float()
             loss = torch.nn.functional.mse_loss(pred, targets[mask], reduction="sum")
         loss.backward()
@@ -383,36 +392,53 @@ def measure_variant(variant: str, cfg: Config, case: Case, dev: torch.device, st
     return {"step_ms": step_ms, "compile_s": compile_s, "phases": phases, "loss": float(loss)}
 
 
+# Every variant measured in this process: a later case (run_all's plan measures plain last)
+# compares against ours without measuring it again.
+_done: dict = {}
+
+
 def bench_modality(name: str, case: Case, dev: torch.device, steps: int, compile_backend: str,
-                   peak_tflops: float, variants=VARIANTS,
-                   regional: bool = False) -> tuple[list[dict], dict]:
+                   peak_tflops: float, variants=VARIANTS, regional: bool = False, emit=None,
+                   info: dict | None = None) -> None:
+    """Measures ours and `variants` one after the other, calling emit(record) as each is done:
+    ours alone, then ours against each peer, then the phase breakdown against plain (once plain
+    is measured). A variant measured by an earlier call is reused, its rows not emitted again.
+    info, when given, receives the shape, FLOPs and each variant's timings as they come."""
     cfg = load_case(case, keep_dropout=regional)
     v2 = cfg.objective.mode == "v2"
     flops = None if v2 else step_flops(cfg, case)
     tokens = tokens_per_sample(cfg, case) * case.batch
     shape = (f"{name} B={case.batch}" + (f"x{cfg.objective.clone_batch}" if v2 else "")
              + f" T={tokens_per_sample(cfg, case)} C={cfg.model.embed_dim} L={cfg.model.depth}")
-    results = {v: measure_variant(v, cfg, case, dev, steps, compile_backend, regional)
-               for v in variants}
-    ours = results["ours"]
     sps = lambda r: case.batch / (r["step_ms"] / 1e3)  # noqa: E731
     mfu = lambda r: (None if flops is None  # noqa: E731
                      else flops / (r["step_ms"] / 1e3) / (peak_tflops * 1e12))
-    records = []
-    for peer in variants[1:]:
-        records.append(common.record(f"step/{name}", shape, sps(ours), peer,
-                                     sps(results[peer]), "samples/s", mfu(ours), dev))
-        records.append(common.record(f"step/{name}", shape, tokens / (ours["step_ms"] / 1e3),
-                                     peer, tokens / (results[peer]["step_ms"] / 1e3), "tokens/s",
-                                     mfu(ours), dev))
-    for phase in PHASES if not v2 else ():
+    info = {} if info is None else info
+    info.update(shape=shape, flops_per_step=flops)
+    info.setdefault("variants", {})
+    results = {}
+    for variant in dict.fromkeys(("ours",) + tuple(variants)):  # ours: measured, or from _done
+        key = (name, case, dev.type, steps, compile_backend, regional, variant)
+        fresh = key not in _done
+        if fresh:
+            _done[key] = measure_variant(variant, cfg, case, dev, steps, compile_backend, regional)
+        r = results[variant] = _done[key]
+        info["variants"][variant] = {**r, "samples_per_s": sps(r),
+                                     "tokens_per_s": tokens / (r["step_ms"] / 1e3), "mfu": mfu(r)}
+        if not fresh:
+            continue  # its rows were emitted by the case that measured it
+        ours = results["ours"]
+        peer = None if variant == "ours" else variant
+        emit(common.record(f"step/{name}", shape, sps(ours), peer,
+                           None if peer is None else sps(r), "samples/s", mfu(ours), dev))
+        emit(common.record(f"step/{name}", shape, tokens / (ours["step_ms"] / 1e3), peer,
+                           None if peer is None else tokens / (r["step_ms"] / 1e3), "tokens/s",
+                           mfu(ours), dev))
+    for phase in PHASES if not v2 and "plain" in variants else ():
         peer_ms = results["plain"]["phases"].get(phase) if "plain" in results else None
-        records.append(common.record(f"step_phase/{name}/{phase}", shape,
-                                     ours["phases"].get(phase, 0.0), "plain" if peer_ms else None,
-                                     peer_ms, "ms", None, dev))
-    details = {v: {**r, "samples_per_s": sps(r), "tokens_per_s": tokens / (r["step_ms"] / 1e3),
-                   "mfu": mfu(r)} for v, r in results.items()}
-    return records, {"shape": shape, "flops_per_step": flops, "variants": details}
+        emit(common.record(f"step_phase/{name}/{phase}", shape,
+                           results["ours"]["phases"].get(phase, 0.0), "plain" if peer_ms else None,
+                           peer_ms, "ms", None, dev))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,13 +514,8 @@ def bench_encoder(case: Case, dev: torch.device, compile_backend: str, peak_tflo
 # ---------------------------------------------------------------------------------------------
 
 
-def run(tiny: bool = False, modalities=None, steps: int | None = None,
-        compile_backend: str | None = None, details: dict | None = None,
-        quick: bool = False) -> list[dict]:
-    """Every record of this bench (the run_all interface). `details`, if given, receives the
-    per-variant timings, breakdowns and compile times. quick: QUICK modalities, 10 steps,
-    regional compilation, no encoder-alone comparison (module docstring)."""
-    modalities = modalities or (QUICK if quick else MODALITIES)
+def _settings(tiny: bool, quick: bool, steps: int | None, compile_backend: str | None):
+    """(device, steps, compile backend, peak TFLOP/s, cases) of a run (module docstring)."""
     dev = common.device()
     if compile_backend is None:
         # Inductor on the GPU; on the CPU the suite check uses aot_eager (inductor's C++ compile
@@ -509,19 +530,45 @@ def run(tiny: bool = False, modalities=None, steps: int | None = None,
     cases = TINY if tiny else CASES
     if quick and dev.type != "cuda":  # make gpu-check --cpu: 2 samples (the interpreter is slow)
         cases = {name: dataclasses.replace(case, batch=2) for name, case in cases.items()}
-    records, info = [], {"compile_backend": compile_backend, "steps": steps,
-                         "compile": "regional (one block graph)" if quick else "whole encoders"}
+    return dev, steps, compile_backend, peak, cases
+
+
+# Expected seconds of one step case on an H100, per variant (estimates: the compile of one block
+# graph per mode, train and eval, by inductor ~30-60 s cold, a few seconds from the caches of a
+# warm machine; 8 steps + the breakdown ~2-5 s): ours and sdpa_compile compile, plain does not.
+ESTIMATE_S = {"ours": 60.0, "sdpa_compile": 50.0, "plain": 10.0}
+
+
+def cases(tiny: bool = False, quick: bool = False, modalities=None, variants=VARIANTS,
+          steps: int | None = None, compile_backend: str | None = None,
+          details: dict | None = None) -> list:
+    """run_all's interface: one BenchCase per modality (quick: QUICK, 6 steps, regional
+    compilation, the configs' dropout), its `variants` measured in order, each row emitted as
+    its variant is done; then, in full runs, the image encoder alone against Hugging Face and
+    timm. `details`, if given, receives the per-variant timings, breakdowns and compile times."""
+    modalities = modalities or (QUICK if quick else MODALITIES)
+    dev, steps, backend, peak, case_of = _settings(tiny, quick, steps, compile_backend)
+    info = details if details is not None else {}
+    info.update(compile_backend=backend, steps=steps,
+                compile="regional (one block graph)" if quick else "whole encoders")
+    out = []
     for modality in modalities:
-        recs, info[modality] = bench_modality(modality, cases[modality], dev, steps,
-                                              compile_backend, peak, regional=quick)
-        records += recs
+        def run(emit, modality=modality):
+            bench_modality(modality, case_of[modality], dev, steps, backend, peak, variants,
+                           regional=quick, emit=emit, info=info.setdefault(modality, {}))
+        label = "" if "ours" in variants else " " + "+".join(variants)
+        out.append(common.BenchCase(f"step/{modality}{label}", run, tuple(
+            None if v == "ours" else v for v in variants),
+            sum(ESTIMATE_S[v] for v in variants)))
     if "image" in modalities and not quick:
-        recs, info["encoder"] = bench_encoder(cases["image"], dev, compile_backend, peak,
-                                              repeats=10 if dev.type == "cuda" else 2)
-        records += recs
-    if details is not None:
-        details.update(info)
-    return records
+        def encoder(emit):
+            recs, info["encoder"] = bench_encoder(case_of["image"], dev, backend, peak,
+                                                  repeats=10 if dev.type == "cuda" else 2)
+            for rec in recs:
+                emit(rec)
+        out.append(common.BenchCase("step/encoder", encoder, ("hf_data2vec_vision",
+                                                              "timm_vit_b16"), 120.0))
+    return out
 
 
 def print_details(info: dict) -> None:
@@ -556,7 +603,10 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
     details: dict = {}
-    records = run(args.tiny, modalities, args.steps, args.compile_backend, details, args.quick)
+    records = []
+    for case in cases(args.tiny, args.quick, modalities, steps=args.steps,
+                      compile_backend=args.compile_backend, details=details):
+        case.run(records.append)
     print_details(details)
     common.print_records(records)
     if args.json:

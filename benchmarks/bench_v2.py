@@ -166,21 +166,26 @@ def main(argv=None) -> None:
         print(f"wrote {args.json}")
 
 
-def run(tiny: bool = False) -> list[dict]:
-    """run_all's interface: v2 samples/s against v1 samples/s, per modality."""
+def cases(tiny: bool = False) -> list:
+    """run_all's interface: one BenchCase per modality, v2 samples/s against v1 samples/s."""
     from benchmarks import common
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    rows = [run_case(case, device, 10 if cuda else 2, warmup=3 if cuda else 1, batch=None)
-            for case in (TINY if tiny else CASES)]
-    records = []
-    for v2 in (r for r in rows if r["mode"] == "v2"):
-        v1 = next((r for r in rows if r["modality"] == v2["modality"] and r["mode"] == "v1"), None)
-        if v1 is not None:
-            shape = f"{v2['modality']} batch {v2['batch']} M={v2['clone_batch']}"
-            records.append(common.record("v2_vs_v1", shape, v2["samples_per_s"], "v1",
-                                         v1["samples_per_s"], "samples/s", None, device))
-    return records
+    all_cases = TINY if tiny else CASES
+
+    def run(emit, modality):
+        rows = [run_case(case, device, 10 if cuda else 2, warmup=3 if cuda else 1, batch=None)
+                for case in all_cases if case.modality == modality]
+        for v2 in (r for r in rows if r["mode"] == "v2"):
+            v1 = next((r for r in rows if r["mode"] == "v1"), None)
+            if v1 is not None:
+                shape = f"{v2['modality']} batch {v2['batch']} M={v2['clone_batch']}"
+                emit(common.record("v2_vs_v1", shape, v2["samples_per_s"], "v1",
+                                   v1["samples_per_s"], "samples/s", None, device))
+
+    modalities = list(dict.fromkeys(case.modality for case in all_cases))
+    return [common.BenchCase(f"v2_vs_v1/{m}", lambda emit, m=m: run(emit, m), ("v1",), 90.0)
+            for m in modalities]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import importlib.util
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -97,6 +99,19 @@ def header(dev: torch.device | None = None, tiny: bool = False) -> dict:
     return {"device": device_name(dev), "torch": torch.__version__, "triton": triton_version(),
             "commit": commit(), "copy_gbps": copy_bandwidth_gbps(dev.type),
             "matmul_tflops": peak, "matmul_dtype": dtype, "tiny": tiny}
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One guarded unit of benchmarks.run_all: run(emit) measures and calls emit(record) for each
+    row the moment it has it (run_all writes it to disk at once), so a case cut by its time guard
+    keeps the rows it measured. peers: the rows' `peer` names in the order it measures them (None:
+    ours alone), for the cut's list of what it did not measure. estimate_s: its expected seconds
+    on one H100 (an estimate until timed there); run_all guards it at GUARD_FACTOR x that."""
+    name: str
+    run: Callable[[Callable[[dict], None]], None]
+    peers: tuple = ()
+    estimate_s: float = 60.0
 
 
 def record(bench: str, shape: str, ours: float, peer: str | None, peer_value: float | None,

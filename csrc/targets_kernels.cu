@@ -43,6 +43,24 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
+// float -> T through the intrinsics: torch.utils.cpp_extension compiles with
+// -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit
+// constructors (T(0.0f) does not compile there).
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half(x);
+}
+
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
@@ -168,7 +186,7 @@ __device__ __forceinline__ void load_row(const TargetsProblem& p, int l, int64_t
       dst.v[i] = *reinterpret_cast<const Pack<T, VEC>*>(row + (g + int64_t(i) * ROW) * VEC);
     } else {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) dst.v[i].v[e] = T(0.0f);
+      for (int e = 0; e < VEC; ++e) dst.v[i].v[e] = from_float<T>(0.0f);
     }
   }
 }

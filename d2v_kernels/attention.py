@@ -53,7 +53,8 @@ D = 64, large B*H):
               tile (the bias tile is loaded once), summing dS in fp32 registers and storing the
               chunk's partial once. The C partials (C x H x Tq x Tk fp32) are summed in a fixed
               order (torch.sum over the chunk dimension): no atomics, a deterministic gradient.
-              C is chosen so that about 4 programs per SM run (fewer with small B). Folding the
+              C fills whole waves (bias_chunks: the grid's time in waves x samples per chunk,
+              minimized; one program per SM is a wave). Folding the
               sum into the dK/dV kernel (which has dS already) was measured by registers and
               instructions on sm_90: its per-sample loop needs the dS sums of all query blocks
               at once -- in registers only 64 x 16 tiles fitted (255 registers, spilling with
@@ -69,8 +70,10 @@ D = 64, large B*H):
               1 / (1 - that p): exactly unbiased. A byte covers rows {r, r + 8} x keys {c, c + 1,
               c + 8, c + 9} (r = 16a + (0..7), c = 16g + 2 * (0..3)): the eight elements one thread
               holds in the MMA accumulator layout, so the bits unpack in registers, with no shared
-              memory round trip. The seed is drawn from torch's CPU generator (torch.manual_seed
-              reproduces it, without a device sync).
+              memory round trip. The seed is a 1-element int64 tensor on the inputs' device,
+              drawn by flash_forward from that device's torch generator (torch.manual_seed
+              reproduces it) and read by the kernel: no device sync, no CPU op in a compiled graph
+              (the draw happens inside the d2v op, so CUDA graphs replay it afresh each step).
   precision   fp32 accumulation and softmax statistics; fp32 inputs use IEEE fp32 dots
               (input_precision="ieee"), never TF32.
 Block sizes are autotuned on CUDA (keyed on next_power_of_2(T), so variable-length audio does not
@@ -191,9 +194,8 @@ def run_backend(backend, q, k, v, key_padding_mask=None, attn_bias=None, scale=N
             from d2v_kernels import ops
             return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
                                  impl="triton", skip_padded_queries=skip_padded_queries)
-        seed = int(torch.randint(0, 2**30, ())) if dropout_p > 0 else 0
         return _FlashAttention.apply(q, k, v, key_padding_mask, attn_bias, scale,
-                                     float(dropout_p), seed, skip_padded_queries)
+                                     float(dropout_p), skip_padded_queries)
     if backend == "flash_attn":
         from flash_attn import flash_attn_func
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -367,10 +369,10 @@ def _flex_block_mask(key_padding_mask, t_q, skip_padded_queries, create_block_ma
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, attn_bias, scale, dropout_p, seed,
+    def forward(ctx, q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
                 skip_padded_queries):
         out, lse, keep = flash_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
-                                       seed, skip_padded_queries=skip_padded_queries)
+                                       skip_padded_queries=skip_padded_queries)
         ctx.save_for_backward(q, k, v, key_padding_mask, attn_bias, out, lse, keep)
         ctx.scale, ctx.dropout_p, ctx.skip = scale, dropout_p, skip_padded_queries
         return out
@@ -382,7 +384,7 @@ class _FlashAttention(torch.autograd.Function):
         dq, dk, dv, dbias = flash_backward(dout, q, k, v, pad, bias, out, lse, ctx.scale,
                                            ctx.dropout_p, keep, need_bias,
                                            skip_padded_queries=ctx.skip)
-        return dq, dk, dv, None, dbias, None, None, None, None
+        return dq, dk, dv, None, dbias, None, None, None
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -487,10 +489,11 @@ def _flags(q, key_padding_mask, attn_bias, dropout_p, skip_padded_queries) -> di
 
 
 def flash_forward(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
-                  seed=0, out=None, lse=None, keep=None, skip_padded_queries=False):
+                  seed=None, out=None, lse=None, keep=None, skip_padded_queries=False):
     """Triton forward -> (out B x H x Tq x D in q's dtype (new_like(q)), lse B x H x Tq fp32 in
     base 2, keep: the bit-packed dropout mask (dropout_mask_shape uint8) or None without
-    dropout)."""
+    dropout). seed: the dropout mask's Philox key, None (drawn here on q's device from torch's
+    generator), an int (a fixed key, for tests) or a 1-element int64 tensor on q's device."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -502,28 +505,60 @@ def flash_forward(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dr
     thr, drop_scale = dropout_threshold(dropout_p)
     if dropout_p > 0 and keep is None:
         keep = torch.empty(dropout_mask_shape(B, H, Tq, Tk), dtype=torch.uint8, device=q.device)
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0 else q  # q: a pointer never loaded
     pad, spb, spn = _mask_args(key_padding_mask, q)
     bias, sbb, sbh, sbm, sbn = _bias_args(attn_bias, q)
     _, _, r8, c4 = dropout_mask_shape(B, H, Tq, Tk)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_fwd_kernel, grid, (
-        q, k, v, bias, pad, out, lse, q if keep is None else keep,
+        q, k, v, bias, pad, out, lse, q if keep is None else keep, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sbb, sbh, sbm, sbn, spb, spn,
-        H, Tq, Tk, scale * _LOG2E, seed, thr, drop_scale, r8, c4, _t_bucket(max(Tq, Tk))),
+        H, Tq, Tk, scale * _LOG2E, thr, drop_scale, r8, c4, _t_bucket(max(Tq, Tk))),
         Tq, Tk, **_flags(q, key_padding_mask, attn_bias, dropout_p, skip_padded_queries))
     return out, lse, keep
 
 
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The dropout key as the 1-element int64 device tensor the forward kernel loads."""
+    if seed is None:  # a device op: captured into a CUDA graph, it draws afresh on each replay
+        return torch.randint(0, 2**30, (1,), device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (1,) or seed.dtype != torch.int64 or seed.device != device:
+            raise ValueError(f"flash_forward: seed must be a 1-element int64 tensor on {device}, "
+                             f"got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
+        return seed
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+# The shared bias gradient's grid: 64 x 64 tiles x H x C batch chunks, each program looping over
+# its chunk's samples. Its configs hold one 8-warp program per H100 SM, or two of 4 warps at
+# about half the speed each (python -m d2v_kernels.compile_check --match _bwd_dbias: 145-248
+# registers), so one program per SM is a wave. DBIAS_OVERHEAD: a program's fixed work (the bias
+# tile loaded once, the fp32 partial stored once: 16 KB each) in units of one sample's work (four
+# 8 KB operand tiles, S and dP recomputed): an estimate.
+DBIAS_OVERHEAD = 0.5
+
+
+def wave_chunks(b: int, per_chunk: int, wave: int) -> int:
+    """The chunk count C in 1..b minimizing the grid's time, waves x work per program:
+    ceil(per_chunk * C / wave) * (ceil(b / C) + DBIAS_OVERHEAD); ties go to the fewest chunks
+    (fewer fp32 partials to write and sum), then C is evened out so that no chunk is empty.
+    E.g. b = 128, 192 programs per chunk (H = 12, T = 197), 132 SMs: C = 2, 2.9 waves, 4% above
+    the work / SMs bound; about 4 programs per SM (C = 3, the rule before) ran 4.4 waves (the
+    fifth 36% full), 17% above it."""
+    best = min(range(1, b + 1), key=lambda c: (
+        triton.cdiv(per_chunk * c, wave) * (triton.cdiv(b, c) + DBIAS_OVERHEAD), c))
+    return triton.cdiv(b, triton.cdiv(b, best))
+
+
 def bias_chunks(b: int, h: int, t_q: int, t_k: int, device: torch.device) -> int:
-    """How many batch chunks share a bias gradient's work: about 4 programs per SM (of 64 x 64
-    tiles x H heads x chunks), at most one chunk per sample; 2 when interpreted."""
+    """How many batch chunks share a bias gradient's work (wave_chunks, one program per SM a
+    wave); 2 when interpreted."""
     if device.type != "cuda":
         return min(b, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    per_chunk = h * triton.cdiv(t_q, 64) * triton.cdiv(t_k, 64)
-    chunks = min(b, max(1, triton.cdiv(4 * sms, per_chunk)))
-    return triton.cdiv(b, triton.cdiv(b, chunks))  # no empty chunk
+    return wave_chunks(b, h * triton.cdiv(t_q, 64) * triton.cdiv(t_k, 64), sms)
 
 
 def flash_backward(dout, q, k, v, key_padding_mask, attn_bias, out, lse, scale, dropout_p=0.0,
@@ -788,14 +823,12 @@ if triton is not None:
                                             input_precision=PRECISION)
         return acc, m_new, l_i
 
-    # The seed is new every call: specialized (equal to 1, divisible by 16), 1 call in 16 would
-    # compile a second binary mid-run.
-    @triton.jit(do_not_specialize=["seed"])
+    @triton.jit
     def _fwd_kernel(
-        Q, K, V, Bias, Pad, Out, Lse, Drop,
+        Q, K, V, Bias, Pad, Out, Lse, Drop, Seed,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
         s_bb, s_bh, s_bm, s_bn, s_pb, s_pn,
-        H, T_Q, T_K, qk_scale, seed, thr, drop_scale, R8, C4, T_BUCKET,
+        H, T_Q, T_K, qk_scale, thr, drop_scale, R8, C4, T_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -826,6 +859,9 @@ if triton is not None:
         bias_ptrs = (Bias + b * s_bb + h * s_bh + offs_m[:, None].to(tl.int64) * s_bm
                      + offs_n[None, :] * s_bn)
         drop_ptr = Drop + bh.to(tl.int64) * R8 * C4
+        seed = 0
+        if DROPOUT:  # a device scalar, so that a CUDA graph replays a fresh draw (flash_forward)
+            seed = tl.load(Seed)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

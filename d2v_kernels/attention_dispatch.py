@@ -8,10 +8,15 @@ bias, no padding) -- and keeps the fastest for the rest of the process. A candid
 the arguments or fails is left out, with its reason recorded.
 
 The candidates run on inputs made from the key alone (seeded random q, k, v and bias; with padding,
-key lengths uniform in [T/2, T]), so a pick costs the same whether it is made in eager code or
+key lengths uniform in [T/2, T]; for forward+backward a seeded random output gradient, as a loss
+gives, not an expanded stride-0 one), so a pick costs the same whether it is made in eager code or
 while torch.compile traces (there the pick is a constant of the graph: each compiled shape picks
-once, before its graph is built). Timing: CUDA events, the median of `REPEATS` calls after
-`WARMUP` (`_timer`; tests replace it).
+once, before its graph is built). Timing (`_timer`; tests replace it), after `WARMUP` calls: the
+pick's time is `REPEATS` calls back to back between one CUDA event pair, per call -- what a
+training step runs, whose launches queue behind the GPU's work, so the host's launch time (ours
+are 4-5 Triton launches each way) overlaps the kernels; beside it, recorded as `single_ms`, the
+median of single calls each between its own pair, which pays that launch time. D2V_ATTENTION_SKIP
+=flex,... names candidates never timed (FlexAttention compiles a kernel per key: seconds per pick).
 
 `picks()` is what env.json records and the start line shows (d2v_engine.runtime.backends); `pick_for` makes
 the picks of the shapes a config will run before training starts, and `preload` gives a resumed
@@ -25,6 +30,7 @@ batches shorter than the longest crop) are timed by each process for itself.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import torch
@@ -32,13 +38,14 @@ import torch
 CANDIDATES = ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex",
               "flash_attn")
 WARMUP, REPEATS = 3, 10
-_picks: dict = {}  # key -> {"backend", "ms": {candidate: ms}, "skipped": {candidate: reason}}
+# key -> {"backend", "ms": {candidate: ms}, "single_ms": {candidate: ms}, "skipped": {candidate:
+# reason}}
+_picks: dict = {}
 _preloaded: dict = {}  # described key -> backend: a resumed run's earlier picks
 
 
 def measures(device: torch.device) -> bool:
     """Whether calls on `device` take the measured pick (CUDA, not interpreted)."""
-    import os
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -76,7 +83,8 @@ def pick_for(key: tuple) -> str:
     """The backend kept for `key`: preloaded, or timing the candidates the first time."""
     if key not in _picks:
         earlier = _preloaded.get(describe_key(key))
-        _picks[key] = ({"backend": earlier, "ms": {}, "skipped": {}, "preloaded": True}
+        _picks[key] = ({"backend": earlier, "ms": {}, "single_ms": {}, "skipped": {},
+                         "preloaded": True}
                        if earlier else measure(key))
     return _picks[key]["backend"]
 
@@ -110,7 +118,8 @@ def _pick_constant(key: tuple) -> str:
 
 
 def picks() -> dict:
-    """{described key: {"backend", "ms", "skipped"}} of every pick made in this process."""
+    """{described key: {"backend", "ms", "single_ms", "skipped"}} of every pick made in this
+    process."""
     return {describe_key(key): dict(value) for key, value in _picks.items()}
 
 
@@ -132,8 +141,12 @@ def measure(key: tuple) -> dict:
 def _measure(attn, key):
     q, k, v, pad, bias = inputs_for(key)
     p, skip, backward = key[11], key[12], key[13]
-    ms, skipped = {}, {}
+    ms, single, skipped = {}, {}, {}
+    unwanted = {n.strip() for n in os.environ.get("D2V_ATTENTION_SKIP", "").split(",")}
     for name in CANDIDATES:
+        if name in unwanted:
+            skipped[name] = "D2V_ATTENTION_SKIP"
+            continue
         with torch.set_grad_enabled(backward):
             leaves = [t.detach().requires_grad_(backward) if t is not None else None
                       for t in (q, k, v, bias)]
@@ -142,16 +155,17 @@ def _measure(attn, key):
             skipped[name] = "does not compute these arguments"
             continue
         try:
-            ms[name] = _timer(name, _step(attn, name, q, k, v, pad, bias, p, skip, backward))
+            ms[name], single[name] = _timer(name, _step(attn, name, q, k, v, pad, bias, p, skip,
+                                                        backward))
         except Exception as e:  # a kernel that refuses the arguments is a skipped candidate
             skipped[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" \
                 if str(e).strip() else type(e).__name__
             if q.is_cuda:
                 torch.cuda.empty_cache()
     if not ms:
-        return {"backend": "sdpa", "ms": {}, "skipped": skipped}
+        return {"backend": "sdpa", "ms": {}, "single_ms": {}, "skipped": skipped}
     best = min(ms, key=ms.get)
-    return {"backend": best, "ms": ms, "skipped": skipped}
+    return {"backend": best, "ms": ms, "single_ms": single, "skipped": skipped}
 
 
 def inputs_for(key: tuple, seed: int = 0):
@@ -183,7 +197,9 @@ def _step(attn, name, q, k, v, pad, bias, p, skip, backward):
         return run
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     bias_leaf = None if bias is None else bias.detach().requires_grad_()
-    grad = torch.randn_like(q[..., :1]).expand(*q.shape[:3], v.shape[-1])
+    # a real gradient: a stride-0 expanded one would let a kernel read one value per row
+    g = torch.Generator(device="cpu").manual_seed(1)
+    grad = torch.randn(*q.shape[:3], v.shape[-1], generator=g).to(q.device, q.dtype)
 
     def run():
         with torch.enable_grad():
@@ -195,24 +211,34 @@ def _step(attn, name, q, k, v, pad, bias, p, skip, backward):
     return run
 
 
-def _cuda_event_ms(name: str, fn) -> float:
-    """Median milliseconds of candidate `name`'s fn() over REPEATS calls after WARMUP, by CUDA
-    events."""
+def _cuda_event_ms(name: str, fn) -> tuple[float, float]:
+    """(ms per call of REPEATS calls of candidate `name`'s fn() back to back between one CUDA
+    event pair, median ms of one call alone between its own pair), after WARMUP calls."""
+    def event():
+        return torch.cuda.Event(enable_timing=True)
+
     with torch.autocast("cuda", enabled=False):
         for _ in range(WARMUP):
             fn()
-        times = []
+        start, end = event(), event()
+        start.record()
         for _ in range(REPEATS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            fn()
+        end.record()
+        end.synchronize()
+        together = start.elapsed_time(end) / REPEATS
+        alone = []
+        for _ in range(REPEATS):
+            start, end = event(), event()
             start.record()
             fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
-    ms = statistics.median(times)
-    if not math.isfinite(ms):
+            alone.append(start.elapsed_time(end))
+    single = statistics.median(alone)
+    if not (math.isfinite(together) and math.isfinite(single)):
         raise RuntimeError("non-finite time")
-    return ms
+    return together, single
 
 
 _timer = _cuda_event_ms

@@ -21,7 +21,10 @@ How. triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)) per distin
 config, in a fresh cache so that ptxas runs every time; ptxas' -v log (Triton asks for it) gives
 registers and spill stores/loads, the compiled kernel's metadata its shared memory (Triton's is
 dynamic; the H100 grants a block at most 227 KB). With --csrc, nvcc -Xptxas -v compiles
-csrc/targets_kernels.cu for sm_90 too (the extension's kernels need no torch headers).
+every .cu file of csrc/ for sm_90 too, with the very flags torch.utils.cpp_extension passes when it
+builds the extension (read from the ninja file torch writes: -D__CUDA_NO_HALF_CONVERSIONS__ and the
+other COMMON_NVCC_FLAGS, its arch flags, include paths and C++ standard), so code that plain nvcc
+accepts and torch's build rejects fails here.
 
 Fails (exit 1) on: a compile error; a config above 227 KB of shared memory; a kernel and launch
 where every config spills. A spilling config with a spill-free sibling is listed, not fatal.
@@ -36,6 +39,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -129,8 +133,8 @@ def _run_attention(launch, dtype, torch, attention):
         b = torch.empty(H, T, T, dtype=torch.float32)
     elif bias == "batched":
         b = torch.empty(B, H, T, T, dtype=torch.float32)
-    seed = 12345  # a drawn seed is below 2^30: an i32 argument, not a multiple of 16
-    out, lse, keep = attention.flash_forward(q, q, q, pad, b, D ** -0.5, p, seed)
+    # seed None: drawn as flash_forward draws it in training (a 1-element device tensor)
+    out, lse, keep = attention.flash_forward(q, q, q, pad, b, D ** -0.5, p)
     if backward:
         attention.flash_backward(q, q, q, q, pad, b, q, lse, D ** -0.5, p, keep,
                                  need_bias_grad=b is not None)
@@ -402,40 +406,88 @@ def find_nvcc() -> str | None:
         return None
 
 
+def cuda_home(nvcc: str) -> str:
+    """The toolkit root of `nvcc` (what CUDA_HOME would be), from its --dryrun's TOP line: a
+    wrapper script on PATH (/usr/local/bin/nvcc) does not sit in the toolkit's bin/."""
+    run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True)
+    top = re.search(r"^#\$ TOP=(.+)$", run.stderr + run.stdout, re.M)
+    if top is None:
+        raise RuntimeError(f"{nvcc} --dryrun names no TOP= (its toolkit root)")
+    return str(Path(top.group(1).strip()).resolve())
+
+
+def torch_nvcc_command(nvcc: str) -> list[str]:
+    """The nvcc and its flags that torch.utils.cpp_extension.load passes for the extension's .cu
+    files (d2v_kernels._cuda's arguments), for sm_90: read from the ninja file torch itself writes
+    for that build (its COMMON_NVCC_FLAGS -- -D__CUDA_NO_HALF_CONVERSIONS__ and the like --, the
+    arch flags of TORCH_CUDA_ARCH_LIST=9.0, include_paths("cuda"), -std=c++20), so a flag torch
+    adds tomorrow is checked here too. A CPU build of torch has no CUDA_HOME: nvcc's toolkit
+    stands in."""
+    from unittest import mock
+
+    from torch.utils import cpp_extension as ce
+
+    from d2v_kernels import _cuda
+    home = ce.CUDA_HOME or cuda_home(nvcc)
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(ce, "CUDA_HOME", home), \
+            mock.patch.dict(os.environ, {"TORCH_CUDA_ARCH_LIST": f"{SM // 10}.{SM % 10}"}):
+        ninja = Path(tmp) / "build.ninja"
+        # torch's own writer of the JIT build (private, but it is what load() runs)
+        ce._write_ninja_file_to_build_library(
+            path=str(ninja), name=_cuda.MODULE_NAME, sources=[str(p) for p in _cuda.sources()],
+            extra_cflags=_cuda.EXTRA_CFLAGS, extra_cuda_cflags=_cuda.EXTRA_CUDA_CFLAGS,
+            extra_sycl_cflags=[], extra_ldflags=[], extra_include_paths=[str(_cuda.CSRC)],
+            with_cuda=True, with_sycl=False, is_standalone=False)
+        text = ninja.read_text()
+    values = dict(re.findall(r"^(\w+) = (.*)$", text, re.M))
+    return [values["nvcc"], *shlex.split(values["cuda_cflags"]),
+            *shlex.split(values.get("cuda_post_cflags", ""))]
+
+
 def compile_csrc() -> dict:
-    """{"nvcc", "kernels": [{name, regs, spill_stores, spill_loads, shared, threads,
-    blocks_per_sm, occupancy}], "seconds"} for csrc/targets_kernels.cu at sm_90, or
-    {"skipped": reason} / {"error": ...}."""
+    """{"nvcc", "flags", "kernels": [{name, regs, spill_stores, spill_loads, shared, threads,
+    blocks_per_sm, occupancy}], "seconds"} for every .cu file of csrc/ compiled for sm_90 exactly as
+    torch's extension build compiles it (torch_nvcc_command), or {"skipped": reason} /
+    {"error": the compiler's error lines, "nvcc"}. d2v_cuda.cpp, the torch binding, is compiled by
+    gpu_check's extension phase: it needs torch's CUDA headers, which a CPU build of torch lacks."""
     nvcc = find_nvcc()
     if nvcc is None:
         return {"skipped": "no nvcc (install the nvidia-cuda-nvcc wheel or a CUDA toolkit)"}
-    src = ROOT / "csrc" / "targets_kernels.cu"
+    from d2v_kernels import _cuda
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-arch=sm_90", "-O3", "--use_fast_math", "-std=c++17", "-Xptxas", "-v",
-               "-I", str(ROOT / "csrc"), "-c", str(src), "-o", str(Path(tmp) / "k.o")]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        return {"error": run.stderr.strip()[-3000:], "nvcc": nvcc}
-    # Every csrc kernel is launched with kThreads threads per block.
-    threads = int(re.search(r"constexpr int kThreads = (\d+);", src.read_text()).group(1))
-    entries, current = [], None
-    for line in run.stderr.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            current = {"name": _demangle(m.group(1))}
-            entries.append(current)
-        elif current is not None:
-            if s := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
-                current["spill_stores"], current["spill_loads"] = int(s.group(1)), int(s.group(2))
-            if r := re.search(r"Used (\d+) registers", line):
-                current["regs"] = int(r.group(1))
-            if sm := re.search(r"(\d+) bytes smem", line):
-                current["shared"] = int(sm.group(1))
+    command = torch_nvcc_command(nvcc)
+    entries, logs = [], []
+    for src in (p for p in _cuda.sources() if p.suffix == ".cu"):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = subprocess.run([*command, "-Xptxas", "-v", "-c", str(src), "-o",
+                                  str(Path(tmp) / "k.o")], capture_output=True, text=True)
+        if run.returncode != 0:
+            return {"error": _cuda.error_summary(run.stderr + run.stdout, limit=20),
+                    "nvcc": command[0], "flags": command[1:]}
+        logs.append((src, run.stderr))
+    for src, log in logs:
+        # Every csrc kernel is launched with kThreads threads per block.
+        threads = int(re.search(r"constexpr int kThreads = (\d+);", src.read_text()).group(1))
+        current = None
+        for line in log.splitlines():
+            m = re.search(r"Compiling entry function '([^']+)'", line)
+            if m:
+                current = {"name": _demangle(m.group(1)), "threads": threads}
+                entries.append(current)
+            elif current is not None:
+                if s := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+                    current["spill_stores"] = int(s.group(1))
+                    current["spill_loads"] = int(s.group(2))
+                if r := re.search(r"Used (\d+) registers", line):
+                    current["regs"] = int(r.group(1))
+                if sm := re.search(r"(\d+) bytes smem", line):
+                    current["shared"] = int(sm.group(1))
     for k in entries:
         if "regs" in k:
-            k.update(threads=threads, **occupancy(k["regs"], threads, k.get("shared", 0)))
-    return {"nvcc": nvcc, "kernels": entries, "seconds": time.perf_counter() - start}
+            k.update(**occupancy(k["regs"], k["threads"], k.get("shared", 0)))
+    return {"nvcc": command[0], "flags": command[1:], "kernels": entries,
+            "seconds": time.perf_counter() - start}
 
 
 def _demangle(name: str) -> str:
@@ -555,6 +607,8 @@ def main(argv=None) -> int:
           f"{len(notes)} launches had configs pruned by their kernel's early_config_prune")
     csrc = compile_csrc() if args.csrc else None
     if csrc is not None:
+        if "flags" in csrc:
+            print(f"csrc: {csrc['nvcc']} {' '.join(csrc['flags'])}")
         if "kernels" in csrc:
             for k in csrc["kernels"]:
                 occ = ""
@@ -567,7 +621,7 @@ def main(argv=None) -> int:
                 if k.get("spill_stores"):  # reported: the kernels of csrc/ are tuned by hand
                     print(f"  csrc spills: {k['name']}")
         elif "error" in csrc:
-            failures.append(f"csrc does not compile: {csrc['error'].splitlines()[-1]}")
+            failures.append(f"csrc does not compile with torch's nvcc flags: {csrc['error']}")
         else:
             print(f"csrc: skipped: {csrc['skipped']}")
     if args.json:

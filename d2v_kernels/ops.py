@@ -26,9 +26,14 @@ backward that recomputes the probabilities from it), or a pair plugged in with
 custom-op path only when asked (impl=, use_custom_op=True) or once a kernel is registered;
 otherwise it calls d2v_kernels.attention.attention, which is torch's scaled_dot_product_attention plus
 elementwise ops that dynamo traces natively (no graph break, and inductor picks SDPA's flash /
-efficient backends). Dropout runs in the pair only with "triton": its forward draws the mask (from
-a seed tensor drawn from torch's generator, as eager does) and returns it bit-packed as `keep`,
-which the backward reads; with the other implementations dropout takes that traced path. The
+efficient backends). Dropout runs in the pair only with "triton": its forward draws the mask and
+returns it bit-packed as `keep`, which the backward reads; with the other implementations dropout
+takes that traced path. The mask's seed is drawn inside the forward op (flash_forward, on the
+inputs' device, from torch's generator as eager does): the traced graph holds no random op, so no
+CPU node that would keep CUDA graphs off (reduce-overhead) or freeze the seed at recording, and a
+captured graph draws a fresh seed on every replay. The forward op is tagged nondeterministic_seeded,
+so the partitioner never recomputes it with a new draw: under activation checkpointing it replays
+it with the saved generator state (eager torch.utils.checkpoint restores that state itself). The
 fakes declare the layouts the real ops return (`_out_like`, d2v_kernels.attention.new_like), so a
 compiled graph copies nothing around the pair.
 """
@@ -194,10 +199,11 @@ def _scores(q, k, key_padding_mask, attn_bias, scale):
 
 
 def triton_attention_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p=0.0,
-                             seed=0, skip_padded_queries=False):
+                             skip_padded_queries=False):
     """The Triton flash forward (d2v_kernels.attention) behind the op pair -> (out, lse, keep); its
-    lse is base 2 and keep the bit-packed dropout mask, which only its own backward reads."""
-    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, seed,
+    lse is base 2 and keep the bit-packed dropout mask (its seed drawn on q's device), which only
+    its own backward reads."""
+    return _attention.flash_forward(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
                                     skip_padded_queries=skip_padded_queries)
 
 
@@ -259,17 +265,16 @@ def _as_declared(t, declared):
     return t if t.stride() == declared.stride() else declared.copy_(t)
 
 
-@torch.library.custom_op("d2v::attention_forward", mutates_args=())
+@torch.library.custom_op("d2v::attention_forward", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_padding_mask: Optional[torch.Tensor],
                           attn_bias: Optional[torch.Tensor], scale: float, impl: str,
-                          dropout_p: float, seed: Optional[torch.Tensor],
-                          skip_padded_queries: bool
+                          dropout_p: float, skip_padded_queries: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if impl == "triton":
         out, lse, keep = triton_attention_forward(
-            q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
-            int(seed) if dropout_p > 0 else 0, skip_padded_queries)
+            q, k, v, key_padding_mask, attn_bias, scale, dropout_p, skip_padded_queries)
         return out, lse, keep if keep is not None else _keep_like(q, k, impl, 0.0)
     out, lse = _kernels[impl][0](q, k, v, key_padding_mask, attn_bias, scale)
     if skip_padded_queries:  # the math pair: padded queries attend to nothing
@@ -280,7 +285,7 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed, skip_padded_queries):
+def _(q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, skip_padded_queries):
     b, h, tq, _ = q.shape
     return (_out_like(q, v), q.new_empty((b, h, tq), dtype=_acc(q)),
             _keep_like(q, k, impl, dropout_p))
@@ -315,7 +320,7 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, scale, impl, dro
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, seed, skip = inputs
+    q, k, v, key_padding_mask, attn_bias, scale, impl, dropout_p, skip = inputs
     out, lse, keep = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_bias, keep)
     ctx.scale, ctx.impl, ctx.dropout_p, ctx.skip = scale, impl, dropout_p, skip
@@ -326,8 +331,7 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_keep):
     dq, dk, dv, dbias = _attention_backward_op(grad_out, q, k, v, out, lse, key_padding_mask,
                                                attn_bias, ctx.scale, ctx.impl, ctx.dropout_p,
                                                keep, ctx.skip)
-    return (dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None, None, None,
-            None)
+    return dq, dk, dv, None, (dbias if attn_bias is not None else None), None, None, None, None
 
 
 _attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -370,8 +374,6 @@ def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropou
         raise ValueError(f"attention impl must be one of {sorted(_kernels)}, got {impl!r}")
     _attention._check(q, k, v, key_padding_mask, attn_bias, skip)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # A CPU tensor, drawn from torch's generator: traceable, and no device sync to read it.
-    seed = torch.randint(0, 2**30, ()) if dropout_p > 0 else None
     out, _, _ = _attention_forward_op(q, k, v, key_padding_mask, attn_bias, scale, impl,
-                                      float(dropout_p), seed, skip)
+                                      float(dropout_p), skip)
     return out

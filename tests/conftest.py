@@ -31,6 +31,9 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "latest: run by make test-latest on the newest releases")
+    config.addinivalue_line("markers", "fp32_attention: fp32 attention kernels on CUDA, whose "
+                            "compiles take most of the GPU test time; make gpu-check runs them "
+                            "only with --fp32")
 
 
 def pytest_sessionstart(session):

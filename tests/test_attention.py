@@ -1,6 +1,7 @@
 """d2v_kernels.attention: the dispatcher, the interpreted Triton kernels and the plain math against an
 independent float64 formula."""
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,7 @@ def measured(monkeypatch):
     monkeypatch.setattr(attention_dispatch, "measures", lambda device: True)
     timed, ran = [], []
     monkeypatch.setattr(attention_dispatch, "_timer",
-                        lambda name, fn: timed.append(name) or TIMES[name])
+                        lambda name, fn: timed.append(name) or (TIMES[name], 2 * TIMES[name]))
     real = attention_module.run_backend
 
     def spy(name, *args, **kwargs):
@@ -321,12 +322,82 @@ def test_dispatcher_pick_is_measured_once_recorded_and_honoured(measured):
     (desc, record), = attention_dispatch.picks().items()
     assert record["backend"] == "sdpa_math"
     assert record["ms"] == {name: TIMES[name] for name in timed}
+    assert record["single_ms"] == {name: 2 * TIMES[name] for name in timed}
     assert set(record["skipped"]) == {"flex", "flash_attn"}
     assert "T=19x19" in desc and "bias=shared" in desc and "pad=yes" in desc and "fwd+bwd" in desc
     attention(q, k, v, key_padding_mask=pad, attn_bias=bias)
     assert len(timed) == 5 and ran == ["sdpa_math"] * 2, "a known key is not re-timed"
     attention(q[:, :, :7], k, v, key_padding_mask=pad, attn_bias=bias[:, :7])  # another key
     assert len(timed) == 10 and len(attention_dispatch.picks()) == 2
+
+
+def test_skipped_candidates_are_never_timed(measured, monkeypatch):
+    """D2V_ATTENTION_SKIP: a candidate that cannot win where it costs a compile per key (flex)
+    is left out of the timing, with that reason."""
+    timed, _ = measured
+    monkeypatch.setenv("D2V_ATTENTION_SKIP", "flex,sdpa_math")
+    q, k, v, _, _ = _call_inputs()
+    with torch.no_grad():  # forward only: CPU flex qualifies
+        attention(q, k, v)
+    (record,) = attention_dispatch.picks().values()
+    assert "flex" not in timed and "sdpa_math" not in timed and timed, timed
+    assert record["skipped"]["flex"] == record["skipped"]["sdpa_math"] == "D2V_ATTENTION_SKIP"
+    assert record["backend"] == "sdpa_flash"  # the fastest of those timed
+
+
+def test_backward_timing_uses_a_real_gradient(monkeypatch):
+    """The candidates' backward gets a random gradient of the output's shape with real strides:
+    an expanded (stride-0) one is not what a loss hands the kernels."""
+    seen = []
+    real = attention_module.run_backend
+
+    def spy(name, *args, **kwargs):
+        out = real(name, *args, **kwargs)
+        out.register_hook(lambda g: seen.append(g))
+        return out
+    monkeypatch.setattr(attention_module, "run_backend", spy)
+    q, k, v, pad, bias = _call_inputs()
+    attention_dispatch._step(attention_module, "sdpa", q, k, v, pad, bias.detach(), 0.0, False,
+                             True)()
+    (grad,) = seen
+    assert grad.shape == q.shape and 0 not in grad.stride(), grad.stride()
+    assert grad.std(-1).min() > 0.1, "the gradient is constant along D (an expanded one)"
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the host clock: records perf_counter; elapsed_time in ms."""
+    recorded = 0
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        _FakeEvent.recorded += 1
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_the_pick_times_calls_back_to_back_and_records_single_calls_beside(monkeypatch):
+    """One event pair around REPEATS calls (per-call time: launches overlap the GPU's work, as
+    in a training step), then each call alone between its own pair."""
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(attention_dispatch, "WARMUP", 2)
+    monkeypatch.setattr(attention_dispatch, "REPEATS", 5)
+    calls = []
+    _FakeEvent.recorded = 0
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    together, single = attention_dispatch._cuda_event_ms("x", fn)
+    assert len(calls) == 2 + 5 + 5 and _FakeEvent.recorded == 2 + 2 * 5
+    assert 1.5 < together < 10 and 1.5 < single < 10, (together, single)
 
 
 def test_forced_backend_wins_over_the_measured_pick(measured, monkeypatch):
@@ -416,3 +487,28 @@ def test_every_rank_times_the_configs_shapes_then_all_run_rank_0s_picks(measured
     shared = backends.share_attention_picks(cfg, cpu, 1, lambda obj: from_rank0(obj, gpu="other"))
     assert not shared["same_gpu"] and shared["replaced"] == 0, shared
     assert [b for _, b in backends.attention_picks(cfg, cpu)] == ["sdpa_math", "flex"]
+
+
+def _grid_time(b, per_chunk, wave, chunks):
+    """wave_chunks' model of the bias-gradient grid: waves x (samples per chunk + overhead)."""
+    return -(-per_chunk * chunks // wave) * (-(-b // chunks) + attention_module.DBIAS_OVERHEAD)
+
+
+@pytest.mark.parametrize("b", [1, 2, 7, 32, 64, 128, 256])
+@pytest.mark.parametrize("heads,t", [(12, 197), (12, 65), (16, 750)])
+def test_bias_gradient_grid_fills_whole_waves(b, heads, t):
+    """On an H100 (132 SMs, one dbias program per SM): the chunk count is the best of the model
+    over every count, no chunk is empty, and at image v1's B = 128 the grid runs within 5% of the
+    work / SMs bound where about 4 programs per SM (the old rule: C = 3) lost 17% to its tail."""
+    sms = 132
+    per_chunk = heads * (-(-t // 64)) ** 2
+    chunks = attention_module.wave_chunks(b, per_chunk, sms)
+    assert 1 <= chunks <= b
+    per = -(-b // chunks)
+    assert (chunks - 1) * per < b, f"an empty chunk: {chunks} chunks of {per} for B={b}"
+    best = min(_grid_time(b, per_chunk, sms, c) for c in range(1, b + 1))
+    assert _grid_time(b, per_chunk, sms, chunks) == best
+    if (b, heads, t) == (128, 12, 197):
+        bound = per_chunk * b / sms
+        assert _grid_time(b, per_chunk, sms, chunks) / bound < 1.05, chunks
+        assert _grid_time(b, per_chunk, sms, 3) / bound > 1.15

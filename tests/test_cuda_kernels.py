@@ -27,6 +27,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# fp32 attention: every autotune config spills on sm_90 and compiles for 19-63 s; training runs
+# attention in bf16, so make gpu-check runs these only when asked (--fp32; the marker below).
+fp32_attention = pytest.mark.fp32_attention
+ATTENTION_DTYPES = [torch.bfloat16, torch.float16,
+                    pytest.param(torch.float32, marks=fp32_attention)]
 LN2 = math.log(2.0)
 
 
@@ -142,7 +147,7 @@ def run_attention_case(B, H, T, D, bias, pad_frac, p, dtype, device, seed=1234):
     return keep
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
 def test_attention_forward_lse_and_grads_match_float64(case, dtype):
     """Output, LSE and the q/k/v/bias gradients at the training shapes. With dropout the float64
@@ -234,6 +239,7 @@ def test_attention_dropout_keep_rate_and_independence(p):
     assert per_row.min() > 0 and per_row.max() < 1
 
 
+@fp32_attention
 def test_attention_dropout_mask_is_the_one_the_forward_applied():
     """v = identity: the forward's output is P * keep / (1 - p), so the mask it applied can be
     read off its output; it is the bit-packed mask it stored (which the backward reads, as
@@ -248,9 +254,10 @@ def test_attention_dropout_mask_is_the_one_the_forward_applied():
 
 def test_attention_dropout_output_scales_by_one_over_keep():
     """v = 1 everywhere: each output row is sum_j P_ij keep_ij / (1 - p), whose mean over many rows
-    is 1; rows differ from 1 only by the dropped probability mass."""
+    is 1; rows differ from 1 only by the dropped probability mass. In bf16, the training dtype:
+    its output rounding (2^-8 relative) averages out over the 18,912 rows."""
     B, H, T, D, p = 8, 12, 197, 64, 0.1
-    q, k, _, _, _, _ = attention_inputs(B, H, T, D, None, 0.0, torch.float32, "cuda")
+    q, k, _, _, _, _ = attention_inputs(B, H, T, D, None, 0.0, torch.bfloat16, "cuda")
     v = torch.ones_like(q)
     out, _, _ = attn.flash_forward(q, k, v, None, None, D ** -0.5, p, 5)
     mean = out[..., 0].double().mean().item()

@@ -2,8 +2,10 @@
 run_all --quick with its time guards) and the Hopper compile check (d2v_kernels.compile_check). Their
 full runs are in .ci/run: `make gpu-check-cpu` and `make compile-check`."""
 import importlib.util
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,13 +46,18 @@ def test_tests_are_spread_with_the_attention_cases_dealt_first():
     assert sorted(sum(groups, [])) == sorted(ids) and len(groups) == 4
 
 
-def test_quick_plan_is_the_headline_set_and_shares_the_budget():
+def test_quick_plan_puts_the_headline_rows_first():
+    """Most information per second first: attention against the SDPA kernels, the image v1 step
+    against SDPA + compile, targets and masking (no max-autotune), then the slow peers."""
     entries = run_all.plan(quick=True, only=set())
-    names = [e[0] for e in entries]
-    assert names == ["targets", "attention", "masking", "step_image_v1", "step_image_v2",
-                     "step_audio_v1"]
-    assert all(e[2]["quick"] for e in entries)
-    assert abs(sum(e[3] for e in entries) - 1.0) < 1e-9
+    names = [(m.split(".")[-1], kw.get("half") or kw.get("peers") or kw.get("variants"))
+             for m, kw in entries]
+    assert names[:4] == [("bench_attention", "fast"), ("bench_step", ("ours", "sdpa_compile")),
+                         ("bench_targets", ("eager", "cuda")), ("bench_masking", None)], names
+    assert ("bench_attention", "slow") in names[4:] and ("bench_targets", ("compiled",)) == \
+        names[-1], "flex / dispatch and max-autotune must come after the headline rows"
+    assert entries[1][1]["modalities"] == ("image",)
+    assert all(kw["quick"] for _, kw in entries)
 
 
 def test_time_guard_cuts_an_entry_even_through_broad_excepts():
@@ -75,6 +82,174 @@ def test_summary_lists_records_failures_and_seconds():
         "failed": {"step_audio_v1": "BudgetExceeded: ran past its 100 s budget"}})
     assert "| targets | image_v1 | GB/s | 2000 | eager | 500 | 4.00 | 60.0 |" in text
     assert "targets 12" in text and "FAILED step_audio_v1" in text
+
+
+RECORD = {k: None for k in ("bench", "shape", "device", "ours", "peer", "peer_value", "unit",
+                            "ratio", "fraction_of_peak", "torch", "triton", "commit")}
+
+
+def _fake_bench(monkeypatch, cases):
+    """run_all planning one fake module whose cases() returns `cases`."""
+    import types
+    module = types.ModuleType("d2v_fake_bench")
+    module.cases = lambda tiny, **kwargs: cases
+    monkeypatch.setitem(sys.modules, "d2v_fake_bench", module)
+    monkeypatch.setattr(run_all, "plan", lambda quick, only: [("d2v_fake_bench", {})])
+
+
+def test_a_cut_case_keeps_its_rows_and_says_which_it_did_not_measure(tmp_path, monkeypatch):
+    from benchmarks.common import BenchCase
+
+    def row(peer, value):
+        return {**RECORD, "bench": "fake", "shape": "s", "ours": 1.0, "peer": peer,
+                "peer_value": value, "unit": "ms"}
+
+    def stuck(emit):
+        emit(row(None, None))
+        emit(row("peer_a", 2.0))
+        while True:
+            try:  # a benchmark's own catch-all must not swallow the guard
+                time.sleep(0.05)
+            except Exception:
+                pass
+
+    cases = [BenchCase("fake/stuck", stuck, (None, "peer_a", "peer_b"), estimate_s=0.5),
+             BenchCase("fake/quick", lambda emit: emit(row("peer_a", 3.0)), ("peer_a",), 0.5),
+             BenchCase("fake/long", stuck, (None, "peer_a", "peer_b"), estimate_s=1000.0),
+             BenchCase("fake/late", lambda emit: emit(row("peer_a", 4.0)), ("peer_a",), 0.5)]
+    _fake_bench(monkeypatch, cases)
+    monkeypatch.setattr(run_all, "MIN_CASE_S", 2.0)
+    start = time.perf_counter()
+    path = run_all.main(["--tiny", "--budget-s", "8", "--out", str(tmp_path)])
+    assert time.perf_counter() - start < 30
+    result = json.loads(path.read_text())
+    stuck_why = result["failed"]["fake/stuck"]
+    assert "BudgetExceeded" in stuck_why and "2 rows measured (ours, peer_a)" in stuck_why
+    assert stuck_why.endswith("not measured: peer_b"), stuck_why
+    assert "fake/quick" not in result["failed"], "a cut must not stop the cases after it"
+    assert "fake/long" in result["failed"], "the budget's end cuts the case that runs into it"
+    assert result["skipped"] == ["fake/late"], result["skipped"]
+    assert [r["peer_value"] for r in result["records"]] == [None, 2.0, 3.0, None, 2.0]
+    lines = [json.loads(x) for x in path.with_suffix(".jsonl").read_text().splitlines()]
+    assert "header" in lines[0] and lines[1:] == result["records"]
+    assert "not started (no time left): fake/late" in path.with_suffix(".md").read_text()
+
+
+def test_a_killed_run_leaves_every_measured_row_on_disk(tmp_path):
+    """SIGKILL right after the first row lands: the JSONL and the JSON both parse, every row in
+    them is complete, and the JSON holds the JSONL's rows (at most the last one missing: it is
+    rewritten just after the line is appended)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run_all", "--tiny", "--quick",
+                             "--only", "bench_masking", "--out", str(tmp_path)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    lines = []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = list(tmp_path.glob("*.jsonl"))
+            lines = found[0].read_text().splitlines() if found else []
+            if len(lines) >= 2:  # the header and a first row
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(lines) >= 2, "no row landed within 300 s"
+    rows = [json.loads(x) for x in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    assert "header" in rows[0] and rows[0]["header"]["device"]
+    records = rows[1:]
+    assert records and all(set(r) == set(RECORD) and r["bench"] == "masking" for r in records)
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())["records"]
+    assert records[:len(saved)] == saved and len(records) - len(saved) <= 1, (records, saved)
+
+
+def test_the_budget_table_sums_to_the_default_budget_under_nine_minutes():
+    """The docstring's table: the phases that take wall time (not the background build in
+    parentheses, not the opt-in fp32) sum to its total, which is the default --budget-s and
+    leaves start-up and the summary inside 9 minutes; every row states its basis."""
+    gpu_check = load_gpu_check()
+    doc = gpu_check.__doc__
+    table = doc[doc.index("  phase        estimate"):doc.index("With --fp32")].splitlines()[1:]
+    rows = {}
+    for line in table:
+        m = re.match(r"  (\w[\w ]*?)\s{2,}(\(?\d+ s\)?|\(opt-in\))\s*(.*)$", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    assert set(rows) == {"info", "extension", "tests", "ext tests", "benchmarks", "total",
+                         "fp32"}, rows
+    counted = [int(v[0].split()[0]) for k, v in rows.items()
+               if k not in ("total", "fp32") and not v[0].startswith("(")]
+    total = int(rows["total"][0].split()[0])
+    assert sum(counted) == total, (counted, total)
+    assert total <= 540 - 15, f"{total} s leaves no room for start-up in 9 minutes"
+    assert rows["fp32"][0] == "(opt-in)" and rows["extension"][0].startswith("(")
+    for name, (_, rest) in rows.items():
+        if name != "total":
+            assert len(rest.split()) >= 3, f"{name}: no basis stated"
+    parser_default = re.search(r"args.budget_s = 1800.0 if args.cpu else (\d+)\.0",
+                               (ROOT / "scripts" / "gpu_check.py").read_text())
+    assert parser_default and int(parser_default.group(1)) == total
+
+
+def test_fp32_attention_is_opt_in():
+    gpu_check = load_gpu_check()
+    kernel_tests = (ROOT / "tests" / "test_cuda_kernels.py").read_text()
+    assert "pytest.param(torch.float32, marks=fp32_attention)" in kernel_tests
+    source = (ROOT / "scripts" / "gpu_check.py").read_text()
+    assert 'f"not {FP32_MARK}"' in source and "if args.fp32:" in source
+    assert gpu_check.FP32_MARK == "fp32_attention"
+
+
+def test_junit_results_count_every_outcome_and_keep_one_line_per_failure(tmp_path):
+    gpu_check = load_gpu_check()
+    xml = tmp_path / "t.xml"
+    xml.write_text("""<?xml version="1.0"?><testsuites><testsuite>
+<testcase classname="tests.test_x" name="test_ok"/>
+<testcase classname="tests.test_x" name="test_bad[bf16]"><failure message="AssertionError: out rel err 3.1e-02 &gt;= 2e-2&#10;assert 0.031 &lt; 0.02">long traceback</failure></testcase>
+<testcase classname="tests.test_x" name="test_skip"><skipped message="needs CUDA"/></testcase>
+<testcase classname="tests.test_x" name="test_err"><error message="fixture blew up"/></testcase>
+</testsuite></testsuites>""")
+    totals, failures = gpu_check.junit_results(xml)
+    assert totals == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1}
+    assert failures == ["tests.test_x::test_bad[bf16]: AssertionError: out rel err 3.1e-02 >= 2e-2",
+                        "tests.test_x::test_err: fixture blew up"]
+
+
+def test_a_failed_build_prints_the_compilers_error_lines(tmp_path, capsys):
+    gpu_check = load_gpu_check()
+    log = tmp_path / "extension.log"
+    log.write_text("[1/3] /usr/local/cuda/bin/nvcc -D__CUDA_NO_HALF_CONVERSIONS__ -c x.cu -o x.o\n"
+                   "x.cu(171): error: no instance of constructor \"__half::__half\"\n"
+                   "1 error detected in the compilation of \"x.cu\".\n"
+                   "d2v_cuda: unavailable: build failed (80 s)\n")
+    assert gpu_check.extension_result(1, log, 240) == "FAILED"
+    printed = capsys.readouterr().out
+    assert 'x.cu(171): error: no instance of constructor "__half::__half"' in printed
+    assert "-D__CUDA_NO_HALF_CONVERSIONS__" not in printed, "printed the nvcc command line"
+    log.write_text("d2v_cuda: unavailable: no nvcc (CUDA_HOME unset and nvcc not on PATH)\n")
+    assert gpu_check.extension_result(3, log, 240) == "skipped"
+
+
+def test_compile_caches_and_outputs_live_in_ignored_folders_of_the_checkout():
+    gpu_check = load_gpu_check()
+    e = gpu_check.env(cpu=False)
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
+        assert Path(e[var]).is_relative_to(ROOT / ".gpu-cache"), (var, e[var])
+    assert e["TRITON_PRINT_AUTOTUNING"] == "1"
+    ignore = (ROOT / ".gitignore").read_text().split()
+    assert "/.gpu-cache/" in ignore and "/gpu-check-out/" in ignore
+
+
+def test_ci_runs_gpu_check_cpu_under_the_gpu_images_triton():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r'^step "make gpu-check-cpu-image" make gpu-check-cpu-image$', ci, re.M), ci
+    recipe = re.search(r"^gpu-check-cpu-image:(.*)\n((?:\t.*\n)+)",
+                       (ROOT / "Makefile").read_text(), re.M)
+    assert recipe and "$(TRITON_STAMP)" in recipe.group(1)
+    assert "$(TRITON_VENV)/bin/python scripts/gpu_check.py --cpu" in recipe.group(2)
+    assert "--upgrade numpy" in recipe.group(2)
 
 
 # ---------------------------------------------------------------------------------------------

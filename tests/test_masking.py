@@ -575,3 +575,29 @@ def test_public_ops_reject_bad_arguments():
     with pytest.raises(ValueError, match="replace"):
         token_mask(torch.zeros(2, 3, dtype=torch.long), 0.5, torch.zeros(2, 3, dtype=torch.bool),
                    4, 5, replace=(0.5, 0.5, 0.5))
+
+
+@INTERPRETER
+def test_interpreted_kernels_loop_over_runtime_scalar_bounds():
+    """range() over a scalar argument and over a value computed from one, as the mask, target
+    and attention kernels loop: triton 3.6's interpreter converted such a bound with
+    int(1-element array), which numpy 2.4 refuses; d2v_kernels._interpreter squeezes it first
+    (make gpu-check-cpu-image runs the suite's kernels under that triton)."""
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    assert getattr(interpreter._patch_lang_tensor, "d2v_squeezes_index", False)
+
+    @triton.jit
+    def count(out, n, step):
+        acc = tl.zeros([], dtype=tl.int64)
+        for i in range(n):
+            acc += i
+        for j in range(0, n * 2, step):
+            acc += 1000
+        tl.store(out, acc)
+
+    out = torch.full((1,), -1, dtype=torch.int64)
+    count[(1,)](out, 7, 3)
+    assert out.item() == sum(range(7)) + 1000 * len(range(0, 14, 3)), out.item()

@@ -395,3 +395,76 @@ def test_post_ln_encoders_reject_drop_path_and_layer_scale(key):
     cfg = load_config("configs/tiny_text.yaml", [key])
     with pytest.raises(ConfigError, match=key.split("=")[0]):
         build_model(cfg.model, "text")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("modality,visible", [("audio", False), ("text", False), ("audio", True),
+                                              ("text", True)])
+def test_skipping_padded_queries_keeps_real_outputs_and_gradients(modality, visible, backend,
+                                                                  monkeypatch):
+    """skip_padded_queries (what the objectives pass for the student, and for the teacher where
+    the targets never read padding): the outputs and every layer result at the real positions,
+    and the gradients of a loss over them (parameters and input features), equal the unskipped
+    ones -- on the plain path and on data2vec 2.0's visible-only path. triton: the interpreted
+    kernels (elsewhere CPU tensors take SDPA's path, which zeroes the padded rows)."""
+    from d2v_engine.models.visible import encode_visible, split_indices
+    monkeypatch.setenv("D2V_ATTENTION", backend)
+    model, cfg = _model(modality)
+    model.train()
+    for m in model.modules():  # deterministic: the comparison is of two forwards
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.blocks.layerdrop = 0.0
+    for block in model.blocks.blocks:
+        block.attn.dropout = 0.0
+    src, pad = _source(modality, cfg, batch=3)
+    g = torch.Generator().manual_seed(4)
+    if modality == "audio":
+        pad[1, 2600:] = True
+        pad[2, 1500:] = True
+    else:
+        src[1, 15:] = cfg.model.pad_id
+        src[2, 9:] = cfg.model.pad_id
+    x, x_pad = model.embed(src, pad)
+    assert x_pad is not None and x_pad.any() and not x_pad.all(), "the test needs padding"
+    mask = torch.rand(x_pad.shape, generator=g) < 0.4
+    mask &= ~x_pad
+    if visible:  # the same count masked per row, as data2vec 2.0's masks
+        mask = torch.zeros_like(mask)
+        for row in range(mask.shape[0]):
+            mask[row, torch.randperm(int((~x_pad[row]).sum()), generator=g)[:3]] = True
+    x = x.detach().requires_grad_()
+    weights = torch.randn(x.shape[0], x.shape[1], cfg.model.embed_dim, generator=g)
+
+    def run(skip):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        if visible:
+            keep, _ = split_indices(mask)
+            out = encode_visible(model, x, x_pad, mask, keep, return_layers=True,
+                                 skip_padded_queries=skip)
+            real = ~out.padding_mask
+            w = torch.gather(weights, 1, keep[..., None].expand(-1, -1, weights.shape[-1]))
+        else:
+            out = model.encode(x, x_pad, mask=mask if modality == "audio" else None,
+                               return_layers=True, skip_padded_queries=skip)
+            real, w = ~x_pad, weights
+        (out.x * w * real[..., None]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, real, grads, x.grad.clone()
+
+    a, real, grads_a, gx_a = run(False)
+    b, real_b, grads_b, gx_b = run(True)
+    assert torch.equal(real, real_b) and real.sum() < real.numel()
+    assert _max_diff(a.x[~real], b.x[~real]) > 1e-3, "skip_padded_queries changed nothing"
+    pairs = [("x", a.x, b.x)] + [(f"layer {i}", u, w) for i, (u, w) in
+                                 enumerate(zip(a.layer_results, b.layer_results))]
+    for name, ya, yb in pairs:
+        err = _max_diff(ya[real], yb[real]) / ya[real].abs().max().item()
+        assert err < 1e-5, f"{modality} {name}: skipping padded queries moved real rows ({err:.2e})"
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item() or 1.0
+        err = _max_diff(grads_a[name], grads_b[name]) / scale
+        assert err < 1e-5, f"{modality} grad {name}: rel err {err:.2e}"
+    assert _max_diff(gx_a, gx_b) / gx_a.abs().max().item() < 1e-5

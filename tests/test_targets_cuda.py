@@ -7,7 +7,9 @@ raises, and nothing dispatches to it.
 """
 import ast
 import itertools
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,14 @@ needs_cuda = pytest.mark.skipif(not GPU, reason="needs CUDA")
 
 
 def cuda_module():
-    """The extension on a GPU machine; elsewhere asserts the graceful-None answer, returns None."""
+    """The extension on a GPU machine; elsewhere asserts the graceful-None answer, returns None.
+    On a GPU machine that lacks what the build needs (no nvcc, JIT off) the test is skipped with
+    that reason; a build or load that raised fails it, with the compiler's error lines."""
     module, reason = _cuda.load()
     if GPU:
-        assert module is not None, f"a GPU is present but the CUDA extension did not load: {reason}"
+        if module is None and not _cuda.load_failed():
+            pytest.skip(f"the CUDA extension cannot be built here: {reason}")
+        assert module is not None, f"the CUDA extension failed to build or load: {reason}"
         return module
     assert module is None and isinstance(reason, str) and reason, (module, reason)
     assert _cuda.status() == f"unavailable: {reason}"
@@ -122,8 +128,69 @@ def test_broken_build_is_reported_not_raised(monkeypatch):
     _cuda._load_cached.cache_clear()
     try:
         assert _cuda.load() == (None, "OSError: nvcc exploded")
+        assert _cuda.load_failed(), "a build that raised must count as failed, not as skipped"
     finally:
         _cuda._load_cached.cache_clear()
+
+
+TORCH_BUILD_ERROR = """Error building extension 'd2v_cuda': [1/3] /usr/local/cuda/bin/nvcc \
+-DTORCH_EXTENSION_NAME=d2v_cuda -D__CUDA_NO_HALF_CONVERSIONS__ -c /x/csrc/targets_kernels.cu -o t.o
+FAILED: targets_kernels.cuda.o
+/x/csrc/targets_kernels.cu(171): error: no instance of constructor "__half::__half" matches
+/x/csrc/targets_kernels.cu(171): error: no instance of constructor "__half::__half" matches
+/x/csrc/targets_kernels.cu(171): error: no instance of constructor "__nv_bfloat16::__nv_bfloat16"
+26 errors detected in the compilation of "/x/csrc/targets_kernels.cu".
+ninja: build stopped: subcommand failed."""
+
+
+def test_a_failed_build_reports_the_compilers_error_lines_not_the_command(monkeypatch):
+    def broken():
+        raise RuntimeError(TORCH_BUILD_ERROR)
+
+    monkeypatch.setattr(_cuda, "_load", broken)
+    _cuda._load_cached.cache_clear()
+    try:
+        module, reason = _cuda.load()
+        assert module is None and _cuda.load_failed(), "a raised build must count as failed"
+    finally:
+        _cuda._load_cached.cache_clear()
+    assert reason.split("; ") == [
+        '/x/csrc/targets_kernels.cu(171): error: no instance of constructor "__half::__half" '
+        "matches",
+        '/x/csrc/targets_kernels.cu(171): error: no instance of constructor '
+        '"__nv_bfloat16::__nv_bfloat16"',
+        '26 errors detected in the compilation of "/x/csrc/targets_kernels.cu".'], reason
+    assert "nvcc" not in reason.split("/x/")[0], "the nvcc command line leaked into the reason"
+
+
+def test_an_environment_without_the_toolkit_is_not_a_failure(monkeypatch):
+    monkeypatch.setenv("D2V_NO_CUDA_EXT", "1")
+    _cuda._load_cached.cache_clear()
+    try:
+        assert _cuda.load()[0] is None and _cuda.load_failed() is False
+    finally:
+        _cuda._load_cached.cache_clear()
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_held_one_kept(tmp_path, monkeypatch):
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # torch's FileBaton: the builder holds it open
+    try:
+        assert _cuda.lock_holders(lock)[0] == [os.getpid()]
+        assert not _cuda._remove_stale_lock(lock) and lock.exists(), "removed a live build's lock"
+    finally:
+        os.close(fd)  # the builder was killed: the file stays, nobody holds it
+    assert os.getpid() not in _cuda.lock_holders(lock)[0]
+    # where another user's processes cannot be read, only an old lock counts as dead
+    monkeypatch.setattr(_cuda, "lock_holders", lambda path: ([], True))
+    assert not _cuda._remove_stale_lock(lock) and lock.exists(), "removed a young, unknown lock"
+    old = time.time() - _cuda.BUILD_CAP_S - 1
+    os.utime(lock, (old, old))
+    assert _cuda._remove_stale_lock(lock) and not lock.exists()
+    lock.touch()  # every process readable and none holds it: dead at any age
+    monkeypatch.setattr(_cuda, "lock_holders", lambda path: ([], False))
+    assert _cuda._remove_stale_lock(lock) and not lock.exists(), "kept a lock nobody holds"
+    assert not _cuda._remove_stale_lock(lock), "no lock: nothing to remove"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,8 +62,12 @@ class Data2VecEncoder(nn.Module):
         alone (no weights, no feature computation): what masks need, before the step."""
         raise NotImplementedError
 
-    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
-        """Context encoder over B x T x C features; mask B x T bool (True = masked)."""
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False,
+               skip_padded_queries=False) -> EncoderOutput:
+        """Context encoder over B x T x C features; mask B x T bool (True = masked).
+        skip_padded_queries: attention skips the padded positions' queries, whose outputs
+        (and layer results) are then not the unskipped ones -- for callers that never read
+        them; every other position is unchanged."""
         raise NotImplementedError
 
     def forward(self, source, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
@@ -221,7 +225,8 @@ class AudioEncoder(Data2VecEncoder):
             frame_pad = self.feature_padding_mask(padding_mask, x.shape[1])
         return x, frame_pad
 
-    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False,
+               skip_padded_queries=False) -> EncoderOutput:
         """dropout_input, mask embedding, conv positions, blocks: B x T x C -> EncoderOutput."""
         self._check_encode(x, padding_mask, mask)
         x = self.dropout_input(x)
@@ -233,7 +238,7 @@ class AudioEncoder(Data2VecEncoder):
         if not self.layer_norm_first:
             x = self.norm(x)
         x = self.dropout(x)
-        x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers)
+        x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers, skip_padded_queries)
         if self.layer_norm_first:
             x = self.norm(x)
         return EncoderOutput(x, padding_mask, ffn, blocks)
@@ -358,8 +363,10 @@ class ImageEncoder(Data2VecEncoder):
             x = self.norm(x)
         return x, ffn, blocks
 
-    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
-        """Mask embedding over patches, CLS, positions, norms and blocks: T' = T + 1."""
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False,
+               skip_padded_queries=False) -> EncoderOutput:
+        """Mask embedding over patches, CLS, positions, norms and blocks: T' = T + 1 (patches
+        have no padding: skip_padded_queries changes nothing)."""
         self._check_encode(x, padding_mask, mask)
         if padding_mask is not None:
             raise ValueError("image encode: patches have no padding; padding_mask must be None")
@@ -422,14 +429,15 @@ class TextEncoder(Data2VecEncoder):
     def token_layout(self, source, padding_mask=None):
         return source.shape[1], source.eq(self.pad_id) if padding_mask is None else padding_mask
 
-    def encode(self, x, padding_mask=None, mask=None, return_layers=False) -> EncoderOutput:
+    def encode(self, x, padding_mask=None, mask=None, return_layers=False,
+               skip_padded_queries=False) -> EncoderOutput:
         """Post-LN blocks over embedded tokens (masking happened on the ids)."""
         self._check_encode(x, padding_mask, mask)
         if mask is not None:
             raise ValueError("text masks token ids before embed(); encode() takes mask=None")
         if padding_mask is not None:  # fairseq TransformerEncoder zeroes padded embeddings
             x = x.masked_fill(padding_mask[..., None], 0.0)
-        x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers)
+        x, ffn, blocks = self.blocks(x, padding_mask, None, return_layers, skip_padded_queries)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return EncoderOutput(x, padding_mask, ffn, blocks)

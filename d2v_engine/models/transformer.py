@@ -22,8 +22,10 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, key_padding_mask=None, attn_bias=None):
-        """x: B x T x C; key_padding_mask: B x T bool; attn_bias: H x T x T -> B x T x C."""
+    def forward(self, x, key_padding_mask=None, attn_bias=None, skip_padded_queries=False):
+        """x: B x T x C; key_padding_mask: B x T bool; attn_bias: H x T x T -> B x T x C.
+        skip_padded_queries: the padded positions' outputs are 0 (for callers that never read
+        them; d2v_kernels.attention)."""
         b, t, c = x.shape
 
         def split(y):
@@ -31,7 +33,8 @@ class SelfAttention(nn.Module):
 
         out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
                         key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                        dropout_p=self.dropout if self.training else 0.0)
+                        dropout_p=self.dropout if self.training else 0.0,
+                        skip_padded_queries=skip_padded_queries)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -84,10 +87,12 @@ class Block(nn.Module):
     def _mlp(self, x):
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
 
-    def forward(self, x, key_padding_mask=None, attn_bias=None, branch=True):
+    def forward(self, x, key_padding_mask=None, attn_bias=None, branch=True,
+                skip_padded_queries=False):
         """x: B x T x C -> (B x T x C output, B x T x C FFN branch, or None without `branch`)."""
         if self.pre_ln:
-            a = self.dropout(self.attn(self.attn_norm(x), key_padding_mask, attn_bias))
+            a = self.dropout(self.attn(self.attn_norm(x), key_padding_mask, attn_bias,
+                                       skip_padded_queries))
             if self.gamma_1 is not None:
                 a = self.gamma_1 * a
             x = x + drop_path(a, self.drop_path, self.training)
@@ -96,7 +101,7 @@ class Block(nn.Module):
                 fc = self.gamma_2 * fc
             fc = drop_path(fc, self.drop_path, self.training)
             return x + fc, fc if branch else None
-        a = self.dropout(self.attn(x, key_padding_mask, attn_bias))
+        a = self.dropout(self.attn(x, key_padding_mask, attn_bias, skip_padded_queries))
         x = self.attn_norm(x + drop_path(a, self.drop_path, self.training))
         fc = self._mlp(x)
         out = drop_path(self.dropout(fc), self.drop_path, self.training)
@@ -138,15 +143,19 @@ class BlockStack(nn.Module):
         self.run_dropped = False
         self.runs = [0] * len(self.blocks)
 
-    def _block(self, block, x, key_padding_mask, attn_bias, return_layers):
+    def _block(self, block, x, key_padding_mask, attn_bias, return_layers, skip):
         if self.checkpoint and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, x, key_padding_mask, attn_bias,
-                                                     return_layers, use_reentrant=False)
-        return block(x, key_padding_mask, attn_bias, return_layers)
+                                                     return_layers, skip, use_reentrant=False)
+        return block(x, key_padding_mask, attn_bias, return_layers, skip)
 
-    def forward(self, x, key_padding_mask=None, attn_bias=None, return_layers=False):
+    def forward(self, x, key_padding_mask=None, attn_bias=None, return_layers=False,
+                skip_padded_queries=False):
         """x: B x T x C -> (output, per-block FFN branches, per-block outputs); lists only when
-        return_layers, else empty."""
+        return_layers, else empty. skip_padded_queries: attention leaves the padded positions'
+        queries out (their rows are then not the unskipped ones: for callers that never read
+        them; the other rows are unchanged, since padded keys are never attended)."""
+        skip = bool(skip_padded_queries and key_padding_mask is not None)
         ffn_out, block_out = [], []
         for i, block in enumerate(self.blocks):
             # fairseq skips a layerdropped block and records no result for it; its teacher runs in
@@ -156,12 +165,13 @@ class BlockStack(nn.Module):
                 if torch.rand(()) < self.layerdrop:
                     if self.run_dropped:
                         with _rng_restored(x.device):
-                            y, _ = self._block(block, x, key_padding_mask, attn_bias, False)
+                            y, _ = self._block(block, x, key_padding_mask, attn_bias, False,
+                                               skip)
                         x = x + (y.to(x.dtype) - x) * 0.0
                     continue
                 if self.run_dropped:
                     self.runs[i] += 1
-            x, fc = self._block(block, x, key_padding_mask, attn_bias, return_layers)
+            x, fc = self._block(block, x, key_padding_mask, attn_bias, return_layers, skip)
             if return_layers:
                 ffn_out.append(fc)
                 block_out.append(x)

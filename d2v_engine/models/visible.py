@@ -74,8 +74,12 @@ def scatter_tokens(visible: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor
     return fill.scatter(1, index, visible.to(fill.dtype))
 
 
-def encode_visible(encoder, x, padding_mask, mask, keep=None, return_layers=False) -> EncoderOutput:
-    """Student context encoder on the visible tokens (see the module docstring)."""
+def encode_visible(encoder, x, padding_mask, mask, keep=None, return_layers=False,
+                   skip_padded_queries=False) -> EncoderOutput:
+    """Student context encoder on the visible tokens (see the module docstring).
+    skip_padded_queries (with keep: the gathered path, whose key mask is the padding alone):
+    attention skips the padded tokens' queries (their outputs are then not the unskipped ones;
+    the decoder input zeroes them)."""
     encoder._check_encode(x, padding_mask, mask)
     if mask is None:
         raise ValueError("encode_visible: mask (B x T bool, True = masked) is required")
@@ -83,10 +87,12 @@ def encode_visible(encoder, x, padding_mask, mask, keep=None, return_layers=Fals
         raise ValueError(f"encode_visible: keep must be B x V indices, got {tuple(keep.shape)}")
     if isinstance(encoder, ImageEncoder):
         return _image(encoder, x, mask, keep, return_layers)
+    # Without keep the key mask also hides the masked tokens, whose queries are needed.
+    skip = skip_padded_queries and keep is not None
     if isinstance(encoder, AudioEncoder):
-        return _audio(encoder, x, padding_mask, mask, keep, return_layers)
+        return _audio(encoder, x, padding_mask, mask, keep, return_layers, skip)
     if isinstance(encoder, TextEncoder):
-        return _text(encoder, x, padding_mask, mask, keep, return_layers)
+        return _text(encoder, x, padding_mask, mask, keep, return_layers, skip)
     raise TypeError(f"encode_visible: no visible-only path for {type(encoder).__name__}")
 
 
@@ -118,7 +124,7 @@ def _image(enc: ImageEncoder, x, mask, keep, return_layers):
     return EncoderOutput(x, attend, ffn, blocks)
 
 
-def _audio(enc: AudioEncoder, x, padding_mask, mask, keep, return_layers):
+def _audio(enc: AudioEncoder, x, padding_mask, mask, keep, return_layers, skip):
     x = enc.dropout_input(x)
     hidden = mask if padding_mask is None else mask | padding_mask
     x = x.masked_fill(hidden[..., None], 0.0)
@@ -129,19 +135,19 @@ def _audio(enc: AudioEncoder, x, padding_mask, mask, keep, return_layers):
     if not enc.layer_norm_first:
         x = enc.norm(x)
     x = enc.dropout(x)
-    x, ffn, blocks = enc.blocks(x, attend, None, return_layers)
+    x, ffn, blocks = enc.blocks(x, attend, None, return_layers, skip)
     if enc.layer_norm_first:
         x = enc.norm(x)
     return EncoderOutput(x, attend, ffn, blocks)
 
 
-def _text(enc: TextEncoder, x, padding_mask, mask, keep, return_layers):
+def _text(enc: TextEncoder, x, padding_mask, mask, keep, return_layers, skip):
     if padding_mask is not None:
         x = x.masked_fill(padding_mask[..., None], 0.0)
     attend = _attend(padding_mask, mask, keep)
     if keep is not None:
         x = gather_tokens(x, keep)
-    x, ffn, blocks = enc.blocks(x, attend, None, return_layers)
+    x, ffn, blocks = enc.blocks(x, attend, None, return_layers, skip)
     if enc.final_norm is not None:
         x = enc.final_norm(x)
     return EncoderOutput(x, attend, ffn, blocks)

@@ -13,7 +13,7 @@ from torch import nn
 
 from d2v_engine.config import Config
 from d2v_engine.objective.ema import teacher_reads_student_features
-from d2v_engine.objective.step import StepOutput, group_mask_count
+from d2v_engine.objective.step import StepOutput, group_mask_count, teacher_may_skip_padding
 from d2v_kernels.masking import block_mask, span_mask, token_mask
 from d2v_kernels.targets import teacher_targets
 
@@ -93,14 +93,16 @@ class Data2Vec(nn.Module):
         masks = self.draw_masks(batch, seeds) if masks is None else masks
         mask = masks["mask"]
 
+        # The student's padded positions are never read (the loss is at masked positions, never
+        # padding), so attention skips their queries.
         if cfg.modality == "text":
             x, x_pad = self.encoder.embed(masks["source"], padding_mask)
-            student = self.encoder.encode(x, x_pad)
+            student = self.encoder.encode(x, x_pad, skip_padded_queries=True)
             with torch.no_grad():
                 t_x, t_pad = teacher.embed(source, padding_mask)
         else:
             x, x_pad = self.encoder.embed(source, padding_mask)
-            student = self.encoder.encode(x, x_pad, mask=mask)
+            student = self.encoder.encode(x, x_pad, mask=mask, skip_padded_queries=True)
             with torch.no_grad():
                 if shared_features:
                     t_x, t_pad = x.detach(), x_pad
@@ -108,7 +110,8 @@ class Data2Vec(nn.Module):
                     t_x, t_pad = teacher.embed(source, padding_mask)
 
         with torch.no_grad():
-            t_out = teacher.encode(t_x, t_pad, return_layers=True)
+            t_out = teacher.encode(t_x, t_pad, return_layers=True,
+                                   skip_padded_queries=teacher_may_skip_padding(o))
             per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
             layers = [y[:, n_extra:] for y in per_block[-o.top_k:]]
             targets = teacher_targets(

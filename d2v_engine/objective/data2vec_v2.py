@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v_engine.config import Config
-from d2v_engine.objective.step import StepOutput, group_mask_count
 from d2v_engine.objective.ema import teacher_reads_student_features
+from d2v_engine.objective.step import StepOutput, group_mask_count, teacher_may_skip_padding
 from d2v_engine.models.decoder import ConvDecoder
 from d2v_engine.models.visible import (
     encode_visible, gather_tokens, row_count_range, scatter_tokens, split_indices,
@@ -134,7 +134,8 @@ class Data2VecV2(nn.Module):
                 t_x, t_pad = x.detach(), x_pad
             else:
                 t_x, t_pad = teacher.embed(source, padding_mask)
-            t_out = teacher.encode(t_x, t_pad, return_layers=True)
+            t_out = teacher.encode(t_x, t_pad, return_layers=True,
+                                   skip_padded_queries=teacher_may_skip_padding(o))
             per_block = t_out.layer_results if o.layer_output == "ffn" else t_out.block_results
             layers = [y[:, n_extra:] for y in per_block[-o.top_k:]]
             targets = teacher_targets(layers, t_pad, layer_norm=o.layer_norm,
@@ -146,7 +147,8 @@ class Data2VecV2(nn.Module):
         masks = self.draw_masks(batch, seeds) if masks is None else masks
         mask = masks["mask"]
         keep, masked_at = split_indices(mask, masks.get("masked_count"))
-        student = encode_visible(self.encoder, x, pad, mask, keep)
+        # the decoder input zeroes the padded positions: attention skips their queries
+        student = encode_visible(self.encoder, x, pad, mask, keep, skip_padded_queries=True)
         dec = self.decoder(self.decoder_input(student.x[:, n_extra:], keep, x.shape[1], pad))
 
         # Masked positions row by row (no nonzero(): its shape would cost a host sync).

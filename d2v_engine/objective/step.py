@@ -10,6 +10,14 @@ import torch
 from d2v_kernels.masking import span_mask
 
 
+def teacher_may_skip_padding(o) -> bool:
+    """Whether the targets never read the teacher's layers at padded positions: true unless an
+    instance norm counts the padded steps in its statistics (instance_norm_padding="include",
+    fairseq's), so the teacher's attention may skip the padded queries."""
+    return not (o.instance_norm_padding == "include"
+                and "instance" in (o.layer_norm, o.final_norm))
+
+
 @dataclass
 class StepOutput:
     """One micro-batch's loss_sum (the scaled loss summed over masked positions, normalized by the

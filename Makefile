@@ -18,7 +18,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LATEST_VENV := .venv-latest
 LATEST_TORCH := 2.13.0
 
-# The GPU image's triton (see make gpu-check), for d2v_kernels.compile_check next to CI's own
+# The GPU image's triton (see make gpu-check), for benchmarks.compile_check next to CI's own
 # triton: a venv of its own holding only triton, which reads torch, numpy and yaml from $(VENV)
 # (a .pth line).
 GPU_TRITON := 3.6.0
@@ -87,8 +87,8 @@ $(TRITON_STAMP): $(STAMP)
 # Every Triton kernel compiled for the H100 (sm_90) at the base configs' shapes, with CI's triton
 # (and csrc/ with nvcc, where one is installed) and with the GPU image's triton.
 compile-check: $(STAMP) $(TRITON_STAMP)
-	PYTHONPATH=$(CURDIR) $(PY) -m d2v_kernels.compile_check --csrc $(ARGS)
-	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m d2v_kernels.compile_check $(ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.compile_check --csrc $(ARGS)
+	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m benchmarks.compile_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) $(LATEST_VENV) runs build *.egg-info .gpu-cache gpu-check-out

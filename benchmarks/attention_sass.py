@@ -2,7 +2,7 @@
 
     python -m benchmarks.attention_sass [--json PATH]
 
-Each row compiles one attention kernel at a base config's launch (d2v_kernels.compile_check's
+Each row compiles one attention kernel at a base config's launch (benchmarks.compile_check's
 recorded arguments, one autotune tile) twice, with and without dropout, disassembles the cubin
 with triton's bundled cuobjdump and counts the instructions of its main loop (the longest
 backward branch: one key block of the forward and of dQ, one query block of dK/dV, one sample's
@@ -59,7 +59,7 @@ def count(config, launch, kernel_name, tile, jobs) -> dict:
     import triton
     from triton.compiler import ASTSource
 
-    from d2v_kernels import compile_check as cc
+    from benchmarks import compile_check as cc
     job = next(j for j in jobs if j.kernel == kernel_name and launch in j.launch)
     m, n, w, s = tile
     row = {"config": config, "launch": job.launch, "kernel": kernel_name,
@@ -83,7 +83,7 @@ def main(argv=None) -> list[dict]:
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="d2v-sass-"))
     import triton
 
-    from d2v_kernels import compile_check as cc
+    from benchmarks import compile_check as cc
     jobs = {c: cc.collect_jobs([c], ["bfloat16"])[0] for c in {r[0] for r in ROWS}}
     rows = [count(*r, jobs[r[0]]) for r in ROWS]
     print(f"triton {triton.__version__}, sm_90: main-loop SASS instructions per thread")

@@ -41,6 +41,7 @@ if not torch.cuda.is_available():  # before triton is imported: the kernel runs 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from d2v_kernels import attention as attn  # noqa: E402
+from d2v_kernels import ops  # noqa: E402
 
 FWD_BWD_FLOPS = 3.5  # forward + backward per forward FLOP (FlashAttention's convention)
 
@@ -114,7 +115,7 @@ def implementations(device: torch.device) -> dict:
         return lambda q, k, v, m, b, p, s: attn.run_backend(
             name, q, k, v, m, b, None, p, s if skip is None else skip)
     impls = {"ours": backend("triton", False), "ours_skipq": backend("triton", True),
-             "dispatch": lambda q, k, v, m, b, p, s: attn.attention(
+             "dispatch": lambda q, k, v, m, b, p, s: ops.attention(
                  q, k, v, key_padding_mask=m, attn_bias=b, dropout_p=p)}
     if device.type == "cuda":
         for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"):

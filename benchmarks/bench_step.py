@@ -80,6 +80,7 @@ from d2v_engine.models import build_model
 from d2v_engine.objective.optim import build_optimizer, param_groups
 from d2v_engine.seeding import STREAM_MASK, sample_seeds
 from d2v_kernels import attention as attention_ops
+from d2v_kernels import ops as kernel_ops
 from d2v_kernels import masking as masking_ops
 from d2v_kernels import targets as targets_ops
 
@@ -206,7 +207,7 @@ def reference_ops(attention: str):
     for (module, name) in swaps:
         saved[(module, name)] = getattr(module, name)
     transformer_module.attention = (attention_ops.attention_reference if attention == "reference"
-                                    else attention_ops.attention)
+                                    else kernel_ops.attention)
     for (module, name), value in swaps.items():
         setattr(module, name, value)
     try:

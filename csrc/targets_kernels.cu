@@ -33,7 +33,7 @@ constexpr int64_t kL2WindowBytes = int64_t(16) << 20;  // L2_WINDOW_BYTES of d2v
 
 // Resident blocks of 256 threads asked of __launch_bounds__: 4 (64 registers) while a thread's
 // row slice holds at most 12 values (C <= 768), then 2 (128 registers), then 1: what each
-// instantiation compiles to without spilling (python -m d2v_kernels.compile_check --csrc).
+// instantiation compiles to without spilling (python -m benchmarks.compile_check --csrc).
 template <int LANE_FLOATS>
 constexpr int min_blocks() {
   return LANE_FLOATS <= 12 ? 4 : LANE_FLOATS <= 24 ? 2 : 1;

@@ -34,7 +34,7 @@ import torch
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MODULE_NAME = "d2v_cuda"
 # The build's own flags (setup.py passes the same); torch adds its COMMON_NVCC_FLAGS, arch flags and
-# include paths (d2v_kernels.compile_check compiles with exactly those).
+# include paths (benchmarks.compile_check compiles with exactly those).
 EXTRA_CFLAGS = ["-O3"]
 EXTRA_CUDA_CFLAGS = ["-O3", "--use_fast_math"]
 # The longest a build may run: gpu_check kills its extension build at this cap (a build of csrc/

@@ -2,16 +2,17 @@
 
     out = softmax(q k^T * scale + bias, padded keys -inf) v          (dropout on the probabilities)
 
-`attention_reference` is the plain math (the ground truth). `attention` runs one of BACKENDS
-(`attention_backend` says which one a call takes):
+`attention_reference` is the plain math (the ground truth). The public call,
+d2v_kernels.ops.attention, runs one of BACKENDS here (`run_backend`; which one a call takes:
+d2v_kernels.attention_dispatch.attention_backend):
   "triton"      our flash kernels below: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
                 fp16/bf16/fp32, D == Dv <= 128, any mask / bias / dropout;
   "flash_attn"  the flash-attn package when installed: CUDA fp16/bf16, no bias, no padding;
   "sdpa"        torch's scaled_dot_product_attention (everything, e.g. float64, CPU);
   "flex"        torch's FlexAttention: the bias as a score_mod, the padding as a block mask; no
                 dropout.
-Meta and fake tensors (the plan's FLOP and memory counts) take the d2v op pair of d2v_kernels.ops
-instead. On CUDA the choice is measured (d2v_kernels.attention_dispatch): the first call of each shape and
+Meta and fake tensors (the plan's FLOP and memory counts), and the Triton path while torch.compile
+traces, take the d2v op pair of d2v_kernels.ops instead. On CUDA the choice is measured (d2v_kernels.attention_dispatch): the first call of each shape and
 feature set times every candidate that computes the same thing (ours, each SDPA backend,
 FlexAttention, flash-attn) and keeps the fastest. Elsewhere the first supporting path in the order
 above is taken. D2V_ATTENTION=triton|flash_attn|sdpa|flex forces one (when it supports the
@@ -165,35 +166,12 @@ def attention_reference(q, k, v, key_padding_mask=None, attn_bias=None, scale=No
     return _zero_padded_queries(torch.matmul(probs, v), key_padding_mask, skip_padded_queries)
 
 
-def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
-              skip_padded_queries=False):
-    """q, k, v B x H x T x D (fp16/bf16/fp32), B x Tk bool (True = ignore), bias H x Tq x Tk or
-    B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype; dispatched as attention_backend says."""
-    _check(q, k, v, key_padding_mask, attn_bias, skip_padded_queries)
-    skip = bool(skip_padded_queries and key_padding_mask is not None)
-    if _shape_only(q):
-        # Meta or fake tensors: the plan counting FLOPs and memory (d2v_engine.planning.flops). The d2v op
-        # pair stands in for the flash kernels: one node each way, counted by FlashAttention's
-        # convention (d2v_kernels.ops), saving what the kernels save (out and lse, no T x T scores).
-        from d2v_kernels import ops
-        return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
-                             impl="triton", skip_padded_queries=skip)
-    backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p, skip)
-    return run_backend(backend, q, k, v, key_padding_mask, attn_bias, scale, dropout_p, skip)
-
-
 def run_backend(backend, q, k, v, key_padding_mask=None, attn_bias=None, scale=None,
                 dropout_p=0.0, skip_padded_queries=False):
     """One call of `backend` (a name of BACKENDS, or "sdpa_<flash|efficient|cudnn|math>": SDPA
-    restricted to that kernel), with attention()'s contract."""
+    restricted to that kernel), with d2v_kernels.ops.attention's contract."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "triton":
-        if torch.compiler.is_compiling():
-            # dynamo breaks the graph at the launches inside _FlashAttention; the custom op pair
-            # (d2v_kernels.ops) is one opaque node each way, running these same kernels.
-            from d2v_kernels import ops
-            return ops.attention(q, k, v, key_padding_mask, attn_bias, scale, dropout_p,
-                                 impl="triton", skip_padded_queries=skip_padded_queries)
+    if backend == "triton":  # eager; while torch.compile traces, d2v_kernels.ops.attention
         return _FlashAttention.apply(q, k, v, key_padding_mask, attn_bias, scale,
                                      float(dropout_p), skip_padded_queries)
     if backend == "flash_attn":
@@ -213,29 +191,6 @@ def run_backend(backend, q, k, v, key_padding_mask=None, attn_bias=None, scale=N
 
 _SDPA_KERNELS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}
-
-
-def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
-                      dropout_p=0.0, skip_padded_queries=False) -> str:
-    """Which backend `attention` takes for these arguments (k, v default to q's shape): the
-    forced one (D2V_ATTENTION) when it supports them, on CUDA the measured pick
-    (d2v_kernels.attention_dispatch), else the first of BACKENDS that supports them."""
-    k = q if k is None else k
-    v = k if v is None else v
-    forced = os.environ.get("D2V_ATTENTION")
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"D2V_ATTENTION must be one of {BACKENDS}, got {forced!r}")
-    args = (q, k, v, key_padding_mask, attn_bias, dropout_p)
-    if forced and supports(forced, *args):
-        return forced
-    from d2v_kernels import attention_dispatch
-    if attention_dispatch.measures(q.device):
-        return attention_dispatch.pick(q, k, v, key_padding_mask, attn_bias, dropout_p,
-                                       skip_padded_queries)
-    for name in BACKENDS:
-        if name != "flex" and supports(name, *args):
-            return name
-    return "sdpa"
 
 
 def _shape_only(q: torch.Tensor) -> bool:
@@ -533,7 +488,7 @@ def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
 
 # The shared bias gradient's grid: 64 x 64 tiles x H x C batch chunks, each program looping over
 # its chunk's samples. Its configs hold one 8-warp program per H100 SM, or two of 4 warps at
-# about half the speed each (python -m d2v_kernels.compile_check --match _bwd_dbias: 145-248
+# about half the speed each (python -m benchmarks.compile_check --match _bwd_dbias: 145-248
 # registers), so one program per SM is a wave. DBIAS_OVERHEAD: a program's fixed work (the bias
 # tile loaded once, the fp32 partial stored once: 16 KB each) in units of one sample's work (four
 # 8 KB operand tiles, S and dP recomputed): an estimate.
@@ -666,7 +621,7 @@ if triton is not None:
 
     # (BLOCK_M, BLOCK_N, warps, stages): configs everywhere, without a bias, without bias and
     # dropout. Each compiles for the H100 (sm_90) without register spills at the base configs'
-    # launches where _prune keeps it (python -m d2v_kernels.compile_check, triton 3.6 and 3.9: 64 x 128
+    # launches where _prune keeps it (python -m benchmarks.compile_check, triton 3.6 and 3.9: 64 x 128
     # tiles spilled with the bias, 128 x 128 with bias or dropout, dK/dV on 4 warps with the bias,
     # 64 x 128 dK/dV everywhere). The first config is _prune's fallback.
     _FWD_CONFIGS = ([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],

@@ -21,7 +21,7 @@ median of single calls each between its own pair, which pays that launch time. D
 `picks()` is what env.json records and the start line shows (d2v_engine.runtime.backends); `pick_for` makes
 the picks of the shapes a config will run before training starts, and `preload` gives a resumed
 run the picks it recorded. Measuring leaves the random number generators as they were. Off CUDA
-(and with D2V_ATTENTION set) d2v_kernels.attention keeps its fixed order and nothing is measured.
+(and with D2V_ATTENTION set) attention_backend keeps its fixed order and nothing is measured.
 Under several ranks every rank times the config's shapes at the same time, then all `adopt` rank
 0's picks (d2v_engine.runtime.backends.share_attention_picks): every rank runs what env.json records, so
 a resume gives each rank the backends it had. Shapes first met during training (audio and text
@@ -35,6 +35,8 @@ import statistics
 
 import torch
 
+from d2v_kernels import attention as attn
+
 CANDIDATES = ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex",
               "flash_attn")
 WARMUP, REPEATS = 3, 10
@@ -42,6 +44,27 @@ WARMUP, REPEATS = 3, 10
 # reason}}
 _picks: dict = {}
 _preloaded: dict = {}  # described key -> backend: a resumed run's earlier picks
+
+
+def attention_backend(q, k=None, v=None, key_padding_mask=None, attn_bias=None,
+                      dropout_p=0.0, skip_padded_queries=False) -> str:
+    """Which backend d2v_kernels.ops.attention takes for these arguments (k, v default to q's
+    shape): the forced one (D2V_ATTENTION) when it supports them, on CUDA the measured pick, else
+    the first of BACKENDS that supports them."""
+    k = q if k is None else k
+    v = k if v is None else v
+    forced = os.environ.get("D2V_ATTENTION")
+    if forced and forced not in attn.BACKENDS:
+        raise ValueError(f"D2V_ATTENTION must be one of {attn.BACKENDS}, got {forced!r}")
+    args = (q, k, v, key_padding_mask, attn_bias, dropout_p)
+    if forced and attn.supports(forced, *args):
+        return forced
+    if measures(q.device):
+        return pick(q, k, v, key_padding_mask, attn_bias, dropout_p, skip_padded_queries)
+    for name in attn.BACKENDS:
+        if name != "flex" and attn.supports(name, *args):
+            return name
+    return "sdpa"
 
 
 def measures(device: torch.device) -> bool:
@@ -132,7 +155,6 @@ def measure(key: tuple) -> dict:
     """Times each candidate on inputs made from `key`; the fastest is the pick. The process's
     random number generators are left as they were (Triton's dropout seed, SDPA's and
     flash-attn's dropout draw from them): measuring never shifts a training trajectory."""
-    from d2v_kernels import attention as attn
     device = torch.device(key[0])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return _measure(attn, key)

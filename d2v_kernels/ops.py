@@ -18,15 +18,15 @@ step with them).
 Attention. The op pair follows the flash-attention contract: forward(q, k, v, key_padding_mask,
 attn_bias, scale, ...) -> (out, lse B x H x Tq fp32 (fp64 for fp64 inputs), keep),
 backward(grad_out, q, k, v, out, lse, ..., keep) -> (dq, dk, dv, dbias). The op carries the name
-of the implementation: "triton" (our flash kernels; d2v_kernels.attention routes its Triton path
-through the pair while torch.compile traces, since dynamo breaks the graph at the kernel launches
-behind an autograd.Function), "math" (a plain-PyTorch forward that keeps the log-sum-exp and a
+of the implementation: "triton" (our flash kernels; `attention()` routes the Triton path through
+the pair while torch.compile traces, since dynamo breaks the graph at the kernel launches behind
+an autograd.Function), "math" (a plain-PyTorch forward that keeps the log-sum-exp and a
 backward that recomputes the probabilities from it), or a pair plugged in with
 `register_attention_kernel`. Because "math" materializes T x T scores, `attention()` takes the
 custom-op path only when asked (impl=, use_custom_op=True) or once a kernel is registered;
-otherwise it calls d2v_kernels.attention.attention, which is torch's scaled_dot_product_attention plus
-elementwise ops that dynamo traces natively (no graph break, and inductor picks SDPA's flash /
-efficient backends). Dropout runs in the pair only with "triton": its forward draws the mask and
+otherwise it runs the dispatched backend (d2v_kernels.attention.run_backend), e.g. torch's
+scaled_dot_product_attention plus elementwise ops that dynamo traces natively (no graph break, and
+inductor picks SDPA's flash / efficient backends), with the "triton" pair while compiling. Dropout runs in the pair only with "triton": its forward draws the mask and
 returns it bit-packed as `keep`, which the backward reads; with the other implementations dropout
 takes that traced path. The mask's seed is drawn inside the forward op (flash_forward, on the
 inputs' device, from torch's generator as eager does): the traced graph holds no random op, so no
@@ -45,6 +45,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from d2v_kernels import attention as _attention
+from d2v_kernels.attention_dispatch import attention_backend
 from d2v_kernels import masking as _masking
 from d2v_kernels import targets as _targets
 
@@ -358,18 +359,32 @@ def _attention_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs
 
 
 def attention(q, k, v, key_padding_mask=None, attn_bias=None, scale=None, dropout_p=0.0,
-              use_custom_op=None, impl=None, skip_padded_queries=False):
-    """d2v_kernels.attention's contract. The d2v::attention_* pair runs `impl` ("math", "triton" or
-    a registered pair; default: the registered one, or "math" with use_custom_op=True); dropout
-    only with "triton", skip_padded_queries with "triton" and "math". Otherwise, and by default,
-    the traceable d2v_kernels.attention.attention."""
+              skip_padded_queries=False, use_custom_op=None, impl=None):
+    """The attention call: q, k, v B x H x T x D (fp16/bf16/fp32), key_padding_mask B x Tk bool
+    (True = ignore), attn_bias H x Tq x Tk or B x H x Tq x Tk -> B x H x Tq x Dv in q's dtype.
+
+    By default it runs the backend d2v_kernels.attention_dispatch.attention_backend picks
+    (d2v_kernels.attention.run_backend), eagerly and under torch.compile alike (dynamo traces
+    SDPA natively); our Triton kernels go through the d2v::attention_* pair while compiling (dynamo
+    breaks the graph at launches behind an autograd.Function; the pair is one opaque node each way,
+    running the same kernels), and meta / fake tensors take the pair too (the plan's FLOP and
+    memory counts: counted by FlashAttention's convention, saving what the kernels save, no
+    T x T scores). The pair runs `impl` ("math", "triton" or a registered pair) when asked:
+    impl=, use_custom_op=True ("math"), or once a pair is registered; dropout only with "triton",
+    skip_padded_queries with "triton" and "math"."""
     if impl is None and use_custom_op is not False:
         impl = _default["impl"] or ("math" if use_custom_op else None)
     skip = bool(skip_padded_queries and key_padding_mask is not None)
     if impl is None or (dropout_p > 0 and impl != "triton") or (skip and impl == "registered"):
-        return _attention.attention(q, k, v, key_padding_mask=key_padding_mask,
-                                    attn_bias=attn_bias, scale=scale, dropout_p=dropout_p,
-                                    skip_padded_queries=skip)
+        _attention._check(q, k, v, key_padding_mask, attn_bias, skip_padded_queries)
+        if _attention._shape_only(q):
+            impl = "triton"
+        else:
+            backend = attention_backend(q, k, v, key_padding_mask, attn_bias, dropout_p, skip)
+            if backend != "triton" or not torch.compiler.is_compiling():
+                return _attention.run_backend(backend, q, k, v, key_padding_mask, attn_bias,
+                                              scale, dropout_p, skip)
+            impl = "triton"
     if impl not in _kernels:
         raise ValueError(f"attention impl must be one of {sorted(_kernels)}, got {impl!r}")
     _attention._check(q, k, v, key_padding_mask, attn_bias, skip)

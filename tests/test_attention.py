@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_kernels.attention import attention, attention_reference
+from d2v_kernels.attention import attention_reference
+from d2v_kernels.ops import attention
 
 FNS = [attention, attention_reference]
 
@@ -109,7 +110,8 @@ def test_attention_rejects_bad_shapes():
 # conftest sets TRITON_INTERPRET=1: CPU fp16/bf16/fp32 tensors run the Triton kernels interpreted.
 # Outputs and gradients are compared with float64 math on the same (rounded) inputs.
 from d2v_kernels import attention as attention_module  # noqa: E402
-from d2v_kernels.attention import attention_backend, flash_backward, flash_forward  # noqa: E402
+from d2v_kernels.attention import flash_backward, flash_forward  # noqa: E402
+from d2v_kernels.attention_dispatch import attention_backend  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

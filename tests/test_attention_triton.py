@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-from d2v_kernels.attention import attention, attention_backend, attention_reference
+from d2v_kernels.attention import attention_reference
+from d2v_kernels.attention_dispatch import attention_backend
+from d2v_kernels.ops import attention
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton interpreter on CPU tensors (set only "

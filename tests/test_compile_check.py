@@ -1,4 +1,4 @@
-"""d2v_kernels.compile_check --csrc compiles csrc/ exactly as torch's extension build does.
+"""benchmarks.compile_check --csrc compiles csrc/ exactly as torch's extension build does.
 
 torch.utils.cpp_extension adds -D__CUDA_NO_HALF_CONVERSIONS__ and the other COMMON_NVCC_FLAGS to
 every nvcc call; code that plain nvcc accepts (T(0.0f) for T = __half) fails there. These tests
@@ -10,7 +10,8 @@ import shutil
 import pytest
 from torch.utils import cpp_extension
 
-from d2v_kernels import _cuda, compile_check
+from benchmarks import compile_check
+from d2v_kernels import _cuda
 
 NVCC = compile_check.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")

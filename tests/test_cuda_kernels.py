@@ -21,7 +21,7 @@ import torch
 
 from d2v_engine.config import load_config
 from d2v_kernels import attention as attn
-from d2v_kernels import masking, targets
+from d2v_kernels import masking, ops, targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -205,7 +205,7 @@ def test_measured_dispatch_keeps_the_fastest_candidate():
     from d2v_kernels import attention_dispatch
     attention_dispatch.reset()
     q, k, v, pad, _, _ = attention_inputs(4, 12, 197, 64, None, 0.2, torch.bfloat16, "cuda")
-    out = attn.attention(q, k, v, key_padding_mask=pad)
+    out = ops.attention(q, k, v, key_padding_mask=pad)
     (record,) = attention_dispatch.picks().values()
     assert record["ms"] and all(math.isfinite(ms) for ms in record["ms"].values())
     assert record["backend"] == min(record["ms"], key=record["ms"].get)

@@ -84,8 +84,10 @@ def _real_flops(cfg, samples=1):
 def test_counted_flops_equal_the_real_objective_on_real_tensors(name, monkeypatch):
     cfg = load_config(ROOT / f"configs/tiny_{name}.yaml", ["model.dropout=0.0"])
     monkeypatch.setattr("d2v_engine.models.transformer.attention",
-                        lambda q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0:
-                        ops.attention(q, k, v, key_padding_mask, attn_bias, impl="math"))
+                        lambda q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0,
+                        skip_padded_queries=False:
+                        ops.attention(q, k, v, key_padding_mask, attn_bias, impl="math",
+                                      skip_padded_queries=skip_padded_queries))
     real = _real_flops(cfg)
     counted = count_sample(build_shadow(cfg, fake=False))
     assert sum(counted[p] for p in PHASES) == real, (counted, real)

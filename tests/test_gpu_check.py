@@ -1,5 +1,5 @@
 """The GPU-proof tooling, checked on any machine: make gpu-check (scripts/gpu_check.py and
-run_all --quick with its time guards) and the Hopper compile check (d2v_kernels.compile_check). Their
+run_all --quick with its time guards) and the Hopper compile check (benchmarks.compile_check). Their
 full runs are in .ci/run: `make gpu-check-cpu` and `make compile-check`."""
 import importlib.util
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run_all
-from d2v_kernels import compile_check
+from benchmarks import compile_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,6 +165,37 @@ def test_a_killed_run_leaves_every_measured_row_on_disk(tmp_path):
     assert records[:len(saved)] == saved and len(records) - len(saved) <= 1, (records, saved)
 
 
+def test_gpu_check_killed_mid_benchmark_leaves_every_measured_row_on_disk(tmp_path):
+    """make gpu-check-cpu's own command, SIGKILLed (its whole process group) once the benchmark
+    phase has written its first row: every row on disk parses and is complete."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--cpu",
+                             "--out", str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 900
+    lines = []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = sorted((tmp_path / "bench").glob("*.jsonl")) if (tmp_path / "bench").is_dir() \
+                else []
+            lines = found[0].read_text().splitlines() if found else []
+            if len(lines) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(lines) >= 2, "no benchmark row landed within 900 s"
+    rows = [json.loads(x) for x in next((tmp_path / "bench").glob("*.jsonl")).read_text()
+            .splitlines()]
+    assert "header" in rows[0] and rows[1:], rows
+    assert all(set(r) == set(RECORD) for r in rows[1:]), rows[1:]
+    saved = json.loads(next((tmp_path / "bench").glob("*.json")).read_text())["records"]
+    assert rows[1:][:len(saved)] == saved and len(rows) - 1 - len(saved) <= 1
+
+
 def test_the_budget_table_sums_to_the_default_budget_under_nine_minutes():
     """The docstring's table: the phases that take wall time (not the background build in
     parentheses, not the opt-in fp32) sum to its total, which is the default --budget-s and
@@ -253,7 +284,7 @@ def test_ci_runs_gpu_check_cpu_under_the_gpu_images_triton():
 
 
 # ---------------------------------------------------------------------------------------------
-# d2v_kernels.compile_check
+# benchmarks.compile_check
 
 
 def test_ptxas_log_gives_registers_and_spills():
@@ -303,7 +334,7 @@ def test_compile_check_covers_every_kernel_at_the_base_shapes():
     one config per autotuned launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-m", "d2v_kernels.compile_check", "--list"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--list"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     kernels = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("_")}

@@ -122,3 +122,19 @@ def test_the_import_reader_sees_lazy_and_package_imports():
     assert "d2v_engine.handoff.export" in graph["d2v_engine.cli.export"]
     assert "d2v_engine.objective.data2vec_v2" in graph["d2v_engine.objective"]
     assert "d2v_kernels.targets" in graph["d2v_engine.objective.data2vec"]
+
+
+def test_the_readme_layout_is_the_tree_and_its_floors():
+    import re
+
+    block = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    subpackages = sorted(p.name for p in (ROOT / "d2v_engine").iterdir()
+                         if (p / "__init__.py").is_file())
+    shown = dict(re.findall(r"^  ([a-z_]+)/\s+(\d)\s", block, flags=re.M))
+    assert sorted(shown) == subpackages, (sorted(shown), subpackages)
+    assert {k: int(v) for k, v in shown.items()} == {
+        name: FLOORS[f"d2v_engine.{name}"] for name in subpackages}
+    for top in re.findall(r"^([a-z_]+)/", block, flags=re.M):
+        assert (ROOT / top).is_dir(), f"README's layout names {top}/, which is not in the tree"
+    for module in ("config", "errors", "seeding", "checkpoint"):
+        assert f"{module}.py" in block and (ROOT / "d2v_engine" / f"{module}.py").is_file()

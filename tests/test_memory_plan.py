@@ -92,8 +92,10 @@ def test_estimate_matches_the_same_step_on_real_tensors(monkeypatch):
     the same way: the shadow creates the tensors the real step does."""
     cfg = load_config(ROOT / "configs/tiny_audio.yaml", ["model.dropout=0.0"])
     monkeypatch.setattr("d2v_engine.models.transformer.attention",
-                        lambda q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0:
-                        ops.attention(q, k, v, key_padding_mask, attn_bias, impl="math"))
+                        lambda q, k, v, key_padding_mask=None, attn_bias=None, dropout_p=0.0,
+                        skip_padded_queries=False:
+                        ops.attention(q, k, v, key_padding_mask, attn_bias, impl="math",
+                                      skip_padded_queries=skip_padded_queries))
     micro = 8
     estimate = MemoryModel.build(cfg, "cpu", 1).measure(micro, 1)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from d2v_kernels.attention import attention
+from d2v_kernels.ops import attention
 
 
 class SelfAttention(nn.Module):

@@ -81,7 +81,7 @@ def _attention_backend(device: torch.device, cfg=None) -> str:
     """What d2v_kernels.attention dispatches to: the forced backend, on CUDA the measured picks (for
     cfg's shapes when given), else its fixed choice for a fp32 B x H x T x 64 CPU call."""
     try:
-        from d2v_kernels.attention import attention_backend
+        from d2v_kernels.attention_dispatch import attention_backend
         probe = _attention_probe(device)
         if _attention_measured(device):
             picks = attention_picks(cfg, device) if cfg is not None else []
@@ -136,11 +136,11 @@ def share_attention_picks(cfg, device: torch.device, rank: int, broadcast) -> di
 
 def attention_picks(cfg, device: torch.device) -> list[tuple[str, str]]:
     """[(role, backend)] of the attention calls a training step of `cfg` makes (student forward +
-    backward, teacher forward: d2v_kernels.compile_check.attention_launches), each picked -- timed on
+    backward, teacher forward: d2v_engine.runtime.attention_shapes), each picked -- timed on
     first sight -- by d2v_kernels.attention_dispatch. Audio and text batches shorter than the longest
     crop are picked when they first occur."""
     from d2v_kernels import attention_dispatch
-    from d2v_kernels.compile_check import attention_launches
+    from d2v_engine.runtime.attention_shapes import attention_launches
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
                                              and device.type == "cuda")
     dtype = "bfloat16" if bf16 else "float32"

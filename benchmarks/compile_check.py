@@ -2,7 +2,7 @@
 machine (no GPU needed), and reports registers, spill bytes, shared memory and occupancy (blocks
 resident per H100 SM given those, and resident warps of 64).
 
-    python -m d2v_kernels.compile_check [--configs image_base,...] [--dtypes bfloat16,float16,float32]
+    python -m benchmarks.compile_check [--configs image_base,...] [--dtypes bfloat16,float16,float32]
                                     [--only masking,targets,attention] [--jobs N] [--csrc]
                                     [--json PATH] [--all] [--list]
 
@@ -49,6 +49,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d2v_engine.runtime.attention_shapes import attention_launches, tokens_per_sample
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("image_base", "image_v2", "audio_base", "audio_v2", "text_base", "text_v2")
 GROUPS = ("masking", "targets", "attention")  # d2v_kernels/ modules whose launches are compiled
@@ -60,7 +62,6 @@ MAX_SHARED = 227 * 1024  # H100: dynamic shared memory per block
 # blocks, 228 KB of shared memory of which the driver reserves 1 KB per block.
 SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
 SM_SHARED, BLOCK_RESERVED_SHARED = 228 * 1024, 1024
-AUDIO_SAMPLES = 320000  # data.max_sample_size of the audio configs: the longest crop
 
 
 @dataclass
@@ -78,50 +79,6 @@ class Job:
 
 # ---------------------------------------------------------------------------------------------
 # The launches of each base config
-
-
-def _tokens(cfg) -> int:
-    """Tokens per sample the context encoder sees on the full input (image: CLS included)."""
-    m = cfg.model
-    if cfg.modality == "image":
-        return (m.img_size // m.patch_size) ** 2 + 1
-    if cfg.modality == "audio":
-        n = AUDIO_SAMPLES
-        for _, k, s in m.conv_layers:
-            n = (n - k) // s + 1
-        return n
-    return cfg.data.max_tokens
-
-
-def _visible(cfg, tokens: int) -> int:
-    """Tokens a data2vec 2.0 student keeps (the shape class is what matters: its T bucket and
-    whether it is a multiple of 16)."""
-    mk = cfg.masking
-    if cfg.modality == "image":
-        n = tokens - 1
-        return n - int(mk.mask_prob * n + 0.5) + 1
-    if cfg.modality == "audio":  # fairseq spans overlap: expected unmasked fraction
-        spans = mk.mask_prob * tokens / mk.mask_length
-        return int(tokens * (1 - mk.mask_length / tokens) ** spans)
-    return tokens - int(mk.mask_prob * tokens)
-
-
-def attention_launches(cfg):
-    """(role, B, H, T, D, bias kind, padded, dropout, backward) of the student and the teacher."""
-    m = cfg.model
-    v2 = cfg.objective.mode == "v2"
-    batch, clones = cfg.train.micro_batch, cfg.objective.clone_batch if v2 else 1
-    t = _tokens(cfg)
-    heads, d = m.num_heads, m.embed_dim // m.num_heads
-    bias = cfg.modality == "image" and m.rel_pos_bias
-    padded = cfg.modality in ("audio", "text")
-    t_student = _visible(cfg, t) if v2 else t
-    student_bias = ("batched" if v2 else "shared") if bias else None
-    return [
-        ("student", batch * clones, heads, t_student, d, student_bias, padded,
-         m.attention_dropout, True),
-        ("teacher", batch, heads, t, d, "shared" if bias else None, padded, 0.0, False),
-    ]
 
 
 def _run_attention(launch, dtype, torch, attention):
@@ -143,7 +100,7 @@ def _run_attention(launch, dtype, torch, attention):
 def _run_targets(cfg, torch, targets):
     o, m = cfg.objective, cfg.model
     extra = 1 if cfg.modality == "image" else 0
-    t, B = _tokens(cfg), cfg.train.micro_batch
+    t, B = tokens_per_sample(cfg), cfg.train.micro_batch
     # the trainer passes y[:, extra:] of each block output: views that skip the CLS token
     layers = [torch.empty(B, t, m.embed_dim, dtype=torch.bfloat16)[:, extra:]
               for _ in range(o.top_k)]
@@ -162,11 +119,11 @@ def _run_masking(cfg, torch, masking):
                                     mk.mask_length, mk.mask_prob_adjust)
         masking._block_mask_triton(*args)
     elif cfg.modality == "audio":
-        t = _tokens(cfg)
+        t = tokens_per_sample(cfg)
         masking._span_mask_triton(torch.full((B,), t), t, mk.mask_prob, mk.mask_length,
                                   mk.min_masks, seeds, mk.require_same_masks)
     else:
-        t, vocab = _tokens(cfg), cfg.model.vocab_size
+        t, vocab = tokens_per_sample(cfg), cfg.model.vocab_size
         tokens = torch.zeros(B, t, dtype=torch.int64)
         args = masking._check_token(tokens, mk.mask_prob, tokens == 1, vocab - 1, vocab, seeds,
                                     mk.mask_length, tuple(mk.replace), (0, 1, 2, 3, vocab - 1))

@@ -446,6 +446,10 @@ def validate(cfg: Config) -> None:
          "must be >= 0 (0: train.max_steps, no scaling)")
     need(t.world_size >= 0, "train.world_size", "must be >= 0 (0: any)")
     need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 (seconds)")
+    need(not (t.compile and t.compile_mode == "reduce-overhead" and t.distributed == "fsdp"),
+         "train.compile_mode", "reduce-overhead (CUDA graphs) needs parameters at fixed addresses, "
+         "and FSDP2 gathers them into new storage every step (every step would re-record, then "
+         "run eager): use default or max-autotune with train.distributed=fsdp, or ddp")
     need(not ((t.resume or t.resume_from) and m.init_from), "model.init_from",
          "starts a new run from given weights; train.resume=true continues a run: use one of them")
     known = flatten(to_dict(Config()))

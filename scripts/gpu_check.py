@@ -22,7 +22,8 @@ and reported, and the next one starts):
   extension   JIT-builds d2v_cuda (d2v_kernels/_cuda.py) in the background, beside the kernel
               tests; a failed build prints the compiler's error lines; no toolkit: skipped, why
   tests       tests/test_cuda_kernels.py without fp32 attention: compiled kernels on CUDA tensors
-              vs float64 / the references, spread over several pytest processes (Triton compiles
+              vs float64 / the references, and tests/test_fast_path.py (two CUDA-graph replays
+              draw different dropout masks), spread over several pytest processes (Triton compiles
               the autotune configs on several cores at once; the kernels land in the cache, where
               the benchmarks find them); then tests/test_targets_cuda.py once the build is done
   benchmarks  python -m benchmarks.run_all --quick (its QUICK_PLAN: attention at the training
@@ -79,7 +80,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".gpu-cache"
-KERNEL_TESTS = ["tests/test_cuda_kernels.py"]
+KERNEL_TESTS = ["tests/test_cuda_kernels.py", "tests/test_fast_path.py"]
 EXTENSION_TESTS = ["tests/test_targets_cuda.py"]
 FP32_MARK = "fp32_attention"
 TESTS_CAP_S = 210

@@ -134,7 +134,7 @@ def test_dry_run_prints_and_writes_flops_and_memory(tmp_path, capsys):
     assert flops["per_sample"]["decoder"] > 0 and flops["per_sample"]["head"] == 0
     assert flops["per_step"]["total"] == flops["per_sample"]["total"] * plan["global_batch"]
     assert flops["tokens_per_sample"]["student"] == 4 * (flops["tokens_per_sample"]["student"] // 4)
-    parts = ("params", "grads", "optimizer", "teacher", "activations")
+    parts = ("params", "grads", "optimizer", "teacher", "activations", "loader")
     assert memory["peak"] == sum(memory[k] for k in parts) and memory["activations"] > 0
     assert memory["micro_batch"] == plan["micro_batch"] == 16
     printed = capsys.readouterr().out
@@ -143,12 +143,14 @@ def test_dry_run_prints_and_writes_flops_and_memory(tmp_path, capsys):
 
 
 def test_auto_picks_the_largest_fitting_micro_batch(tmp_path, capsys):
-    cfg = load_config(ROOT / "configs/tiny_image.yaml", ["train.global_batch=64"])
+    # The torch loader: no DALI memory (test_dali_memory_is_planned_and_auto_leaves_room_for_it).
+    cfg = load_config(ROOT / "configs/tiny_image.yaml", ["train.global_batch=64",
+                                                          "data.loader=torch"])
     mm = MemoryModel.build(cfg, "cuda", 1)
     p8, p16 = mm.measure(8, 8)["peak"], mm.measure(16, 4)["peak"]
     budget_gb = (p8 + p16) / 2 / GB / 0.9  # 8 fits, 16 does not
     plan = _dry("tiny_image", tmp_path, "train.global_batch=64", "train.micro_batch=auto",
-                f"train.device_memory_gb={budget_gb}")
+                f"train.device_memory_gb={budget_gb}", "data.loader=torch")
     assert (plan["micro_batch"], plan["accumulation"]) == (8, 8)
     assert plan["memory"]["peak"] == pytest.approx(p8)
     assert "chose 8 of [1, 2, 4, 8, 16, 32, 64]" in plan["memory"]["auto"]
@@ -207,3 +209,35 @@ def test_image_base_dry_run_plans_without_data_or_gpu(tmp_path):
     # ViT-B: 86M parameters in fp32, Adam's two moments, an fp32 teacher
     assert 0.33 * GB < m["params"] < 0.36 * GB and 0.66 * GB < m["optimizer"] < 0.72 * GB
     assert m["peak"] > m["activations"] > 1 * GB
+
+
+def test_dali_memory_is_planned_and_auto_leaves_room_for_it(tmp_path):
+    """DALI decoding on the GPU: its estimate (the data's own image size, from the headers) is a
+    part of the peak, scales with the micro-batch, and a budget that fits 16 without it fits
+    only 8 with it."""
+    pytest.importorskip("nvidia.dali")
+    from d2v_engine.data import build_dataset
+    from d2v_engine.planning.memory import DALI_IN_FLIGHT, dali_bytes_per_sample, source_extent
+
+    cfg = load_config(ROOT / "configs/tiny_image.yaml", ["train.global_batch=64"])
+    extent = source_extent(build_dataset(cfg.data, "image"))
+    assert extent == 32 * 32, extent  # the embedded digits are 32 x 32 JPEGs
+    per_sample = dali_bytes_per_sample(cfg, extent)
+    assert per_sample == 3 * 1024 + (2 * 12 * 1024 if any(cfg.data.color_jitter) else 0) \
+        + 2 * 12 * cfg.data.img_size ** 2
+    torch_plan = _dry("tiny_image", tmp_path / "t", "data.loader=torch")["memory"]
+    dali_plan = _dry("tiny_image", tmp_path / "d", "data.loader=dali")["memory"]
+    assert torch_plan["loader"] == 0
+    assert dali_plan["loader"] == per_sample * dali_plan["micro_batch"] * DALI_IN_FLIGHT
+    assert dali_plan["peak"] == torch_plan["peak"] + dali_plan["loader"]
+
+    mm = MemoryModel.build(cfg, "cuda", 1, extent=extent)
+    plain = MemoryModel.build(load_config(ROOT / "configs/tiny_image.yaml",
+                                          ["train.global_batch=64", "data.loader=torch"]),
+                              "cuda", 1)
+    without, with_dali = plain.measure(16, 4)["peak"], mm.measure(16, 4)["peak"]
+    assert with_dali - without == per_sample * 16 * DALI_IN_FLIGHT
+    budget_gb = (without + with_dali) / 2 / GB / 0.9  # 16 fits without DALI's share, not with
+    plan = _dry("tiny_image", tmp_path / "a", "train.global_batch=64", "train.micro_batch=auto",
+                f"train.device_memory_gb={budget_gb}", "data.loader=dali")
+    assert plan["micro_batch"] == 8, plan["memory"]["auto"]

@@ -218,10 +218,12 @@ class DaliLoader:
 
     # ------------------------------------------------------------ bad-file recovery
     def _decodes(self, prepared: Prepared, i: int) -> str | None:
-        """None when sample i of `prepared` decodes alone in a CPU pipeline, else the reason."""
+        """None when sample i of `prepared` goes through the loader's own graph alone (the same
+        backend: a failure only the GPU decoder or a GPU slice meets is found too), else the
+        reason."""
         single = [[column[i]] for column in prepared.inputs]
         try:
-            self._build(lambda: single, 1, gpu=False, prefetch=1).run()
+            self._build(lambda: single, 1, gpu=self.gpu, prefetch=1).run()
         except Exception as e:  # noqa: BLE001  DALI raises RuntimeError with C++ context lines
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()
                      and "Critical error" not in ln and "C++ context" not in ln]
@@ -279,8 +281,11 @@ class DaliLoader:
             if self._pipe is None:
                 self._pipe = self._build(self._feed, self.plan.micro_batch, self.gpu,
                                          self.prefetch)
+            stream = self._copy_stream()
             try:
-                outputs = self._pipe.run()
+                # On the GPU the outputs come back ordered on our copy stream, not host-synchronous
+                # (pipe.run() without a stream waits on the host for them).
+                outputs = self._pipe.run(stream) if stream is not None else self._pipe.run()
             except StopIteration:
                 done = True
                 continue
@@ -292,13 +297,27 @@ class DaliLoader:
             while not self._fed(self._in_flight[0]):
                 yield self._without_source(self._in_flight.popleft())
             prepared = self._in_flight.popleft()
-            batch = self.finish(prepared, list(outputs))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                batch = self.finish(prepared, list(outputs))  # copies on the copy stream
+            if stream is not None:
+                batch["cuda_ready"] = torch.cuda.Event()
+                batch["cuda_ready"].record(stream)  # what the consumers wait for, on the device
             batch["position"] = torch.tensor([k[2] for k in prepared.keys], dtype=torch.long)
             batch["step"] = prepared.step
             batch["bad_files"] = prepared.bad
             yield batch
 
     # ------------------------------------------------------------ outputs
+    def _copy_stream(self) -> torch.cuda.Stream | None:
+        """The side stream DALI's GPU outputs are returned and copied to torch on (None on the
+        CPU): the compute stream never waits for them on the host, only on the device, behind the
+        batch's "cuda_ready" event (d2v_engine.run.mask_ahead)."""
+        if not self.gpu:
+            return None
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
     def to_torch(self, tensor_list, dtype: torch.dtype) -> torch.Tensor:
         """A dense DALI TensorList (CPU or GPU) as a torch tensor on this loader's device."""
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type

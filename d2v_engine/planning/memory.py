@@ -18,6 +18,16 @@ parameters and gradients (the one computing and the one prefetched) for the stud
 parameters for the teacher. Not counted: the CUDA context and library workspaces (about 0.5-1 GB,
 outside torch.cuda.max_memory_allocated too), the allocator's fragmentation; train.memory_fraction
 (default 0.9) leaves room for them.
+
+DALI decoding on the GPU (the loader DALI, on CUDA) holds device memory outside torch's allocator
+and never gives it back: `dali_bytes_per_sample` estimates it (not measured on a GPU yet), per
+sample of the micro-batch and for DALI_IN_FLIGHT batches (its prefetch queue and the batch being
+copied to torch). Images: the decoded photo (uint8, at the mean size of the data's first files,
+read from their headers, or at DALI_SOURCE_PIXELS, an ImageNet photo's typical 500 x 375, without
+the data: the decode precedes the crop), two fp32 copies of it when colour jitter runs
+(on the whole image, before the crop), and the resized and the normalized crop in fp32. Audio: the
+decoded file, its normalized copy and the crop in fp32, at the manifest's longest file. The plan
+adds it to the peak, so micro_batch=auto leaves room for it.
 """
 from __future__ import annotations
 
@@ -34,11 +44,15 @@ from torch.utils._pytree import tree_leaves
 
 from d2v_engine.config import Config
 from d2v_engine.data.audio import crop_group_size
+from d2v_engine.data.dali_images import image_size
+from d2v_engine.data.select import choose_loader
 from d2v_engine.errors import ConfigError
 from d2v_engine.objective.optim import build_optimizer
 from d2v_engine.planning.shadow import Shadow, build_shadow, forward, make_batch
 
 GB = 1e9  # the plan's unit: decimal gigabytes (train.device_memory_gb)
+DALI_IN_FLIGHT = 3  # the loader's prefetch_queue_depth (2) + the batch copied to torch
+DALI_SOURCE_PIXELS = 500 * 375
 _CUDA_BLOCK = 512  # the CUDA caching allocator's smallest block
 
 
@@ -125,10 +139,11 @@ class MemoryModel:
     precision: str  # bf16 | fp32
     world_size: int
     fsdp: bool
+    loader_per_sample: int = 0  # DALI's device memory per sample (dali_bytes_per_sample)
 
     @staticmethod
     def build(cfg: Config, device_type: str, world_size: int,
-              special_ids: Optional[dict] = None) -> "MemoryModel":
+              special_ids: Optional[dict] = None, extent: int = 0) -> "MemoryModel":
         shadow = build_shadow(cfg, special_ids, fake=True)
         impl = cfg.optim.impl
         if impl in ("auto", "apex"):  # apex's FusedAdam keeps the same state, no temporaries
@@ -142,7 +157,11 @@ class MemoryModel:
             optimizer.step()  # makes the state (exp_avg, exp_avg_sq, step)
             optimizer.zero_grad(set_to_none=True)
         fsdp = cfg.train.distributed == "fsdp" and world_size > 1
-        return MemoryModel(shadow, optimizer, plan_precision(cfg, device_type), world_size, fsdp)
+        loader = (dali_bytes_per_sample(cfg, extent)
+                  if device_type == "cuda" and choose_loader(cfg.data, cfg.modality) == "dali"
+                  else 0)
+        return MemoryModel(shadow, optimizer, plan_precision(cfg, device_type), world_size, fsdp,
+                           loader)
 
     def measure(self, micro_batch: int, accumulation: int) -> dict:
         """Peak bytes per rank of a step at this micro-batch, with its parts at the peak:
@@ -186,11 +205,11 @@ class MemoryModel:
             "optimizer": static["optimizer"],
             "teacher": static["teacher"],
             "activations": tracker.peak - tracker.grads_at_peak,
+            "loader": self.loader_per_sample * micro_batch * DALI_IN_FLIGHT,
         }
         if self.fsdp:
             self._shard(out)
-        out["peak"] = sum(out[k] for k in ("params", "grads", "optimizer", "teacher",
-                                           "activations"))
+        out["peak"] = sum(out[k] for k in PARTS)
         return out
 
     def _autocast(self):
@@ -207,6 +226,42 @@ class MemoryModel:
         m["grads"] = m["grads"] // w + 2 * student_block
         m["optimizer"] = m["optimizer"] // w
         m["teacher"] = m["teacher"] // w + 2 * teacher_block
+
+
+PARTS = ("params", "grads", "optimizer", "teacher", "activations", "loader")
+
+
+def dali_bytes_per_sample(cfg: Config, extent: int = 0) -> int:
+    """DALI's device memory per sample of a micro-batch, one batch of it (an estimate: the module
+    docstring says what is counted). extent: the source images' pixels, or the longest audio
+    file's samples; 0: unknown."""
+    d = cfg.data
+    if cfg.modality == "image":
+        pixels = extent or DALI_SOURCE_PIXELS
+        jitter = 2 * 12 * pixels if d.augment and any(d.color_jitter) else 0
+        return 3 * pixels + jitter + 2 * 12 * d.img_size ** 2
+    if cfg.modality == "audio":
+        return 4 * (2 * max(extent, d.max_sample_size) + d.max_sample_size)
+    return 0
+
+
+def source_extent(dataset, files: int = 16) -> int:
+    """The dataset's source size for dali_bytes_per_sample: the mean pixels of its first images
+    (headers only), or its longest audio file's samples; 0 without the data."""
+    if dataset is None:
+        return 0
+    sizes = getattr(dataset, "sizes", None)
+    if sizes is not None:
+        return int(sizes.max()) if len(sizes) else 0
+    pixels = []
+    for path in list(getattr(dataset, "files", []))[:files]:
+        try:
+            with open(path, "rb") as f:
+                width, height = image_size(f.read(1 << 16))
+        except (OSError, ValueError):
+            continue
+        pixels.append(width * height)
+    return int(sum(pixels) / len(pixels)) if pixels else 0
 
 
 def candidates(share: int, group: int = 0) -> list[int]:
@@ -234,8 +289,8 @@ def largest_fitting(mm: MemoryModel, share: int, limit: float, below: Optional[i
             best, lo = m, probe + 1
         else:
             hi = probe - 1
-        per_sample = m["activations"] / m["micro_batch"]
-        fixed = m["peak"] - m["activations"]
+        per_sample = (m["activations"] + m["loader"]) / m["micro_batch"]
+        fixed = m["peak"] - m["activations"] - m["loader"]
         fits = [i for i in range(lo, hi + 1) if fixed + per_sample * options[i] <= limit]
         probe = max(fits) if fits else lo
     return best, tried
@@ -243,12 +298,12 @@ def largest_fitting(mm: MemoryModel, share: int, limit: float, below: Optional[i
 
 def describe_memory(m: dict, budget: Optional[dict]) -> list[str]:
     """The plan's memory lines."""
-    f = {k: fmt_bytes(m[k]) for k in ("params", "grads", "optimizer", "teacher", "activations",
-                                      "peak")}
+    f = {k: fmt_bytes(m[k]) for k in (*PARTS, "peak")}
     lines = [f"  memory per rank at micro-batch {m['micro_batch']} ({m['precision']}, "
              f"{m['sharding']}{', activation checkpointing' if m['checkpointing'] else ''}): "
              f"peak {f['peak']} = params {f['params']} + grads {f['grads']} + optimizer "
-             f"{f['optimizer']} + teacher {f['teacher']} + activations {f['activations']}"]
+             f"{f['optimizer']} + teacher {f['teacher']} + activations {f['activations']}"
+             + (f" + DALI on the GPU {f['loader']} (estimate)" if m["loader"] else "")]
     if budget:
         lines.append(f"  budget {_budget(budget)} ({budget['source']})")
     if m.get("auto"):
@@ -262,11 +317,12 @@ def _budget(budget: dict) -> str:
 
 
 def plan_memory(cfg: Config, share: int, world_size: int, device_type: str,
-                budget: Optional[dict], special_ids: Optional[dict] = None) -> dict:
+                budget: Optional[dict], special_ids: Optional[dict] = None,
+                extent: int = 0) -> dict:
     """plan.json's "memory": the estimate at train.micro_batch (or the one auto chose), checked
     against the budget. ConfigError when it does not fit, naming what does."""
     t = cfg.train
-    mm = MemoryModel.build(cfg, device_type, world_size, special_ids)
+    mm = MemoryModel.build(cfg, device_type, world_size, special_ids, extent)
     group = crop_group_size(cfg.data, t.global_batch) if cfg.modality == "audio" else 0
     limit = budget["limit_gb"] * GB if budget else None
     if t.micro_batch == "auto":
@@ -311,8 +367,7 @@ def _sharding(cfg: Config, world_size: int) -> str:
 
 
 def _parts(m: dict) -> str:
-    return ", ".join(f"{k} {fmt_bytes(m[k])}" for k in ("params", "grads", "optimizer", "teacher",
-                                                         "activations"))
+    return ", ".join(f"{k} {fmt_bytes(m[k])}" for k in PARTS if k != "loader" or m[k])
 
 
 def _too_big(m: dict, best: dict, budget: dict) -> str:

@@ -31,7 +31,7 @@ from d2v_engine.data.loader import BatchPlan
 from d2v_engine.runtime.distributed import DistInfo
 from d2v_engine.errors import ConfigError
 from d2v_engine.planning.flops import FlopModel, count_flops, describe_flops, step_info
-from d2v_engine.planning.memory import GB, describe_memory, plan_memory
+from d2v_engine.planning.memory import GB, describe_memory, plan_memory, source_extent
 from d2v_engine.objective.schedule import schedule_steps, scaled_lr
 
 
@@ -191,7 +191,7 @@ def make_plan(cfg: Config, dist: DistInfo) -> RunPlan:
     memory = None
     if t.dry_run or budget is not None or t.micro_batch == "auto":
         memory = plan_memory(cfg, _share(cfg, dist), dist.world_size, planned_device(cfg, dist),
-                             budget, special_ids)
+                             budget, special_ids, source_extent(dataset))
     micro = memory["micro_batch"] if t.micro_batch == "auto" else t.micro_batch
     batch = BatchPlan.make(t.global_batch, micro, dist.world_size)
     crop_group = check_crop_group(cfg, batch) if cfg.modality == "audio" else 0

@@ -102,6 +102,11 @@ class Feed:
         wait_start = time.perf_counter()
         batch = next(self.batches)
         self.data_wait += time.perf_counter() - wait_start
+        # DALI's GPU batches were copied on the loader's own stream: this stream, and below the
+        # side stream, wait for that on the device (never the host), and keep the memory alive.
+        loaded = batch.pop("cuda_ready", None)
+        if loaded is not None:
+            wait_for_loader(batch, loaded, torch.cuda.current_stream(self.device))
         bad_files, weight = batch["bad_files"], 1.0
         if "source" not in batch:
             # Every file of this micro-batch was skipped: a stand-in (this rank's last good
@@ -122,6 +127,8 @@ class Feed:
         # allocates comes from its own pool of the caching allocator.
         side = torch.cuda.stream(self.stream) if self.stream is not None else None
         with side or contextlib.nullcontext():
+            if loaded is not None and self.stream is not None:
+                wait_for_loader(batch, loaded, self.stream)
             batch = to_device(batch, self.device)
             seeds = host_to_device(seeds, self.device)
             masks = self.objective.draw_masks(batch, seeds) if self.ahead else None
@@ -136,6 +143,15 @@ class Feed:
                 ready.record(self.stream)
         self._next = MicroBatch(step, micro, batch, seeds, masks, weight, bad_files, ready,
                                 counts)
+
+
+def wait_for_loader(batch: dict, loaded: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
+    """`stream` waits (on the device) for the loader's copies of `batch`, whose CUDA tensors the
+    allocator then keeps until `stream` is done with them."""
+    stream.wait_event(loaded)
+    for v in batch.values():
+        if torch.is_tensor(v) and v.is_cuda:
+            v.record_stream(stream)
 
 
 def _tensors(mb: MicroBatch):

@@ -103,6 +103,7 @@ class Run:
     first_step: FirstStepTimer = None
     peak_tflops: float | None = None
     kill_step: int | None = None
+    cuda_graphs: bool = False  # train.compile_mode=reduce-overhead on CUDA
 
 
 @dataclass
@@ -300,6 +301,8 @@ def _start_feed(run: Run, loader_kind: str, buckets: list) -> None:
     run.kill_step = injected_kill_step(dist.rank)
     run.progress = Progress(cfg.train.max_steps, enabled=dist.is_main and cfg.train.progress)
     run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.cuda_graphs = (cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+                       and device.type == "cuda")
     run.tally.last_log_time, run.tally.cycle_start = time.time(), time.perf_counter()
 
 
@@ -336,6 +339,11 @@ def _forward_backward(run: Run, step: int) -> Local:
         # dropout does not depend on the world size either.
         torch.manual_seed(mix_seed(cfg.seed, step, micro * dist.world_size + dist.rank,
                                    STREAM_DROPOUT))
+        if run.cuda_graphs:
+            # A new step for torch's CUDA-graph trees: the previous micro-batch's graph outputs
+            # are consumed (its loss went backward; the logged targets and predictions are eager
+            # tensors), so the next replay may reuse their memory.
+            torch.compiler.cudagraph_mark_step_begin()
         with no_sync(run.ddp, run.model, micro == accumulation - 1):
             with autocast(device, cfg.train.precision):
                 out = run.ddp(mb.batch, run.teacher.model, mb.seeds, mb.masks)
